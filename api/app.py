@@ -1,0 +1,94 @@
+"""The Starlette application: validate, insert, read and cancel. It never fires timers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from api.errors import EXCEPTION_HANDLERS, ApiError
+from api.validation import MAX_BODY_BYTES, parse_create, parse_json_object
+from api.views import timer_view
+from timerd.clock import Clock, SystemClock
+from timerd.models import Timer, new_timer_id
+from timerd.settings import Settings
+from timerd.store import Store
+
+InsertListener = Callable[[Timer], None]
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refusing (413) as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"the body may be at most {limit} bytes")
+
+
+class TimerRoutes:
+    """The route handlers, bound to one store, clock and settings."""
+
+    def __init__(
+        self, settings: Settings, store: Store, clock: Clock, on_insert: InsertListener | None
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.on_insert = on_insert
+
+    async def create(self, request: Request) -> JSONResponse:
+        data = parse_json_object(await read_body(request))
+        now_ms = self.clock.now_ms()
+        spec = parse_create(data, now_ms, self.settings.max_delay_s)
+        timer = Timer(
+            id=new_timer_id(), url=spec.url, due_at_ms=spec.due_at_ms, created_at_ms=now_ms
+        )
+        await run_in_threadpool(self.store.insert, timer)
+        if self.on_insert is not None:
+            self.on_insert(timer)
+        headers = {"Location": f"/timers/{timer.id}"}
+        return JSONResponse(timer_view(timer, now_ms), status_code=201, headers=headers)
+
+    def get(self, request: Request) -> JSONResponse:
+        timer = self.store.get(request.path_params["timer_id"])
+        return JSONResponse(timer_view(timer, self.clock.now_ms()))
+
+    def cancel(self, request: Request) -> JSONResponse:
+        now_ms = self.clock.now_ms()
+        timer = self.store.cancel(request.path_params["timer_id"], now_ms)
+        return JSONResponse(timer_view(timer, now_ms))
+
+
+def create_app(
+    settings: Settings,
+    store: Store,
+    *,
+    clock: Clock | None = None,
+    on_insert: InsertListener | None = None,
+) -> Starlette:
+    """Build the API over an open store. `on_insert` hears of every created timer (the
+    in-process daemon of `timerd run` uses it to wake up for timers due soon)."""
+    routes = TimerRoutes(settings, store, clock or SystemClock(), on_insert)
+    return Starlette(
+        routes=[
+            Route("/timers", routes.create, methods=["POST"]),
+            Route("/timers/{timer_id}", routes.get, methods=["GET"]),
+            Route("/timers/{timer_id}", routes.cancel, methods=["DELETE"]),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+    )

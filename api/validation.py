@@ -1,0 +1,143 @@
+"""Turning a request body into a due time and URL, or into a clear 4xx `ApiError`."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import urllib.parse
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from api.errors import ApiError
+
+MAX_BODY_BYTES = 16 * 1024
+MAX_URL_CHARS = 2048
+MAX_INT_DIGITS = 30  # far beyond any sane delay, far below Python's int-parsing limits
+
+DURATION_FIELDS = ("hours", "minutes", "seconds")
+SECONDS_PER = {"hours": 3600, "minutes": 60, "seconds": 1}
+CREATE_FIELDS = frozenset({*DURATION_FIELDS, "fire_at", "url"})
+RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    """A valid create request: where to send the webhook and when, in UTC epoch milliseconds."""
+
+    url: str
+    due_at_ms: int
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _BadNumber(f"{name} is not a number JSON allows")
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _BadNumber("an integer in the body has too many digits")
+    return int(text)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """Decode a JSON object body; 400 for anything that is not one."""
+    try:
+        data = json.loads(body, parse_constant=_reject_constant, parse_int=_parse_int)
+    except _BadNumber as exc:
+        raise ApiError(400, "invalid_json", str(exc)) from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    return data
+
+
+def parse_create(data: dict[str, Any], now_ms: int, max_delay_s: float) -> CreateRequest:
+    """Validate a create body: `url` plus either a duration or `fire_at`."""
+    unknown = sorted(set(data) - CREATE_FIELDS)
+    if unknown:
+        raise ApiError(
+            422, "unknown_field", f"unknown field(s): {', '.join(unknown)}", fields=unknown
+        )
+    url = parse_url(data.get("url"))
+    has_duration = any(name in data for name in DURATION_FIELDS)
+    if "fire_at" in data:
+        if has_duration:
+            raise _invalid("fire_at", "give either fire_at or hours/minutes/seconds, not both")
+        due_at_ms = max(now_ms, parse_fire_at(data["fire_at"]))
+    else:
+        due_at_ms = now_ms + parse_duration_ms(data)
+    if due_at_ms - now_ms > max_delay_s * 1000:
+        field = "fire_at" if "fire_at" in data else "hours"
+        raise _invalid(field, f"the delay may be at most {max_delay_s:g} seconds")
+    return CreateRequest(url=url, due_at_ms=due_at_ms)
+
+
+def parse_duration_ms(data: dict[str, Any]) -> int:
+    """The total of hours, minutes and seconds in whole milliseconds (each defaults to 0)."""
+    total_s = 0.0
+    for name in DURATION_FIELDS:
+        value = data.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _invalid(name, f"{name} must be a number")
+        if not math.isfinite(value) or value < 0:
+            raise _invalid(name, f"{name} must be a finite number, zero or more")
+        total_s += float(value) * SECONDS_PER[name]  # float: bounded, cannot overflow to an error
+    if not math.isfinite(total_s):
+        raise _invalid("hours", "the delay is too long")
+    total_ms = round(total_s * 1000)
+    if total_ms <= 0:
+        raise _invalid("seconds", "the delay must be at least one millisecond")
+    return total_ms
+
+
+def parse_fire_at(value: Any) -> int:
+    """An RFC 3339 time with an offset, as UTC epoch milliseconds."""
+    if not isinstance(value, str) or not RFC3339.fullmatch(value):
+        raise _invalid(
+            "fire_at", "fire_at must be an RFC 3339 time with an offset, like 2030-01-01T12:00:00Z"
+        )
+    try:
+        moment = datetime.fromisoformat(value.upper())
+        return round(moment.timestamp() * 1000)
+    except (OverflowError, ValueError) as exc:  # 2030-02-31, a 25:00 hour, year 0
+        raise _invalid("fire_at", "fire_at is not a valid time") from exc
+
+
+def parse_url(value: Any) -> str:
+    """An absolute http(s) URL with a host, no user-info, no fragment, no spaces."""
+    if value is None:
+        raise _invalid("url", "url is required")
+    if not isinstance(value, str):
+        raise _invalid("url", "url must be a string")
+    if len(value) > MAX_URL_CHARS:
+        raise _invalid("url", f"url may be at most {MAX_URL_CHARS} characters")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise _invalid("url", "url must not contain spaces or control characters")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise _invalid("url", "url is not a valid URL") from exc
+    if parts.scheme not in {"http", "https"}:
+        raise _invalid("url", "url must be an absolute http or https URL")
+    if not parts.hostname:
+        raise _invalid("url", "url must have a host")
+    if "@" in parts.netloc:
+        raise _invalid("url", "url must not contain user info")
+    if "#" in value:
+        raise _invalid("url", "url must not contain a fragment")
+    if port == 0:
+        raise _invalid("url", "url has an invalid port")
+    return value
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, "invalid_field", message, field=field)

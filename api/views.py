@@ -1,0 +1,32 @@
+"""How a timer looks in API answers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from timerd.models import Timer
+
+
+def rfc3339(ms: int | None) -> str | None:
+    """UTC epoch milliseconds as an RFC 3339 string with millisecond precision and a `Z`."""
+    if ms is None:
+        return None
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def timer_view(timer: Timer, now_ms: int) -> dict[str, Any]:
+    """The JSON object of one timer: the seed's `id` and `time_left`, and the rest of its state."""
+    return {
+        "id": timer.id,
+        "time_left": timer.time_left_s(now_ms),
+        "state": timer.state.value,
+        "fire_at": rfc3339(timer.due_at_ms),
+        "url": timer.url,
+        "attempts": timer.attempts,
+        "created_at": rfc3339(timer.created_at_ms),
+        "fired_at": rfc3339(timer.fired_at_ms),
+        "last_status": timer.last_status,
+        "last_error": timer.last_error,
+    }

@@ -1,0 +1,106 @@
+"""The `timerd` command: parse flags, configure logging, build settings, run.
+
+timerd run      the API and the daemon in one process (the one-command start)
+timerd api      the API alone (run any number of replicas on one store)
+timerd daemon   the firing daemon alone (run two or more for high availability)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+
+from api import create_app  # the CLI is the one place that wires the API to the core
+from timerd import __version__
+from timerd.errors import ConfigError, StoreUnavailable
+from timerd.logs import configure_logging
+from timerd.settings import Settings, add_arguments, build_settings
+from timerd.store import Store, open_store
+
+log = structlog.get_logger("timerd")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling: the CLI owns SIGTERM and SIGINT so it
+    can stop the daemon and the API together."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _on_stop_signals(callback: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, callback)
+
+
+def _server(settings: Settings, app: Starlette) -> _Server:
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # logging is configured once, by configure_logging
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+    )
+    return _Server(config)
+
+
+async def serve_api(settings: Settings) -> None:
+    """`timerd api`: serve the API until SIGTERM or SIGINT."""
+    store = open_store(settings.store)
+    try:
+        server = _server(settings, create_app(settings, store))
+        _on_stop_signals(lambda: setattr(server, "should_exit", True))
+        log.info("api_starting", host=settings.host, port=settings.port, version=__version__)
+        await server.serve()
+    finally:
+        store.close()
+    if not server.started:
+        raise SystemExit(1)  # could not bind, already logged by uvicorn
+
+
+COMMANDS: dict[str, Callable[[Settings], object]] = {"api": serve_api, "run": serve_api}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="timerd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"timerd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("run", "API and daemon in one process"),
+        ("api", "the API alone"),
+    ):
+        add_arguments(commands.add_parser(name, help=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `timerd` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = build_settings(args, os.environ)
+        configure_logging(settings.log_level, settings.log_format)
+        asyncio.run(COMMANDS[args.command](settings))  # type: ignore[arg-type]
+    except ConfigError as exc:
+        print(f"timerd: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    except StoreUnavailable as exc:
+        print(f"timerd: the store is unavailable: {exc}", file=sys.stderr)
+        raise SystemExit(3) from exc
+
+
+__all__ = ["Store", "main"]

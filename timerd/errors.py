@@ -1,0 +1,28 @@
+"""Every error timerd raises on purpose, under one base class."""
+
+from __future__ import annotations
+
+
+class TimerdError(Exception):
+    """Base of all timerd errors."""
+
+
+class TimerNotFound(TimerdError, LookupError):
+    """No timer has this id (or the id is malformed)."""
+
+
+class TimerStateConflict(TimerdError):
+    """The timer exists but its state does not allow the operation."""
+
+    def __init__(self, timer_id: str, state: str) -> None:
+        super().__init__(f"timer {timer_id} is {state}")
+        self.timer_id = timer_id
+        self.state = state
+
+
+class StoreUnavailable(TimerdError):
+    """The store cannot be reached, or stayed locked beyond its busy timeout."""
+
+
+class ConfigError(TimerdError, ValueError):
+    """A setting has a value timerd cannot use; the message names the setting."""

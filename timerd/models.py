@@ -1,0 +1,99 @@
+"""The records timerd stores: timers, claims, outcomes and the leader lease."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import bson
+
+
+class State(enum.StrEnum):
+    """Where a timer is in its life; see the state machine in DESIGN.md."""
+
+    PENDING = "pending"
+    FIRING = "firing"
+    FIRED = "fired"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = frozenset({State.FIRED, State.FAILED, State.CANCELLED})
+
+
+def new_timer_id() -> str:
+    """A fresh 24-hex ObjectId string, the id format of the seed."""
+    return str(bson.ObjectId())
+
+
+def is_timer_id(value: str) -> bool:
+    """Whether `value` has the shape of a timer id (24 lowercase or uppercase hex digits)."""
+    return len(value) == 24 and bson.ObjectId.is_valid(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """One timer as stored. `due_at_ms` is when it fires next (UTC epoch milliseconds)."""
+
+    id: str
+    url: str
+    due_at_ms: int
+    created_at_ms: int
+    state: State = State.PENDING
+    attempts: int = 0
+    fired_at_ms: int | None = None
+    claimed_by: str | None = None
+    claimed_until_ms: int | None = None
+    epoch: int | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+
+    def time_left_s(self, now_ms: int) -> int:
+        """Whole seconds until the timer fires, rounded up; 0 once due or no longer pending."""
+        if self.state is not State.PENDING or self.due_at_ms <= now_ms:
+            return 0
+        return -((now_ms - self.due_at_ms) // 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A pending timer's id and due time, as the due-index query returns it."""
+
+    id: str
+    due_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Who claims due timers: the lease holder, under its lease epoch, until a deadline."""
+
+    owner: str
+    epoch: int
+    now_ms: int
+    until_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one delivery attempt, written back by the claim's owner.
+
+    `state` is FIRED (delivered), FAILED (gave up) or PENDING (retry at `next_due_at_ms`).
+    """
+
+    timer_id: str
+    owner: str
+    epoch: int
+    state: State
+    at_ms: int
+    status: int | None = None
+    error: str | None = None
+    next_due_at_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The leader lease document: who leads, under which epoch, until when (wall clock)."""
+
+    holder: str
+    epoch: int
+    expires_at_ms: int

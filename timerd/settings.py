@@ -1,0 +1,151 @@
+"""One frozen settings object, built at the edge from CLI flags and `TIMERD_*` variables.
+
+Every field is both a flag (`--lease-ttl-s`) and a variable (`TIMERD_LEASE_TTL_S`); a flag wins
+over the variable, which wins over the default. Nothing here reads the environment at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from timerd.errors import ConfigError
+
+DAY_S = 86_400.0
+
+
+def _help(text: str) -> dict[str, Any]:
+    return {"help": text}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything timerd can be told; see the configuration table in the README."""
+
+    store: str = field(
+        default="sqlite:///timerd.db", metadata=_help("store URL: sqlite:///… or mongodb://…")
+    )
+    host: str = field(default="127.0.0.1", metadata=_help("address the API listens on"))
+    port: int = field(default=8081, metadata=_help("port the API listens on"))
+    max_delay_s: float = field(
+        default=365 * DAY_S, metadata=_help("longest delay a timer may have")
+    )
+    log_level: str = field(default="info", metadata=_help("debug, info, warning or error"))
+    log_format: str = field(
+        default="auto", metadata=_help("json, console, or auto (console on a terminal)")
+    )
+    allowed_networks: str = field(
+        default="", metadata=_help("CIDRs webhooks may reach although private or loopback")
+    )
+    signing_secret: str = field(
+        default="", metadata=_help("whsec_… secret(s) that sign webhooks, space-separated")
+    )
+    lease_ttl_s: float = field(
+        default=10.0, metadata=_help("how long a leader's lease lasts without renewal")
+    )
+    lease_renew_s: float = field(
+        default=3.0, metadata=_help("how often the leader renews (and standbys try)")
+    )
+    poll_interval_s: float = field(
+        default=1.0, metadata=_help("longest sleep between due-index polls")
+    )
+    lookahead_s: float = field(
+        default=5.0, metadata=_help("how far ahead the leader reads due timers")
+    )
+    batch_size: int = field(
+        default=1000, metadata=_help("most timers read or claimed in one store call")
+    )
+    concurrency: int = field(default=256, metadata=_help("most deliveries in flight at once"))
+    connect_timeout_s: float = field(default=5.0, metadata=_help("webhook connect timeout"))
+    delivery_timeout_s: float = field(default=15.0, metadata=_help("webhook total timeout"))
+    drain_grace_s: float = field(
+        default=20.0, metadata=_help("how long a stopping daemon waits for deliveries")
+    )
+
+    def __post_init__(self) -> None:
+        _check_settings(self)
+
+    @property
+    def claim_ttl_ms(self) -> int:
+        """How long a claim stays valid: longer than any delivery, so only dead owners' expire."""
+        return int((self.delivery_timeout_s + self.connect_timeout_s + self.lease_ttl_s) * 1000)
+
+
+def _check_settings(s: Settings) -> None:
+    positive = (
+        "max_delay_s",
+        "lease_ttl_s",
+        "lease_renew_s",
+        "poll_interval_s",
+        "lookahead_s",
+        "batch_size",
+        "concurrency",
+        "connect_timeout_s",
+        "delivery_timeout_s",
+    )
+    for name in positive:
+        if not getattr(s, name) > 0:
+            raise ConfigError(f"{env_name(name)} must be positive")
+    if not 0 < s.port < 65536:
+        raise ConfigError("TIMERD_PORT must be between 1 and 65535")
+    if s.lease_renew_s >= s.lease_ttl_s:
+        raise ConfigError("TIMERD_LEASE_RENEW_S must be shorter than TIMERD_LEASE_TTL_S")
+    if s.log_level.lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError("TIMERD_LOG_LEVEL must be debug, info, warning or error")
+    if s.log_format not in {"auto", "json", "console"}:
+        raise ConfigError("TIMERD_LOG_FORMAT must be auto, json or console")
+    if s.drain_grace_s < 0:
+        raise ConfigError("TIMERD_DRAIN_GRACE_S must not be negative")
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a settings field: `lease_ttl_s` → `TIMERD_LEASE_TTL_S`."""
+    return "TIMERD_" + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    """The CLI flag of a settings field: `lease_ttl_s` → `--lease-ttl-s`."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("not finite")
+    return value
+
+
+_PARSERS: dict[Any, Callable[[str], Any]] = {"str": str, "int": int, "float": _parse_float}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per settings field; unset flags stay None so the environment can fill in."""
+    for f in dataclasses.fields(Settings):
+        parser.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            default=None,
+            metavar=env_name(f.name),
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
+
+
+def build_settings(args: argparse.Namespace | None, environ: Mapping[str, str]) -> Settings:
+    """Settings from parsed flags, then `environ`, then defaults. Raises `ConfigError` naming
+    the variable whose value cannot be used."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = environ.get(env_name(f.name))
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _PARSERS[f.type](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{env_name(f.name)}: cannot read {raw!r} as {f.type}") from exc
+    return Settings(**values)

@@ -1,0 +1,102 @@
+"""The store contract shared by the API and the daemon.
+
+Both adapters (`sqlite.py`, `mongo.py`) implement `Store` exactly as documented here, and
+`tests/test_store_contract.py` holds them to it. All methods are synchronous and thread-safe: the
+API calls them from Starlette's thread pool, the daemon through `asyncio.to_thread`.
+
+Time is always passed in (`now_ms`, UTC epoch milliseconds); no method reads the clock.
+Every state change is a single conditional write. A write that matches nothing means another
+process got there first; methods report that in their return value, never by raising.
+Any method may raise `StoreUnavailable` when the store cannot be reached or stays locked.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from timerd.models import Claim, Due, Lease, Outcome, Timer
+
+LEASE_NAME = "leader"
+
+
+class Store(abc.ABC):
+    """Durable home of timers and of the leader lease."""
+
+    @abc.abstractmethod
+    def insert(self, timer: Timer) -> None:
+        """Store a new timer durably; return only once it survives a crash (and power loss where
+        the store is configured for it). Concurrent inserts may share one commit."""
+
+    @abc.abstractmethod
+    def get(self, timer_id: str) -> Timer:
+        """Return the timer with this id. Raises `TimerNotFound`, also for a malformed id."""
+
+    @abc.abstractmethod
+    def cancel(self, timer_id: str, now_ms: int) -> Timer:
+        """Move a `pending` timer to `cancelled` and return it as it now is.
+
+        Raises `TimerNotFound` for an unknown id, and `TimerStateConflict` (changing nothing)
+        when the timer is in any other state.
+        """
+
+    @abc.abstractmethod
+    def pending_due(self, before_ms: int, limit: int) -> list[Due]:
+        """Read, without claiming, up to `limit` `pending` timers with `due_at_ms < before_ms`,
+        ordered by `due_at_ms` then id. Served by the due-time index over pending timers only."""
+
+    @abc.abstractmethod
+    def next_due_at_ms(self) -> int | None:
+        """The earliest `due_at_ms` among `pending` timers, or None when there are none."""
+
+    @abc.abstractmethod
+    def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
+        """Claim, in one conditional write, those of `timer_ids` that are still `pending` with
+        `due_at_ms <= claim.now_ms`: they become `firing` with `claimed_by = claim.owner`,
+        `epoch = claim.epoch`, `claimed_until_ms = claim.until_ms`, and `attempts` one higher.
+
+        Returns exactly the timers this call claimed, as they now are, in no particular order.
+        A timer that was cancelled, moved later, or claimed by someone else is left out.
+        Two concurrent calls never both claim the same timer.
+        """
+
+    @abc.abstractmethod
+    def complete(self, outcomes: Sequence[Outcome]) -> int:
+        """Record delivery outcomes; each applies only if the timer is still `firing` under the
+        outcome's owner and epoch (a deposed leader cannot overwrite its successor's work).
+
+        FIRED sets `fired_at_ms = at_ms`; FAILED ends the timer; PENDING reschedules it to
+        `next_due_at_ms` for another attempt. All clear the claim and set `last_status` and
+        `last_error`. Returns how many outcomes were applied; the others are ignored.
+        """
+
+    @abc.abstractmethod
+    def recover_expired(self, now_ms: int, limit: int) -> int:
+        """Return up to `limit` `firing` timers whose `claimed_until_ms < now_ms` (their owner
+        died or stalled) to `pending`, keeping `due_at_ms` and `attempts`. Returns how many."""
+
+    @abc.abstractmethod
+    def acquire_lease(self, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
+        """Take or renew the leader lease so that it expires at `now_ms + ttl_ms`.
+
+        Succeeds when `holder` is the holder already, live or expired (the epoch stays), or the
+        lease is absent or expired (`expires_at_ms < now_ms`; the epoch then rises by one,
+        starting at 1). Returns the lease as written, or None while another holder's is live.
+        """
+
+    @abc.abstractmethod
+    def release_lease(self, holder: str, epoch: int) -> bool:
+        """Expire the lease at once if `holder` holds it under `epoch`, keeping the epoch so the
+        next holder raises it. Returns whether it was released."""
+
+    @abc.abstractmethod
+    def get_lease(self) -> Lease | None:
+        """The lease document as it is, live or expired; None before anyone took it."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Return if the store answers a trivial query; raise `StoreUnavailable` otherwise."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections and threads. The store must not be used afterwards."""

@@ -1,0 +1,241 @@
+"""The distributed store: MongoDB (a replica set) through pymongo's synchronous client.
+
+Only single-document atomic operations and indexes are used (no sessions or transactions), so
+the same code runs against mongomock in the contract suite. Writes are acknowledged by the
+majority and journaled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pymongo
+import pymongo.errors
+from pymongo import ReturnDocument, UpdateOne
+from pymongo.collection import Collection
+
+from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
+from timerd.models import Claim, Due, Lease, Outcome, State, Timer, is_timer_id, new_timer_id
+from timerd.store.base import LEASE_NAME, Store
+
+Doc = dict[str, Any]
+
+_TIMER_FIELDS = (
+    "url",
+    "due_at_ms",
+    "created_at_ms",
+    "state",
+    "attempts",
+    "fired_at_ms",
+    "claimed_by",
+    "claimed_until_ms",
+    "epoch",
+    "last_status",
+    "last_error",
+)
+
+
+def _to_doc(t: Timer) -> Doc:
+    doc: Doc = {"_id": t.id}
+    doc.update({name: getattr(t, name) for name in _TIMER_FIELDS})
+    doc["state"] = t.state.value
+    return doc
+
+
+def _to_timer(doc: Mapping[str, Any]) -> Timer:
+    fields: dict[str, Any] = {name: doc.get(name) for name in _TIMER_FIELDS}
+    fields["state"] = State(doc["state"])
+    return Timer(id=doc["_id"], **fields)
+
+
+def _to_lease(doc: Mapping[str, Any]) -> Lease:
+    return Lease(holder=doc["holder"], epoch=doc["epoch"], expires_at_ms=doc["expires_at_ms"])
+
+
+def _complete_op(o: Outcome) -> UpdateOne:
+    changes: Doc = {
+        "state": o.state.value,
+        "last_status": o.status,
+        "last_error": o.error,
+        "claimed_by": None,
+        "claimed_until_ms": None,
+    }
+    if o.state is State.FIRED:
+        changes["fired_at_ms"] = o.at_ms
+    if o.state is State.PENDING and o.next_due_at_ms is not None:
+        changes["due_at_ms"] = o.next_due_at_ms
+    query = {"_id": o.timer_id, "state": "firing", "claimed_by": o.owner, "epoch": o.epoch}
+    return UpdateOne(query, {"$set": changes})
+
+
+@contextmanager
+def _unavailable_on_connection_error() -> Iterator[None]:
+    try:
+        yield
+    except (pymongo.errors.ConnectionFailure, pymongo.errors.WTimeoutError) as exc:
+        raise StoreUnavailable(f"mongodb: {type(exc).__name__}") from exc
+
+
+class MongoStore(Store):
+    """`Store` over a MongoDB database: collections `timers` and `leases`.
+
+    Takes a ready client so tests can pass a `mongomock.MongoClient`; `open_store` builds the
+    real one with majority writes and a short server-selection timeout.
+    """
+
+    def __init__(self, client: pymongo.MongoClient[Doc], database: str) -> None:
+        self._client = client
+        db = client[database]
+        self._timers: Collection[Doc] = db["timers"]
+        self._leases: Collection[Doc] = db["leases"]
+        with _unavailable_on_connection_error():
+            self._create_indexes()
+
+    def _create_indexes(self) -> None:
+        self._timers.create_index(
+            [("due_at_ms", 1), ("_id", 1)],
+            name="pending_due",
+            partialFilterExpression={"state": "pending"},
+        )
+        self._timers.create_index(
+            [("claimed_until_ms", 1)],
+            name="firing_claim",
+            partialFilterExpression={"state": "firing"},
+        )
+
+    # timers
+
+    def insert(self, timer: Timer) -> None:
+        with _unavailable_on_connection_error():
+            self._timers.insert_one(_to_doc(timer))
+
+    def get(self, timer_id: str) -> Timer:
+        if not is_timer_id(timer_id):
+            raise TimerNotFound(timer_id)
+        with _unavailable_on_connection_error():
+            doc = self._timers.find_one({"_id": timer_id})
+        if doc is None:
+            raise TimerNotFound(timer_id)
+        return _to_timer(doc)
+
+    def cancel(self, timer_id: str, now_ms: int) -> Timer:
+        if not is_timer_id(timer_id):
+            raise TimerNotFound(timer_id)
+        with _unavailable_on_connection_error():
+            doc = self._timers.find_one_and_update(
+                {"_id": timer_id, "state": "pending"},
+                {"$set": {"state": "cancelled"}},
+                return_document=ReturnDocument.AFTER,
+            )
+        if doc is not None:
+            return _to_timer(doc)
+        raise TimerStateConflict(timer_id, self.get(timer_id).state.value)
+
+    def pending_due(self, before_ms: int, limit: int) -> list[Due]:
+        query = {"state": "pending", "due_at_ms": {"$lt": before_ms}}
+        with _unavailable_on_connection_error():
+            cursor = (
+                self._timers.find(query, {"due_at_ms": 1})
+                .sort([("due_at_ms", 1), ("_id", 1)])
+                .limit(limit)
+            )
+            return [Due(id=d["_id"], due_at_ms=d["due_at_ms"]) for d in cursor]
+
+    def next_due_at_ms(self) -> int | None:
+        with _unavailable_on_connection_error():
+            docs = list(
+                self._timers.find({"state": "pending"}, {"due_at_ms": 1})
+                .sort([("due_at_ms", 1), ("_id", 1)])
+                .limit(1)
+            )
+        return docs[0]["due_at_ms"] if docs else None
+
+    def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
+        if not timer_ids:
+            return []
+        ids = list(timer_ids)
+        token = new_timer_id()  # marks this call's claims so they can be read back exactly
+        with _unavailable_on_connection_error():
+            self._timers.update_many(
+                {"_id": {"$in": ids}, "state": "pending", "due_at_ms": {"$lte": claim.now_ms}},
+                {
+                    "$set": {
+                        "state": "firing",
+                        "claimed_by": claim.owner,
+                        "epoch": claim.epoch,
+                        "claimed_until_ms": claim.until_ms,
+                        "claim_token": token,
+                    },
+                    "$inc": {"attempts": 1},
+                },
+            )
+            docs = self._timers.find({"_id": {"$in": ids}, "claim_token": token})
+            return [_to_timer(d) for d in docs]
+
+    def complete(self, outcomes: Sequence[Outcome]) -> int:
+        if not outcomes:
+            return 0
+        with _unavailable_on_connection_error():
+            result = self._timers.bulk_write([_complete_op(o) for o in outcomes], ordered=False)
+        return result.modified_count
+
+    def recover_expired(self, now_ms: int, limit: int) -> int:
+        expired = {"state": "firing", "claimed_until_ms": {"$lt": now_ms}}
+        with _unavailable_on_connection_error():
+            ids = [d["_id"] for d in self._timers.find(expired, {"_id": 1}).limit(limit)]
+            if not ids:
+                return 0
+            result = self._timers.update_many(
+                {"_id": {"$in": ids}, **expired},
+                {"$set": {"state": "pending", "claimed_by": None, "claimed_until_ms": None}},
+            )
+        return result.modified_count
+
+    # lease
+
+    def acquire_lease(self, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
+        expires = now_ms + ttl_ms
+        with _unavailable_on_connection_error():
+            doc = self._leases.find_one_and_update(
+                {"_id": LEASE_NAME, "holder": holder},
+                {"$set": {"expires_at_ms": expires}},
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is None:
+                doc = self._take_lease(holder, expires, now_ms)
+        return None if doc is None else _to_lease(doc)
+
+    def _take_lease(self, holder: str, expires: int, now_ms: int) -> Doc | None:
+        try:
+            return self._leases.find_one_and_update(
+                {"_id": LEASE_NAME, "expires_at_ms": {"$lt": now_ms}},
+                {"$set": {"holder": holder, "expires_at_ms": expires}, "$inc": {"epoch": 1}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except pymongo.errors.DuplicateKeyError:  # the lease exists and is live: someone leads
+            return None
+
+    def release_lease(self, holder: str, epoch: int) -> bool:
+        with _unavailable_on_connection_error():
+            result = self._leases.update_one(
+                {"_id": LEASE_NAME, "holder": holder, "epoch": epoch},
+                {"$set": {"expires_at_ms": 0}},
+            )
+        return result.modified_count == 1
+
+    def get_lease(self) -> Lease | None:
+        with _unavailable_on_connection_error():
+            doc = self._leases.find_one({"_id": LEASE_NAME})
+        return None if doc is None else _to_lease(doc)
+
+    # lifecycle
+
+    def ping(self) -> None:
+        with _unavailable_on_connection_error():
+            self._timers.find_one({}, {"_id": 1})
+
+    def close(self) -> None:
+        self._client.close()

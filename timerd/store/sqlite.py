@@ -1,0 +1,363 @@
+"""The embedded store: one SQLite file in WAL mode, for a single host.
+
+Inserts from many threads share commits through one writer thread (group commit), so durable
+`synchronous=FULL` commits do not cap creates at one fsync each. Every other operation is a
+single statement on a per-thread connection; SQLite serialises writers across processes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
+from timerd.models import Claim, Due, Lease, Outcome, State, Timer, is_timer_id
+from timerd.store.base import LEASE_NAME, Store
+
+T = TypeVar("T")
+
+COLUMNS = (
+    "id, url, due_at_ms, created_at_ms, state, attempts, fired_at_ms, claimed_by,"
+    " claimed_until_ms, epoch, last_status, last_error"
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS timers (
+    id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    due_at_ms INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    fired_at_ms INTEGER,
+    claimed_by TEXT,
+    claimed_until_ms INTEGER,
+    epoch INTEGER,
+    last_status INTEGER,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS timers_pending_due ON timers (due_at_ms, id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS timers_firing_claim ON timers (claimed_until_ms)
+    WHERE state = 'firing';
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+);
+"""
+
+PENDING_DUE_SQL = (
+    "SELECT id, due_at_ms FROM timers WHERE state = 'pending' AND due_at_ms < ?"
+    " ORDER BY due_at_ms, id LIMIT ?"
+)
+
+ACQUIRE_LEASE_SQL = """
+INSERT INTO leases (name, holder, epoch, expires_at_ms) VALUES (:name, :holder, 1, :expires)
+ON CONFLICT (name) DO UPDATE SET
+    epoch = CASE WHEN holder = excluded.holder THEN epoch ELSE epoch + 1 END,
+    holder = excluded.holder,
+    expires_at_ms = excluded.expires_at_ms
+WHERE holder = excluded.holder OR expires_at_ms < :now
+RETURNING holder, epoch, expires_at_ms
+"""
+
+COMPLETE_SQL = """
+UPDATE timers SET state = :state, fired_at_ms = COALESCE(:fired_at_ms, fired_at_ms),
+    due_at_ms = COALESCE(:next_due_at_ms, due_at_ms), last_status = :status,
+    last_error = :error, claimed_by = NULL, claimed_until_ms = NULL
+WHERE id = :id AND state = 'firing' AND claimed_by = :owner AND epoch = :epoch
+"""
+
+_GROUP_COMMIT_MAX = 1000
+
+
+def _to_timer(row: Sequence[Any]) -> Timer:
+    return Timer(
+        id=row[0],
+        url=row[1],
+        due_at_ms=row[2],
+        created_at_ms=row[3],
+        state=State(row[4]),
+        attempts=row[5],
+        fired_at_ms=row[6],
+        claimed_by=row[7],
+        claimed_until_ms=row[8],
+        epoch=row[9],
+        last_status=row[10],
+        last_error=row[11],
+    )
+
+
+def _insert_params(t: Timer) -> tuple[Any, ...]:
+    return (
+        t.id,
+        t.url,
+        t.due_at_ms,
+        t.created_at_ms,
+        t.state.value,
+        t.attempts,
+        t.fired_at_ms,
+        t.claimed_by,
+        t.claimed_until_ms,
+        t.epoch,
+        t.last_status,
+        t.last_error,
+    )
+
+
+def _complete_params(o: Outcome) -> dict[str, Any]:
+    return {
+        "id": o.timer_id,
+        "owner": o.owner,
+        "epoch": o.epoch,
+        "state": o.state.value,
+        "fired_at_ms": o.at_ms if o.state is State.FIRED else None,
+        "next_due_at_ms": o.next_due_at_ms if o.state is State.PENDING else None,
+        "status": o.status,
+        "error": o.error,
+    }
+
+
+@contextmanager
+def _unavailable_on_operational_error() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as exc:  # locked past busy_timeout, unreadable file, disk full
+        raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class _GroupCommitter:
+    """One thread that commits every insert queued meanwhile in a single transaction."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._queue: queue.SimpleQueue[tuple[Timer, concurrent.futures.Future[None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name="timerd-sqlite-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, timer: Timer) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put((timer, future))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn = self._connect()
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._commit(conn, batch)
+        finally:
+            conn.close()
+
+    def _next_batch(self) -> list[tuple[Timer, concurrent.futures.Future[None]]] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < _GROUP_COMMIT_MAX:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            batch.append(item)
+        return batch
+
+    @staticmethod
+    def _commit(
+        conn: sqlite3.Connection, batch: list[tuple[Timer, concurrent.futures.Future[None]]]
+    ) -> None:
+        try:
+            with _unavailable_on_operational_error(), _transaction(conn):
+                conn.executemany(
+                    f"INSERT INTO timers ({COLUMNS}) VALUES ({', '.join('?' * 12)})",
+                    [_insert_params(timer) for timer, _ in batch],
+                )
+        except Exception as exc:  # every waiter must hear about the failure, whatever it was
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        for _, future in batch:
+            future.set_result(None)
+
+
+class SqliteStore(Store):
+    """`Store` over one SQLite file.
+
+    `synchronous` is SQLite's setting for this store's connections: FULL (the default) makes
+    every commit survive power loss; NORMAL may lose the last commits on power loss (never on a
+    process crash) and is what the daemon uses for its own writes.
+    """
+
+    def __init__(
+        self, path: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 1000
+    ) -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._writer: _GroupCommitter | None = None
+        self._writer_lock = threading.Lock()
+        with _unavailable_on_operational_error():
+            conn = self._conn()
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.executescript(SCHEMA)
+
+    # connections
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._path,
+            isolation_level=None,  # autocommit; transactions are explicit BEGIN IMMEDIATE
+            check_same_thread=False,
+            timeout=self._busy_timeout_ms / 1000,
+        )
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        with _unavailable_on_operational_error():
+            return work(self._conn())
+
+    # timers
+
+    def insert(self, timer: Timer) -> None:
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = _GroupCommitter(self._connect)
+            writer = self._writer
+        writer.submit(timer).result()
+
+    def get(self, timer_id: str) -> Timer:
+        if not is_timer_id(timer_id):
+            raise TimerNotFound(timer_id)
+        row = self._run(
+            lambda c: c.execute(
+                f"SELECT {COLUMNS} FROM timers WHERE id = ?", (timer_id,)
+            ).fetchone()
+        )
+        if row is None:
+            raise TimerNotFound(timer_id)
+        return _to_timer(row)
+
+    def cancel(self, timer_id: str, now_ms: int) -> Timer:
+        if not is_timer_id(timer_id):
+            raise TimerNotFound(timer_id)
+        row = self._run(
+            lambda c: c.execute(
+                f"UPDATE timers SET state = 'cancelled' WHERE id = ? AND state = 'pending'"
+                f" RETURNING {COLUMNS}",
+                (timer_id,),
+            ).fetchone()
+        )
+        if row is not None:
+            return _to_timer(row)
+        raise TimerStateConflict(timer_id, self.get(timer_id).state.value)
+
+    def pending_due(self, before_ms: int, limit: int) -> list[Due]:
+        rows = self._run(lambda c: c.execute(PENDING_DUE_SQL, (before_ms, limit)).fetchall())
+        return [Due(id=r[0], due_at_ms=r[1]) for r in rows]
+
+    def next_due_at_ms(self) -> int | None:
+        row = self._run(
+            lambda c: c.execute(
+                "SELECT MIN(due_at_ms) FROM timers WHERE state = 'pending'"
+            ).fetchone()
+        )
+        return None if row is None else row[0]
+
+    def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
+        if not timer_ids:
+            return []
+        marks = ", ".join("?" * len(timer_ids))
+        sql = (
+            "UPDATE timers SET state = 'firing', claimed_by = ?, epoch = ?, claimed_until_ms = ?,"
+            f" attempts = attempts + 1 WHERE id IN ({marks}) AND state = 'pending'"
+            f" AND due_at_ms <= ? RETURNING {COLUMNS}"
+        )
+        params = (claim.owner, claim.epoch, claim.until_ms, *timer_ids, claim.now_ms)
+        rows = self._run(lambda c: c.execute(sql, params).fetchall())
+        return [_to_timer(r) for r in rows]
+
+    def complete(self, outcomes: Sequence[Outcome]) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):
+                return sum(
+                    conn.execute(COMPLETE_SQL, _complete_params(o)).rowcount for o in outcomes
+                )
+
+        return self._run(work) if outcomes else 0
+
+    def recover_expired(self, now_ms: int, limit: int) -> int:
+        sql = (
+            "UPDATE timers SET state = 'pending', claimed_by = NULL, claimed_until_ms = NULL"
+            " WHERE id IN (SELECT id FROM timers WHERE state = 'firing' AND claimed_until_ms < ?"
+            " LIMIT ?)"
+        )
+        return self._run(lambda c: c.execute(sql, (now_ms, limit)).rowcount)
+
+    # lease
+
+    def acquire_lease(self, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
+        params = {"name": LEASE_NAME, "holder": holder, "expires": now_ms + ttl_ms, "now": now_ms}
+        row = self._run(lambda c: c.execute(ACQUIRE_LEASE_SQL, params).fetchone())
+        return None if row is None else Lease(holder=row[0], epoch=row[1], expires_at_ms=row[2])
+
+    def release_lease(self, holder: str, epoch: int) -> bool:
+        sql = "UPDATE leases SET expires_at_ms = 0 WHERE name = ? AND holder = ? AND epoch = ?"
+        return self._run(lambda c: c.execute(sql, (LEASE_NAME, holder, epoch)).rowcount) == 1
+
+    def get_lease(self) -> Lease | None:
+        sql = "SELECT holder, epoch, expires_at_ms FROM leases WHERE name = ?"
+        row = self._run(lambda c: c.execute(sql, (LEASE_NAME,)).fetchone())
+        return None if row is None else Lease(holder=row[0], epoch=row[1], expires_at_ms=row[2])
+
+    # lifecycle
+
+    def ping(self) -> None:
+        self._run(lambda c: c.execute("SELECT 1 FROM timers LIMIT 1").fetchall())
+
+    def close(self) -> None:
+        with self._writer_lock:
+            if self._writer is not None:
+                self._writer.stop()
+                self._writer = None
+        with self._conns_lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
