@@ -74,6 +74,11 @@ class TimerRoutes:
         return JSONResponse(timer_view(timer, now_ms))
 
 
+async def healthz(_: Request) -> JSONResponse:
+    """Answers while the process runs."""
+    return JSONResponse({"status": "ok"})
+
+
 def create_app(
     settings: Settings,
     store: Store,
@@ -86,6 +91,7 @@ def create_app(
     routes = TimerRoutes(settings, store, clock or SystemClock(), on_insert)
     return Starlette(
         routes=[
+            Route("/healthz", healthz, methods=["GET"]),
             Route("/timers", routes.create, methods=["POST"]),
             Route("/timers/{timer_id}", routes.get, methods=["GET"]),
             Route("/timers/{timer_id}", routes.cancel, methods=["DELETE"]),
