@@ -12,7 +12,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 
 import structlog
@@ -21,10 +21,12 @@ from starlette.applications import Starlette
 
 from api import create_app  # the CLI is the one place that wires the API to the core
 from timerd import __version__
+from timerd.daemon import Daemon
+from timerd.delivery import Deliverer
 from timerd.errors import ConfigError, StoreUnavailable
 from timerd.logs import configure_logging
 from timerd.settings import Settings, add_arguments, build_settings
-from timerd.store import Store, open_store
+from timerd.store import open_store
 
 log = structlog.get_logger("timerd")
 
@@ -68,10 +70,54 @@ async def serve_api(settings: Settings) -> None:
     finally:
         store.close()
     if not server.started:
-        raise SystemExit(1)  # could not bind, already logged by uvicorn
+        raise SystemExit(1)  # could not bind; uvicorn has said why
 
 
-COMMANDS: dict[str, Callable[[Settings], object]] = {"api": serve_api, "run": serve_api}
+async def run_daemon(settings: Settings) -> None:
+    """`timerd daemon`: fire timers until SIGTERM or SIGINT, then drain and release the lease."""
+    store = open_store(settings.store, for_daemon=True)
+    try:
+        async with Deliverer(settings) as deliverer:
+            daemon = Daemon(settings, store, deliverer.deliver)
+            _on_stop_signals(daemon.stop)
+            await daemon.run()
+    finally:
+        store.close()
+
+
+async def run_all(settings: Settings) -> None:
+    """`timerd run`: the API and the daemon in one process; a signal stops both."""
+    api_store = open_store(settings.store)
+    daemon_store = open_store(settings.store, for_daemon=True)
+    try:
+        async with Deliverer(settings) as deliverer:
+            daemon = Daemon(settings, daemon_store, deliverer.deliver)
+            server = _server(
+                settings, create_app(settings, api_store, on_insert=daemon.notify_insert)
+            )
+
+            def stop() -> None:
+                server.should_exit = True
+                daemon.stop()
+
+            _on_stop_signals(stop)
+            log.info("api_starting", host=settings.host, port=settings.port, version=__version__)
+            daemon_task = asyncio.create_task(daemon.run())
+            await server.serve()
+            daemon.stop()
+            await daemon_task
+    finally:
+        api_store.close()
+        daemon_store.close()
+    if not server.started:
+        raise SystemExit(1)
+
+
+COMMANDS: dict[str, Callable[[Settings], Coroutine[None, None, None]]] = {
+    "api": serve_api,
+    "daemon": run_daemon,
+    "run": run_all,
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("run", "API and daemon in one process"),
         ("api", "the API alone"),
+        ("daemon", "the firing daemon alone"),
     ):
         add_arguments(commands.add_parser(name, help=help_text))
     return parser
@@ -94,13 +141,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = build_settings(args, os.environ)
         configure_logging(settings.log_level, settings.log_format)
-        asyncio.run(COMMANDS[args.command](settings))  # type: ignore[arg-type]
+        asyncio.run(COMMANDS[args.command](settings))
     except ConfigError as exc:
         print(f"timerd: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     except StoreUnavailable as exc:
         print(f"timerd: the store is unavailable: {exc}", file=sys.stderr)
         raise SystemExit(3) from exc
-
-
-__all__ = ["Store", "main"]

@@ -92,8 +92,8 @@ def _check_settings(s: Settings) -> None:
             raise ConfigError(f"{env_name(name)} must be positive")
     if not 0 < s.port < 65536:
         raise ConfigError("TIMERD_PORT must be between 1 and 65535")
-    if s.lease_renew_s >= s.lease_ttl_s:
-        raise ConfigError("TIMERD_LEASE_RENEW_S must be shorter than TIMERD_LEASE_TTL_S")
+    if s.lease_renew_s > s.lease_ttl_s / 2:
+        raise ConfigError("TIMERD_LEASE_RENEW_S must be at most half of TIMERD_LEASE_TTL_S")
     if s.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("TIMERD_LOG_LEVEL must be debug, info, warning or error")
     if s.log_format not in {"auto", "json", "console"}:

@@ -1,0 +1,96 @@
+"""A real webhook receiver on 127.0.0.1 with a random port, running in its own thread.
+
+It records every request (path, headers, body, arrival time) and answers with what `respond`
+returns for it (200 by default). Tests wait on it with `wait_for`, never with sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One request as the receiver saw it."""
+
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    at_ms: int
+
+    @property
+    def timer_id(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+Respond = Callable[[Arrival], int]
+
+
+class Receiver:
+    """Start with `with Receiver() as r:`; `r.url` is the base URL to give timers."""
+
+    def __init__(self, respond: Respond | None = None) -> None:
+        self.respond = respond or (lambda _: 200)
+        self.arrivals: list[Arrival] = []
+        self._changed = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    def __enter__(self) -> Receiver:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def _stop(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        arrival = Arrival(
+            path=request.path,
+            query=request.query_string,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            body=await request.read(),
+            at_ms=time.time_ns() // 1_000_000,
+        )
+        status = self.respond(arrival)
+        with self._changed:
+            self.arrivals.append(arrival)
+            self._changed.notify_all()
+        return web.Response(status=status)
+
+    def wait_for(self, count: int, timeout_s: float = 10.0) -> list[Arrival]:
+        """Block until at least `count` requests arrived; fail the test after `timeout_s`."""
+        with self._changed:
+            ok = self._changed.wait_for(lambda: len(self.arrivals) >= count, timeout_s)
+            arrivals = list(self.arrivals)
+        assert ok, f"expected {count} webhook(s) within {timeout_s}s, got {len(arrivals)}"
+        return arrivals

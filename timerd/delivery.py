@@ -1,0 +1,113 @@
+"""Sending one webhook: `POST <url>/<id>` through one shared aiohttp session.
+
+An attempt's outcome is a value (`Attempt`), never an exception: the daemon records it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.parse
+from dataclasses import dataclass
+from types import TracebackType
+
+import aiohttp
+
+from timerd import __version__
+from timerd.models import Timer
+from timerd.settings import Settings
+
+RESPONSE_PREFIX_BYTES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one delivery attempt came to: an HTTP status, or the class of error that stopped it."""
+
+    started_at_ms: int
+    latency_ms: float
+    status: int | None = None
+    error: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        """Only a 2xx answer counts as delivered."""
+        return self.status is not None and 200 <= self.status < 300
+
+
+def webhook_url(base_url: str, timer_id: str) -> str:
+    """`base_url` with `/<timer_id>` appended to its path (exactly one slash), query kept."""
+    parts = urllib.parse.urlsplit(base_url)
+    path = parts.path.rstrip("/") + "/" + timer_id
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def webhook_body(timer: Timer) -> bytes:
+    """The JSON body: which timer fired, when it was due, and which attempt this is."""
+    return json.dumps(
+        {
+            "id": timer.id,
+            "type": "timer.fired",
+            "due_at_ms": timer.due_at_ms,
+            "created_at_ms": timer.created_at_ms,
+            "attempt": timer.attempts,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+class Deliverer:
+    """Delivers webhooks through one `ClientSession`; use as an async context manager."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Deliverer:
+        s = self._settings
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=s.concurrency, ttl_dns_cache=60),
+            timeout=aiohttp.ClientTimeout(total=s.delivery_timeout_s, connect=s.connect_timeout_s),
+            headers={"user-agent": f"timerd/{__version__}"},
+            auto_decompress=False,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def deliver(self, timer: Timer) -> Attempt:
+        """POST the webhook once; redirects are not followed and at most a short prefix of the
+        answer is read."""
+        assert self._session is not None, "use Deliverer as an async context manager"
+        started_ms = time.time_ns() // 1_000_000
+        started = time.perf_counter()
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": timer.id,
+            "webhook-timestamp": str(started_ms // 1000),
+        }
+        try:
+            async with self._session.post(
+                webhook_url(timer.url, timer.id),
+                data=webhook_body(timer),
+                headers=headers,
+                allow_redirects=False,
+            ) as response:
+                await response.content.read(RESPONSE_PREFIX_BYTES)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            error = "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+            return Attempt(started_ms, _ms_since(started), error=error)
+        return Attempt(started_ms, _ms_since(started), status=status)
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
