@@ -1,0 +1,324 @@
+"""The daemon's loop, one step at a time, with an injected clock and a recording deliverer.
+
+No real time passes: the tests move the clock and call `step()`, the hot path, directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from timerd.daemon import Daemon
+from timerd.delivery import Attempt
+from timerd.errors import StoreUnavailable
+from timerd.models import Claim, State, Timer, new_timer_id
+from timerd.settings import Settings
+from timerd.store import open_store
+from timerd.store.base import Store
+
+START_MS = 1_800_000_000_000
+
+
+class FakeClock:
+    """A clock the test moves by hand; wall and monotonic time move together."""
+
+    def __init__(self) -> None:
+        self.ms = START_MS
+
+    def now_ms(self) -> int:
+        return self.ms
+
+    def monotonic_s(self) -> float:
+        return self.ms / 1000
+
+    def advance(self, ms: int) -> None:
+        self.ms += ms
+
+
+class Recorder:
+    """A deliverer that records each timer; answers `status`, or waits for `gate` first."""
+
+    def __init__(self, clock: FakeClock, status: int = 200) -> None:
+        self.clock = clock
+        self.status = status
+        self.delivered: list[Timer] = []
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, timer: Timer) -> Attempt:
+        self.delivered.append(timer)
+        if self.gate is not None:
+            await self.gate.wait()
+        return Attempt(started_at_ms=self.clock.now_ms(), latency_ms=0.0, status=self.status)
+
+    @property
+    def ids(self) -> list[str]:
+        return [t.id for t in self.delivered]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = open_store(f"sqlite:///{tmp_path / 'timerd.db'}")
+    yield s
+    s.close()
+
+
+def add_timer(store: Store, due_at_ms: int) -> str:
+    timer_id = new_timer_id()
+    store.insert(
+        Timer(id=timer_id, url="http://127.0.0.1:9/h", due_at_ms=due_at_ms, created_at_ms=START_MS)
+    )
+    return timer_id
+
+
+def settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {"poll_interval_s": 1.0, "lookahead_s": 5.0, "lease_ttl_s": 10.0}
+    return Settings(**(base | overrides))
+
+
+@asynccontextmanager
+async def leading(
+    store: Store, clock: FakeClock, recorder: Recorder, **overrides: Any
+) -> AsyncIterator[Daemon]:
+    """A daemon that holds the lease, with its outcome writer running."""
+    daemon = Daemon(settings(**overrides), store, recorder, clock=clock, holder="daemon-a")
+    await daemon.lease.tick()
+    assert daemon.lease.is_leader()
+    writer = asyncio.create_task(daemon.outcomes.run())
+    try:
+        yield daemon
+    finally:
+        writer.cancel()
+
+
+async def settle(daemon: Daemon) -> None:
+    """Let started deliveries finish and their outcomes reach the store."""
+    await asyncio.gather(*daemon._inflight)
+    await daemon.outcomes.drained()
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())  # type: ignore[arg-type]
+
+
+def test_fires_at_the_due_instant_and_never_before(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    timer_id = add_timer(store, START_MS + 2_500)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder) as daemon:
+            assert await daemon.step() == pytest.approx(1.0)  # next poll comes before the due time
+            clock.advance(1_000)
+            assert await daemon.step() == pytest.approx(1.0)
+            clock.advance(1_499)
+            assert await daemon.step() == pytest.approx(0.001)  # sleeps exactly to the due instant
+            assert recorder.delivered == []
+            clock.advance(1)
+            assert await daemon.step() == 0.0
+            await settle(daemon)
+
+    run(scenario)
+    assert recorder.ids == [timer_id]
+    fired = store.get(timer_id)
+    assert (fired.state, fired.fired_at_ms, fired.attempts) == (State.FIRED, START_MS + 2_500, 1)
+    assert fired.claimed_by is None and fired.last_status == 200
+
+
+def test_overdue_backlog_drains_in_due_order_within_the_batch_bound(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    ids = [add_timer(store, START_MS - 1_000 + i) for i in range(25)]
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder, batch_size=10) as daemon:
+            for _ in range(3):
+                await daemon.step()
+                assert len(daemon._window) <= 10  # never more than one batch in memory
+                await daemon.step()
+                await settle(daemon)
+
+    run(scenario)
+    assert recorder.ids == ids
+
+
+def test_concurrency_limit_holds_back_claims_until_slots_free(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    recorder.gate = asyncio.Event()
+    ids = [add_timer(store, START_MS + i) for i in range(5)]
+    clock.advance(10)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder, concurrency=2) as daemon:
+            assert recorder.gate is not None
+            await daemon.step()
+            await daemon.step()
+            await asyncio.sleep(0)
+            assert recorder.ids == ids[:2]
+            assert [store.get(i).state for i in ids] == [State.FIRING] * 2 + [State.PENDING] * 3
+            recorder.gate.set()
+            await settle(daemon)
+            for _ in range(4):
+                await daemon.step()
+                await settle(daemon)
+
+    run(scenario)
+    assert recorder.ids == ids
+    assert {store.get(i).state for i in ids} == {State.FIRED}
+
+
+def test_a_timer_cancelled_after_it_was_read_is_not_fired(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    timer_id = add_timer(store, START_MS + 500)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder) as daemon:
+            await daemon.step()
+            assert daemon._window  # read, not claimed
+            store.cancel(timer_id, clock.now_ms())
+            clock.advance(500)
+            await daemon.step()
+            await settle(daemon)
+
+    run(scenario)
+    assert recorder.delivered == []
+    assert store.get(timer_id).state is State.CANCELLED
+
+
+def test_a_standby_never_claims(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    add_timer(store, START_MS)
+    assert store.acquire_lease("someone-else", 10_000, clock.now_ms()) is not None
+
+    async def scenario() -> None:
+        daemon = Daemon(settings(), store, recorder, clock=clock, holder="daemon-b")
+        await daemon.lease.tick()
+        assert not daemon.lease.is_leader()
+        assert await daemon.step() == pytest.approx(1.0)
+
+    run(scenario)
+    assert recorder.delivered == []
+
+
+def test_a_leader_that_cannot_renew_stops_claiming_before_its_lease_expires(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    timer_id = add_timer(store, START_MS + 8_000)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder) as daemon:
+            clock.advance(7_600)  # past 3/4 of the 10 s TTL without a renewal
+            assert not daemon.lease.is_leader()
+            clock.advance(400)
+            await daemon.step()
+            await settle(daemon)
+
+    run(scenario)
+    assert recorder.delivered == []
+    assert store.get(timer_id).state is State.PENDING
+
+
+def test_a_failed_delivery_is_recorded(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock, status=500)
+    timer_id = add_timer(store, START_MS)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder) as daemon:
+            await daemon.step()
+            await daemon.step()
+            await settle(daemon)
+
+    run(scenario)
+    failed = store.get(timer_id)
+    assert (failed.state, failed.last_status, failed.fired_at_ms) == (State.FAILED, 500, None)
+
+
+def test_a_timer_announced_by_the_api_fires_without_waiting_for_a_poll(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder) as daemon:
+            assert await daemon.step() == pytest.approx(1.0)
+            timer_id = add_timer(store, START_MS + 300)
+            daemon.notify_insert(store.get(timer_id))
+            assert await daemon.step() == pytest.approx(0.3)
+            clock.advance(300)
+            await daemon.step()
+            await settle(daemon)
+            assert recorder.ids == [timer_id]
+
+    run(scenario)
+
+
+def test_expired_claims_of_a_dead_owner_are_recovered_and_fired(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    timer_id = add_timer(store, START_MS)
+    dead = Claim(owner="dead", epoch=1, now_ms=START_MS, until_ms=START_MS + 1_000)
+    assert [t.id for t in store.claim_due([timer_id], dead)] == [timer_id]
+    clock.advance(1_001)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder) as daemon:
+            await daemon.recover_expired()
+            await daemon.step()
+            await daemon.step()
+            await settle(daemon)
+
+    run(scenario)
+    assert recorder.ids == [timer_id]
+    recovered = store.get(timer_id)
+    assert (recovered.state, recovered.attempts) == (State.FIRED, 2)
+
+
+class FlakyStore:
+    """Wraps a store; `down` makes every call raise StoreUnavailable."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise StoreUnavailable("down for the test")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def test_store_outage_backs_off_then_resumes(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    flaky = FlakyStore(store)
+    timer_id = add_timer(store, START_MS)
+
+    async def scenario() -> None:
+        daemon = Daemon(settings(), flaky, recorder, clock=clock, holder="d")  # type: ignore[arg-type]
+        await daemon.lease.tick()
+        writer = asyncio.create_task(daemon.outcomes.run())
+        flaky.down = True
+        delays = [await daemon._safe_step() for _ in range(3)]
+        assert delays == sorted(delays) and delays[0] > 0  # backs off
+        flaky.down = False
+        await daemon._safe_step()
+        await daemon._safe_step()
+        await settle(daemon)
+        writer.cancel()
+
+    run(scenario)
+    assert recorder.ids == [timer_id]
+    assert store.get(timer_id).state is State.FIRED
