@@ -85,7 +85,8 @@ class Receiver:
         with self._changed:
             self.arrivals.append(arrival)
             self._changed.notify_all()
-        return web.Response(status=status)
+        redirect = {"location": "/hooks/redirected"} if 300 <= status < 400 else None
+        return web.Response(status=status, headers=redirect)
 
     def wait_for(self, count: int, timeout_s: float = 10.0) -> list[Arrival]:
         """Block until at least `count` requests arrived; fail the test after `timeout_s`."""
