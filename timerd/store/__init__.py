@@ -40,7 +40,7 @@ def _open_sqlite(url: str, for_daemon: bool) -> Store:
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     if parts.netloc or not path:
         raise ConfigError("TIMERD_STORE: write sqlite:///relative.db or sqlite:////absolute.db")
-    query = dict(urllib.parse.parse_qsl(parts.query))
+    query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
     synchronous = query.pop("synchronous", "NORMAL" if for_daemon else "FULL").upper()
     if synchronous not in _SYNCHRONOUS:
         raise ConfigError(f"TIMERD_STORE: synchronous must be one of {sorted(_SYNCHRONOUS)}")

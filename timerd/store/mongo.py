@@ -134,6 +134,8 @@ class MongoStore(Store):
         raise TimerStateConflict(timer_id, self.get(timer_id).state.value)
 
     def pending_due(self, before_ms: int, limit: int) -> list[Due]:
+        if limit <= 0:  # MongoDB reads limit(0) as "no limit"
+            return []
         query = {"state": "pending", "due_at_ms": {"$lt": before_ms}}
         with _unavailable_on_connection_error():
             cursor = (
@@ -182,6 +184,8 @@ class MongoStore(Store):
         return result.modified_count
 
     def recover_expired(self, now_ms: int, limit: int) -> int:
+        if limit <= 0:  # MongoDB reads limit(0) as "no limit"
+            return 0
         expired = {"state": "firing", "claimed_until_ms": {"$lt": now_ms}}
         with _unavailable_on_connection_error():
             ids = [d["_id"] for d in self._timers.find(expired, {"_id": 1}).limit(limit)]
