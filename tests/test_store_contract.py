@@ -1,0 +1,716 @@
+"""The store contract (`timerd/store/base.py`), held against every backend.
+
+Every test up to the SQLite section runs on SQLite, on mongomock and, when
+`TIMERD_TEST_MONGO_URI` is set, on a real MongoDB (see `conftest.py`); the races skip mongomock,
+which is not thread-safe. Time is always a fixed integer passed in, never read from a clock. The
+last section covers what only SQLite has: locking, pragmas and `open_store` URL parsing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from timerd.errors import ConfigError, StoreUnavailable, TimerNotFound, TimerStateConflict
+from timerd.models import Claim, Due, Lease, Outcome, State, Timer, new_timer_id
+from timerd.store import open_store
+from timerd.store.base import Store
+from timerd.store.mongo import MongoStore
+from timerd.store.sqlite import PENDING_DUE_SQL, SqliteStore
+
+T = TypeVar("T")
+StoreFactory = Callable[[], Store]  # the `open_store_on_backend` fixture of conftest.py
+
+NOW_MS = 1_700_000_000_000
+CLAIM_MS = 30_000
+TTL_MS = 10_000
+URL = "https://receiver.example/hooks"
+
+
+def a_timer(due_at_ms: int = NOW_MS) -> Timer:
+    return Timer(id=new_timer_id(), url=URL, due_at_ms=due_at_ms, created_at_ms=NOW_MS - 60_000)
+
+
+def inserted(store: Store, due_at_ms: int = NOW_MS, **fields: object) -> Timer:
+    timer = dataclasses.replace(a_timer(due_at_ms), **fields)
+    store.insert(timer)
+    return timer
+
+
+def a_claim(owner: str = "leader-a", epoch: int = 1, now_ms: int = NOW_MS) -> Claim:
+    return Claim(owner=owner, epoch=epoch, now_ms=now_ms, until_ms=now_ms + CLAIM_MS)
+
+
+def claimed_as(timer: Timer, claim: Claim) -> Timer:
+    """What claiming `timer` under `claim` must turn it into."""
+    return dataclasses.replace(
+        timer,
+        state=State.FIRING,
+        claimed_by=claim.owner,
+        epoch=claim.epoch,
+        claimed_until_ms=claim.until_ms,
+        attempts=timer.attempts + 1,
+    )
+
+
+def claimed(store: Store, timer: Timer, claim: Claim | None = None) -> Timer:
+    """Claim `timer` (which must be claimable) and return it as it now is."""
+    claim = claim or a_claim()
+    assert store.claim_due([timer.id], claim) == [claimed_as(timer, claim)]
+    return store.get(timer.id)
+
+
+def outcome_for(timer: Timer, state: State, **fields: object) -> Outcome:
+    assert timer.claimed_by is not None
+    assert timer.epoch is not None
+    values: dict[str, object] = {"at_ms": NOW_MS + 250, "status": 200} | fields
+    return Outcome(
+        timer_id=timer.id,
+        owner=timer.claimed_by,
+        epoch=timer.epoch,
+        state=state,
+        **values,
+    )
+
+
+def by_id(timers: Sequence[Timer]) -> list[Timer]:
+    return sorted(timers, key=lambda t: t.id)
+
+
+def in_every_state(store: Store) -> dict[State, Timer]:
+    """One timer per state, all due long ago, inserted as such."""
+    return {
+        state: inserted(
+            store,
+            NOW_MS - 5_000,
+            state=state,
+            claimed_by="leader-a" if state is State.FIRING else None,
+            claimed_until_ms=NOW_MS + CLAIM_MS if state is State.FIRING else None,
+            epoch=1 if state is State.FIRING else None,
+        )
+        for state in State
+    }
+
+
+def run_together(workers: Sequence[Callable[[], T]]) -> list[T]:
+    """Run every worker on its own thread, released at the same instant; return their results."""
+    barrier = threading.Barrier(len(workers))
+
+    def start(work: Callable[[], T]) -> T:
+        barrier.wait(timeout=10)
+        return work()
+
+    with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+        futures = [pool.submit(start, work) for work in workers]
+        return [f.result(timeout=60) for f in futures]
+
+
+# insert / get
+
+
+def test_get_returns_an_inserted_timer_as_it_was_inserted(store: Store) -> None:
+    timer = a_timer()
+    store.insert(timer)
+    assert store.get(timer.id) == timer
+
+
+def test_insert_and_get_round_trip_every_field(store: Store) -> None:
+    timer = Timer(
+        id=new_timer_id(),
+        url="https://receiver.example/a path/ü?q=1&r='2'",
+        due_at_ms=2**53 - 1,
+        created_at_ms=NOW_MS,
+        state=State.FAILED,
+        attempts=7,
+        fired_at_ms=NOW_MS + 1,
+        claimed_by="leader-ü",
+        claimed_until_ms=NOW_MS + 2,
+        epoch=41,
+        last_status=503,
+        last_error="connect timeout: 'receiver.example' ✗",
+    )
+    store.insert(timer)
+    assert store.get(timer.id) == timer
+
+
+def test_concurrent_inserts_all_land(store: Store) -> None:
+    timers = [a_timer(NOW_MS + i) for i in range(64)]
+    run_together([lambda t=t: store.insert(t) for t in timers])
+    assert [store.get(t.id) for t in timers] == timers
+
+
+def test_get_of_an_unknown_id_raises_timer_not_found(store: Store) -> None:
+    timer = inserted(store)
+    for unknown in (new_timer_id(), timer.id.upper()):
+        with pytest.raises(TimerNotFound):
+            store.get(unknown)
+
+
+@pytest.mark.parametrize(
+    "timer_id",
+    ["", "abc", "0" * 23, "0" * 25, "z" * 24, "../" * 8, "' OR '1'='1' --", "{'$ne': None}"],
+)
+def test_get_of_a_malformed_id_raises_timer_not_found(store: Store, timer_id: str) -> None:
+    inserted(store)
+    with pytest.raises(TimerNotFound):
+        store.get(timer_id)
+
+
+# cancel
+
+
+def test_cancel_moves_a_pending_timer_to_cancelled_and_returns_it(store: Store) -> None:
+    timer = inserted(store)
+    expected = dataclasses.replace(timer, state=State.CANCELLED)
+    assert store.cancel(timer.id, NOW_MS) == expected
+    assert store.get(timer.id) == expected
+
+
+@pytest.mark.parametrize("state", [s for s in State if s is not State.PENDING])
+def test_cancel_in_any_other_state_conflicts_and_changes_nothing(
+    store: Store, state: State
+) -> None:
+    timer = in_every_state(store)[state]
+    with pytest.raises(TimerStateConflict) as raised:
+        store.cancel(timer.id, NOW_MS)
+    assert (raised.value.timer_id, raised.value.state) == (timer.id, state.value)
+    assert store.get(timer.id) == timer
+
+
+@pytest.mark.parametrize("timer_id", [new_timer_id(), "not-an-id", ""])
+def test_cancel_of_an_unknown_or_malformed_id_raises_timer_not_found(
+    store: Store, timer_id: str
+) -> None:
+    with pytest.raises(TimerNotFound):
+        store.cancel(timer_id, NOW_MS)
+
+
+def test_a_cancelled_timer_is_neither_due_nor_claimable(store: Store) -> None:
+    timer = inserted(store, NOW_MS - 1)
+    store.cancel(timer.id, NOW_MS)
+    assert store.pending_due(NOW_MS + 1, 10) == []
+    assert store.next_due_at_ms() is None
+    assert store.claim_due([timer.id], a_claim()) == []
+    assert store.get(timer.id).state is State.CANCELLED
+
+
+# pending_due / next_due_at_ms
+
+
+def test_pending_due_lists_pending_timers_due_strictly_before_in_due_then_id_order(
+    store: Store,
+) -> None:
+    pending = in_every_state(store)[State.PENDING]  # all due at NOW_MS - 5_000
+    ties = sorted((new_timer_id() for _ in range(4)), reverse=True)  # inserted against id order
+    for timer_id in ties:
+        store.insert(dataclasses.replace(a_timer(NOW_MS - 100), id=timer_id))
+    later = inserted(store, NOW_MS - 1)
+    earlier = inserted(store, NOW_MS - 200)
+    inserted(store, NOW_MS)  # not strictly before
+    inserted(store, NOW_MS + 1)
+
+    assert store.pending_due(NOW_MS, 100) == [
+        Due(id=pending.id, due_at_ms=NOW_MS - 5_000),
+        Due(id=earlier.id, due_at_ms=NOW_MS - 200),
+        *[Due(id=i, due_at_ms=NOW_MS - 100) for i in sorted(ties)],
+        Due(id=later.id, due_at_ms=NOW_MS - 1),
+    ]
+
+
+def test_pending_due_returns_at_most_limit_timers_earliest_first(store: Store) -> None:
+    timers = [inserted(store, NOW_MS - 10 + i) for i in (5, 3, 8, 1, 9, 2)]
+    earliest = sorted(timers, key=lambda t: t.due_at_ms)
+    assert store.pending_due(NOW_MS, 3) == [Due(t.id, t.due_at_ms) for t in earliest[:3]]
+    assert store.pending_due(NOW_MS, 1) == [Due(earliest[0].id, earliest[0].due_at_ms)]
+    assert store.pending_due(NOW_MS, 0) == []
+
+
+def test_pending_due_of_an_empty_store_is_empty(store: Store) -> None:
+    assert store.pending_due(NOW_MS, 10) == []
+
+
+def test_next_due_at_ms_is_the_earliest_pending_due_time(store: Store) -> None:
+    assert store.next_due_at_ms() is None
+    in_every_state(store)
+    first = store.pending_due(NOW_MS, 1)[0]
+    store.cancel(first.id, NOW_MS)
+    assert store.next_due_at_ms() is None  # only non-pending timers are left
+    inserted(store, NOW_MS + 70)
+    soonest = inserted(store, NOW_MS + 20)
+    inserted(store, NOW_MS + 50)
+    assert store.next_due_at_ms() == NOW_MS + 20
+    claimed(store, soonest, a_claim(now_ms=NOW_MS + 20))
+    assert store.next_due_at_ms() == NOW_MS + 50
+
+
+# claim_due
+
+
+def test_claim_due_claims_pending_timers_due_by_now_and_returns_them(store: Store) -> None:
+    overdue, due_now = inserted(store, NOW_MS - 1_000, attempts=2), inserted(store, NOW_MS)
+    claim = a_claim()
+    expected = by_id([claimed_as(overdue, claim), claimed_as(due_now, claim)])
+    assert by_id(store.claim_due([overdue.id, due_now.id], claim)) == expected
+    assert by_id([store.get(overdue.id), store.get(due_now.id)]) == expected
+    assert store.pending_due(NOW_MS + 1, 10) == []
+
+
+def test_claim_due_leaves_out_what_it_cannot_claim_and_changes_it_not(store: Store) -> None:
+    everything = in_every_state(store)
+    not_yet_due = inserted(store, NOW_MS + 1)
+    ids = [t.id for t in everything.values()] + [not_yet_due.id, new_timer_id(), "bogus"]
+    claim = a_claim(owner="leader-b", epoch=2)
+
+    assert store.claim_due(ids, claim) == [claimed_as(everything[State.PENDING], claim)]
+    for state, timer in everything.items():
+        if state is not State.PENDING:
+            assert store.get(timer.id) == timer
+    assert store.get(not_yet_due.id) == not_yet_due
+
+
+def test_claim_due_of_no_ids_claims_nothing(store: Store) -> None:
+    timer = inserted(store, NOW_MS - 1)
+    assert store.claim_due([], a_claim()) == []
+    assert store.get(timer.id) == timer
+
+
+def test_a_timer_claimed_by_someone_else_is_not_claimed_again(store: Store) -> None:
+    timer = claimed(store, inserted(store), a_claim(owner="leader-a"))
+    assert store.claim_due([timer.id], a_claim(owner="leader-b", epoch=2)) == []
+    assert store.get(timer.id) == timer
+
+
+def test_a_timer_rescheduled_later_is_not_claimed_until_it_is_due_again(store: Store) -> None:
+    firing = claimed(store, inserted(store))
+    outcome = outcome_for(firing, State.PENDING, status=503, next_due_at_ms=NOW_MS + 5_000)
+    assert store.complete([outcome]) == 1
+    rescheduled = store.get(firing.id)
+
+    assert store.claim_due([firing.id], a_claim(now_ms=NOW_MS + 4_999)) == []
+    assert store.get(firing.id) == rescheduled
+    again = a_claim(now_ms=NOW_MS + 5_000)
+    assert store.claim_due([firing.id], again) == [claimed_as(rescheduled, again)]
+    assert store.get(firing.id).attempts == 2
+
+
+# complete
+
+
+def test_complete_fired_records_the_delivery_and_clears_the_claim(store: Store) -> None:
+    firing = claimed(store, inserted(store))
+    assert store.complete([outcome_for(firing, State.FIRED, at_ms=NOW_MS + 7)]) == 1
+    assert store.get(firing.id) == dataclasses.replace(
+        firing,
+        state=State.FIRED,
+        fired_at_ms=NOW_MS + 7,
+        last_status=200,
+        last_error=None,
+        claimed_by=None,
+        claimed_until_ms=None,
+    )
+
+
+def test_complete_failed_ends_the_timer_and_clears_the_claim(store: Store) -> None:
+    firing = claimed(store, inserted(store))
+    outcome = outcome_for(firing, State.FAILED, status=410, error="410 Gone")
+    assert store.complete([outcome]) == 1
+    assert store.get(firing.id) == dataclasses.replace(
+        firing,
+        state=State.FAILED,
+        last_status=410,
+        last_error="410 Gone",
+        claimed_by=None,
+        claimed_until_ms=None,
+    )
+
+
+def test_complete_pending_reschedules_the_timer_for_another_attempt(store: Store) -> None:
+    firing = claimed(store, inserted(store))
+    outcome = outcome_for(
+        firing, State.PENDING, status=None, error="connection refused", next_due_at_ms=NOW_MS + 900
+    )
+    assert store.complete([outcome]) == 1
+    assert store.get(firing.id) == dataclasses.replace(
+        firing,
+        state=State.PENDING,
+        due_at_ms=NOW_MS + 900,
+        last_status=None,
+        last_error="connection refused",
+        claimed_by=None,
+        claimed_until_ms=None,
+    )
+    assert store.pending_due(NOW_MS + 901, 10) == [Due(firing.id, NOW_MS + 900)]
+
+
+def test_complete_applies_only_outcomes_of_the_current_claim(store: Store) -> None:
+    everything = in_every_state(store)
+    firing = everything[State.FIRING]
+    applies = outcome_for(firing, State.FIRED)
+    ignored = [
+        dataclasses.replace(applies, owner="leader-z"),
+        dataclasses.replace(applies, epoch=2),
+        *(
+            dataclasses.replace(applies, timer_id=t.id)
+            for s, t in everything.items()
+            if s is not State.FIRING
+        ),
+        dataclasses.replace(applies, timer_id=new_timer_id()),
+    ]
+
+    assert store.complete(ignored) == 0
+    assert [store.get(t.id) for t in everything.values()] == list(everything.values())
+    assert store.complete([*ignored, applies, applies]) == 1
+    assert store.get(firing.id).state is State.FIRED
+
+
+def test_complete_of_no_outcomes_applies_none(store: Store) -> None:
+    assert store.complete([]) == 0
+
+
+def test_a_deposed_leader_cannot_overwrite_its_successors_claim(store: Store) -> None:
+    timer = inserted(store)
+    old = claimed(store, timer, a_claim(owner="leader-a", epoch=1))
+    assert store.recover_expired(NOW_MS + CLAIM_MS + 1, 10) == 1
+    new_claim = a_claim(owner="leader-b", epoch=2, now_ms=NOW_MS + CLAIM_MS + 1)
+    new = claimed(store, store.get(timer.id), new_claim)
+
+    assert store.complete([outcome_for(old, State.FIRED)]) == 0
+    assert store.complete([dataclasses.replace(outcome_for(new, State.FIRED), epoch=1)]) == 0
+    assert store.get(timer.id) == new
+    assert store.complete([outcome_for(new, State.FAILED, status=500)]) == 1
+    assert store.get(timer.id).state is State.FAILED
+
+
+# recover_expired
+
+
+def test_recover_expired_returns_only_expired_claims_to_pending(store: Store) -> None:
+    long_ago_ms = NOW_MS - 2 * CLAIM_MS
+    expired = claimed(store, inserted(store, long_ago_ms), a_claim(now_ms=NOW_MS - CLAIM_MS - 1))
+    at_deadline = claimed(store, inserted(store, long_ago_ms), a_claim(now_ms=NOW_MS - CLAIM_MS))
+    live = claimed(store, inserted(store, long_ago_ms))
+    others = in_every_state(store)
+    others.pop(State.FIRING)  # live until NOW_MS + CLAIM_MS
+
+    assert store.recover_expired(NOW_MS, 10) == 1
+    assert store.get(expired.id) == dataclasses.replace(
+        expired, state=State.PENDING, claimed_by=None, claimed_until_ms=None
+    )
+    assert [store.get(t.id) for t in (at_deadline, live, *others.values())] == [
+        at_deadline,
+        live,
+        *others.values(),
+    ]
+    assert store.recover_expired(NOW_MS, 10) == 0
+
+
+def test_recover_expired_recovers_at_most_limit_timers(store: Store) -> None:
+    timers = [claimed(store, inserted(store, NOW_MS - 10 + i)) for i in range(5)]
+    after_deadline_ms = NOW_MS + CLAIM_MS + 1
+    assert store.recover_expired(after_deadline_ms, 0) == 0
+    assert store.recover_expired(after_deadline_ms, 2) == 2
+    assert sorted(store.get(t.id).state for t in timers).count(State.PENDING) == 2
+    assert store.recover_expired(after_deadline_ms, 10) == 3
+    assert {store.get(t.id).state for t in timers} == {State.PENDING}
+
+
+def test_a_recovered_timer_is_claimed_again_with_its_attempts_kept(store: Store) -> None:
+    first = claimed(store, inserted(store))
+    later_ms = NOW_MS + CLAIM_MS + 1
+    assert store.recover_expired(later_ms, 10) == 1
+    assert store.pending_due(later_ms, 10) == [Due(first.id, NOW_MS)]
+    second = claimed(store, store.get(first.id), a_claim("leader-b", 2, later_ms))
+    assert (second.attempts, second.claimed_by, second.epoch) == (2, "leader-b", 2)
+
+
+# lease
+
+
+def test_there_is_no_lease_before_anyone_takes_it(store: Store) -> None:
+    assert store.get_lease() is None
+
+
+def test_the_first_holder_gets_epoch_one(store: Store) -> None:
+    lease = Lease(holder="a", epoch=1, expires_at_ms=NOW_MS + TTL_MS)
+    assert store.acquire_lease("a", TTL_MS, NOW_MS) == lease
+    assert store.get_lease() == lease
+
+
+def test_the_holder_renews_under_the_same_epoch_live_or_expired(store: Store) -> None:
+    store.acquire_lease("a", TTL_MS, NOW_MS)
+    renewed = Lease(holder="a", epoch=1, expires_at_ms=NOW_MS + 1_000 + TTL_MS)
+    assert store.acquire_lease("a", TTL_MS, NOW_MS + 1_000) == renewed
+    assert store.get_lease() == renewed
+    late_ms = NOW_MS + 5 * TTL_MS
+    assert store.acquire_lease("a", TTL_MS, late_ms) == Lease("a", 1, late_ms + TTL_MS)
+
+
+def test_a_live_lease_cannot_be_taken(store: Store) -> None:
+    lease = store.acquire_lease("a", TTL_MS, NOW_MS)
+    assert store.acquire_lease("b", TTL_MS, NOW_MS + 1) is None
+    assert store.acquire_lease("b", TTL_MS, NOW_MS + TTL_MS) is None  # expires_at_ms == now
+    assert store.get_lease() == lease
+
+
+def test_an_expired_lease_is_taken_under_the_next_epoch(store: Store) -> None:
+    store.acquire_lease("a", TTL_MS, NOW_MS)
+    later_ms = NOW_MS + TTL_MS + 1
+    taken = Lease(holder="b", epoch=2, expires_at_ms=later_ms + TTL_MS)
+    assert store.acquire_lease("b", TTL_MS, later_ms) == taken
+    assert store.get_lease() == taken
+    assert store.acquire_lease("a", TTL_MS, later_ms) is None
+
+
+def test_release_expires_the_lease_and_keeps_its_epoch(store: Store) -> None:
+    store.acquire_lease("a", TTL_MS, NOW_MS)
+    assert store.release_lease("a", 1) is True
+    released = store.get_lease()
+    assert released is not None
+    assert released == Lease(holder="a", epoch=1, expires_at_ms=released.expires_at_ms)
+    assert released.expires_at_ms < NOW_MS
+    assert store.acquire_lease("b", TTL_MS, NOW_MS) == Lease("b", 2, NOW_MS + TTL_MS)
+
+
+def test_release_by_anyone_but_the_holder_under_its_epoch_does_nothing(store: Store) -> None:
+    assert store.release_lease("a", 1) is False
+    assert store.get_lease() is None
+    lease = store.acquire_lease("a", TTL_MS, NOW_MS)
+    assert store.release_lease("b", 1) is False
+    assert store.release_lease("a", 2) is False
+    assert store.get_lease() == lease
+    assert store.acquire_lease("b", TTL_MS, NOW_MS) is None
+
+
+def test_ping_answers(store: Store) -> None:
+    assert store.ping() is None
+
+
+# the due-time index
+
+
+def test_the_due_query_is_served_by_the_partial_index_over_pending_timers(store: Store) -> None:
+    if isinstance(store, SqliteStore):
+        with closing(sqlite3.connect(store._path)) as conn:
+            plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {PENDING_DUE_SQL}", (0, 1))]
+        assert len(plan) == 1  # one index search; no "USE TEMP B-TREE FOR ORDER BY" step
+        assert plan[0].startswith("SEARCH timers USING ")
+        assert plan[0].endswith("INDEX timers_pending_due (due_at_ms<?)")
+    else:
+        assert isinstance(store, MongoStore)
+        index = store._timers.index_information()["pending_due"]
+        assert list(index["key"]) == [("due_at_ms", 1), ("_id", 1)]
+        assert index["partialFilterExpression"] == {"state": "pending"}
+
+
+# races
+
+RACES_NEED_ATOMIC_WRITES = (
+    "mongomock matches and then modifies each document without holding a lock (and copies"
+    " documents other threads are changing), so threads racing on it test mongomock, not the"
+    " adapter's conditional writes; the races run on SQLite and on a real MongoDB"
+)
+
+
+@pytest.fixture
+def open_racing_store(backend: str, open_store_on_backend: StoreFactory) -> StoreFactory:
+    if backend == "mongomock":
+        pytest.skip(RACES_NEED_ATOMIC_WRITES)
+    return open_store_on_backend
+
+
+def test_concurrent_claims_of_the_same_timers_never_overlap(
+    open_racing_store: StoreFactory,
+) -> None:
+    first, second = open_racing_store(), open_racing_store()
+    timers = [a_timer(NOW_MS - 1_000 + i % 50) for i in range(500)]
+    for timer in timers:
+        first.insert(timer)
+    ids = [d.id for d in first.pending_due(NOW_MS + 1, 1_000)]
+    assert sorted(ids) == sorted(t.id for t in timers)
+
+    def claimer(store: Store, owner: str) -> Callable[[], list[Timer]]:
+        claim = a_claim(owner=owner)
+        return lambda: [t for i in range(0, 500, 5) for t in store.claim_due(ids[i : i + 5], claim)]
+
+    got_a, got_b = run_together([claimer(first, "leader-a"), claimer(second, "leader-b")])
+
+    ids_a, ids_b = {t.id for t in got_a}, {t.id for t in got_b}
+    assert len(ids_a) + len(ids_b) == len(got_a) + len(got_b) == 500
+    assert ids_a | ids_b == set(ids)
+    assert {(t.state, t.claimed_by, t.attempts) for t in got_a} <= {(State.FIRING, "leader-a", 1)}
+    assert {(t.state, t.claimed_by, t.attempts) for t in got_b} <= {(State.FIRING, "leader-b", 1)}
+    assert by_id([first.get(i) for i in ids]) == by_id(got_a + got_b)
+
+
+def test_concurrent_contenders_for_the_lease_get_exactly_one_holder(
+    open_racing_store: StoreFactory,
+) -> None:
+    stores = [open_racing_store() for _ in range(8)]
+
+    def contend(at_ms: int) -> list[Lease | None]:
+        return run_together(
+            [lambda s=s, i=i: s.acquire_lease(f"d{i}", TTL_MS, at_ms) for i, s in enumerate(stores)]
+        )
+
+    first = [lease for lease in contend(NOW_MS) if lease is not None]
+    assert len(first) == 1
+    assert first[0] == Lease(first[0].holder, 1, NOW_MS + TTL_MS)
+    assert stores[0].get_lease() == first[0]
+
+    later_ms = NOW_MS + TTL_MS + 1
+    second = [lease for lease in contend(later_ms) if lease is not None]
+    assert len(second) == 1
+    assert second[0] == Lease(second[0].holder, second[0].epoch, later_ms + TTL_MS)
+    assert second[0].epoch == (1 if second[0].holder == first[0].holder else 2)
+    assert stores[0].get_lease() == second[0]
+
+
+# SQLite only
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "timerd.db"
+
+
+@pytest.fixture
+def sqlite_store(db_path: Path) -> Iterator[Store]:
+    with closing(open_store(f"sqlite:///{db_path}?busy_timeout_ms=200")) as store:
+        yield store
+
+
+@contextmanager
+def write_locked(db_path: Path) -> Iterator[None]:
+    """Another connection holding the write lock of the file, as a busy writer would."""
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as locker:
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            locker.execute("ROLLBACK")
+
+
+WRITES: dict[str, Callable[[Store, Timer], object]] = {
+    "insert": lambda s, t: s.insert(a_timer()),
+    "cancel": lambda s, t: s.cancel(t.id, NOW_MS),
+    "claim_due": lambda s, t: s.claim_due([t.id], a_claim()),
+    "recover_expired": lambda s, t: s.recover_expired(NOW_MS, 10),
+    "acquire_lease": lambda s, t: s.acquire_lease("a", TTL_MS, NOW_MS),
+}
+
+
+@pytest.mark.parametrize("write", WRITES.values(), ids=WRITES.keys())
+def test_sqlite_write_to_a_locked_file_raises_store_unavailable_after_the_busy_timeout(
+    sqlite_store: Store, db_path: Path, write: Callable[[Store, Timer], object]
+) -> None:
+    timer = inserted(sqlite_store)
+    with write_locked(db_path):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            write(sqlite_store, timer)
+        waited_s = time.monotonic() - started
+    assert 0.15 <= waited_s < 1.5
+    assert sqlite_store.get(timer.id) == timer
+
+
+def test_sqlite_reads_are_served_while_another_connection_writes(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    timer = inserted(sqlite_store)
+    with write_locked(db_path):  # WAL: readers never wait for the writer
+        assert sqlite_store.get(timer.id) == timer
+        assert sqlite_store.pending_due(NOW_MS + 1, 10) == [Due(timer.id, NOW_MS)]
+        sqlite_store.ping()
+
+
+def test_sqlite_opening_a_file_locked_against_readers_raises_store_unavailable(
+    db_path: Path,
+) -> None:
+    open_store(f"sqlite:///{db_path}").close()
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as locker:
+        locker.execute("PRAGMA locking_mode = EXCLUSIVE")  # shuts readers out, even in WAL
+        locker.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            open_store(f"sqlite:///{db_path}?busy_timeout_ms=200")
+        waited_s = time.monotonic() - started
+        locker.execute("ROLLBACK")
+    assert 0.15 <= waited_s < 1.5
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://",
+        "sqlite:///",
+        "sqlite://host/timerd.db",
+        "sqlite:///timerd.db?synchronous=OFF",
+        "sqlite:///timerd.db?synchronous=",
+        "sqlite:///timerd.db?busy_timeout_ms=soon",
+        "sqlite:///timerd.db?busy_timeout_ms=",
+        "sqlite:///timerd.db?journal_mode=DELETE",
+        "sqlite:///timerd.db?readonly",
+        "postgres://localhost/timerd",
+        "file:///timerd.db",
+        "timerd.db",
+        "",
+        "mongodb://",
+        "mongodb://localhost:notaport/timerd",
+    ],
+)
+def test_open_store_rejects_bad_urls_with_config_error(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="TIMERD_STORE"):
+        open_store(url)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sqlite_relative_paths_are_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with closing(open_store("sqlite:///timers.db")) as store:
+        timer = inserted(store)
+    with closing(open_store(f"sqlite:///{tmp_path / 'timers.db'}")) as store:
+        assert store.get(timer.id) == timer
+
+
+def test_sqlite_runs_in_wal_mode(sqlite_store: Store, db_path: Path) -> None:
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+@pytest.mark.parametrize(
+    ("query", "for_daemon", "synchronous"),
+    [
+        ("", False, 2),
+        ("", True, 1),
+        ("?synchronous=normal", False, 1),
+        ("?synchronous=FULL", True, 2),
+        ("?synchronous=EXTRA", True, 3),
+    ],
+)
+def test_sqlite_durability_is_full_unless_the_daemon_or_the_url_says_otherwise(
+    db_path: Path, query: str, for_daemon: bool, synchronous: int
+) -> None:
+    with closing(open_store(f"sqlite:///{db_path}{query}", for_daemon=for_daemon)) as store:
+        assert isinstance(store, SqliteStore)
+        assert store._conn().execute("PRAGMA synchronous").fetchone() == (synchronous,)
+
+
+def test_sqlite_timers_survive_closing_and_reopening(db_path: Path) -> None:
+    with closing(open_store(f"sqlite:///{db_path}")) as store:
+        timer = inserted(store)
+    with closing(open_store(f"sqlite:///{db_path}")) as store:
+        assert store.get(timer.id) == timer
