@@ -15,6 +15,7 @@ from api.errors import ApiError
 MAX_BODY_BYTES = 16 * 1024
 MAX_URL_CHARS = 2048
 MAX_INT_DIGITS = 30  # far beyond any sane delay, far below Python's int-parsing limits
+MAX_DUE_AT_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time RFC 3339 can write
 
 DURATION_FIELDS = ("hours", "minutes", "seconds")
 SECONDS_PER = {"hours": 3600, "minutes": 60, "seconds": 1}
@@ -22,6 +23,7 @@ CREATE_FIELDS = frozenset({*DURATION_FIELDS, "fire_at", "url"})
 RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
 )
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what a JSON \u escape can make but UTF-8 cannot
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,9 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from exc
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    # Only top-level names and strings are ever stored or echoed back; nothing deeper is.
+    if any(LONE_SURROGATE.search(t) for t in (*data, *data.values()) if isinstance(t, str)):
+        raise ApiError(400, "invalid_json", "the body has a \\u escape of a lone surrogate")
     return data
 
 
@@ -74,10 +79,16 @@ def parse_create(data: dict[str, Any], now_ms: int, max_delay_s: float) -> Creat
         due_at_ms = max(now_ms, parse_fire_at(data["fire_at"]))
     else:
         due_at_ms = now_ms + parse_duration_ms(data)
+    field = "fire_at" if "fire_at" in data else _largest_duration_field(data)
     if due_at_ms - now_ms > max_delay_s * 1000:
-        field = "fire_at" if "fire_at" in data else "hours"
         raise _invalid(field, f"the delay may be at most {max_delay_s:g} seconds")
+    if due_at_ms > MAX_DUE_AT_MS:
+        raise _invalid(field, "the timer must fire before the year 10000")
     return CreateRequest(url=url, due_at_ms=due_at_ms)
+
+
+def _largest_duration_field(data: dict[str, Any]) -> str:
+    return max(DURATION_FIELDS, key=lambda name: data.get(name, 0) * SECONDS_PER[name])
 
 
 def parse_duration_ms(data: dict[str, Any]) -> int:
@@ -90,8 +101,8 @@ def parse_duration_ms(data: dict[str, Any]) -> int:
         if not math.isfinite(value) or value < 0:
             raise _invalid(name, f"{name} must be a finite number, zero or more")
         total_s += float(value) * SECONDS_PER[name]  # float: bounded, cannot overflow to an error
-    if not math.isfinite(total_s):
-        raise _invalid("hours", "the delay is too long")
+        if not math.isfinite(total_s * 1000):  # finite seconds can still overflow as milliseconds
+            raise _invalid(name, "the delay is too long")
     total_ms = round(total_s * 1000)
     if total_ms <= 0:
         raise _invalid("seconds", "the delay must be at least one millisecond")

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from timerd.models import Timer
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def rfc3339(ms: int | None) -> str | None:
     """UTC epoch milliseconds as an RFC 3339 string with millisecond precision and a `Z`."""
     if ms is None:
         return None
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    moment = EPOCH + timedelta(milliseconds=ms)  # exact, where ms / 1000 as a float is not
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
