@@ -36,8 +36,9 @@ Respond = Callable[[Arrival], int]
 class Receiver:
     """Start with `with Receiver() as r:`; `r.url` is the base URL to give timers."""
 
-    def __init__(self, respond: Respond | None = None) -> None:
+    def __init__(self, respond: Respond | None = None, delay_s: float = 0.0) -> None:
         self.respond = respond or (lambda _: 200)
+        self.delay_s = delay_s  # how long each answer takes, to keep deliveries in flight
         self.arrivals: list[Arrival] = []
         self._changed = threading.Condition()
         self._loop = asyncio.new_event_loop()
@@ -85,6 +86,8 @@ class Receiver:
         with self._changed:
             self.arrivals.append(arrival)
             self._changed.notify_all()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         redirect = {"location": "/hooks/redirected"} if 300 <= status < 400 else None
         return web.Response(status=status, headers=redirect)
 

@@ -1,0 +1,208 @@
+"""End to end with real processes: `timerd api` and `timerd daemon` subprocesses on one SQLite
+file, timers created over HTTP, webhooks received by a real loopback receiver."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.procs import TimerdProcess, TimerdProcesses
+from tests.support.receiver import Arrival, Receiver
+from tests.support.waiting import wait_until
+from timerd.models import State
+from timerd.store import open_store
+
+TTL_S, POLL_S = 2.0, 0.5
+FAST = {
+    "TIMERD_LEASE_TTL_S": str(TTL_S),
+    "TIMERD_LEASE_RENEW_S": "0.5",
+    "TIMERD_POLL_INTERVAL_S": str(POLL_S),
+    "TIMERD_CONNECT_TIMEOUT_S": "1",
+    "TIMERD_DELIVERY_TIMEOUT_S": "2",  # claims then expire 5 s after they were made
+    "TIMERD_DRAIN_GRACE_S": "5",
+}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "timerd.db"
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[TimerdProcesses]:
+    with TimerdProcesses(tmp_path) as started:
+        yield started
+
+
+def store_url(db: Path) -> str:
+    return f"sqlite:///{db}"
+
+
+def start_daemon(
+    procs: TimerdProcesses, db: Path, *, lead: bool = True, **env: str
+) -> TimerdProcess:
+    """A `timerd daemon`; with `lead`, return once it holds the lease."""
+    daemon = procs.start("daemon", store_url(db), env=FAST | env, ready=False)
+    if lead:
+        wait_until(lambda: leader_pid(db) == daemon.pid, 10, "the daemon to take the lease")
+    else:
+        wait_until(lambda: '"daemon_started"' in daemon.stderr(), 10, "the daemon to start")
+    return daemon
+
+
+def leader_pid(db: Path) -> int | None:
+    store = open_store(store_url(db))
+    try:
+        lease = store.get_lease()
+    finally:
+        store.close()
+    live = lease is not None and lease.expires_at_ms > time.time() * 1000
+    return int(lease.holder.split(":")[1]) if live and lease else None
+
+
+def rfc3339(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def create(api: TimerdProcess, url: str, due_at_ms: int) -> str:
+    answer = httpx.post(f"{api.base_url}/timers", json={"url": url, "fire_at": rfc3339(due_at_ms)})
+    assert answer.status_code == 201, answer.text
+    timer_id: str = answer.json()["id"]
+    return timer_id
+
+
+def create_many(api: TimerdProcess, url: str, dues_ms: list[int]) -> dict[str, int]:
+    return {create(api, url, due): due for due in dues_ms}
+
+
+def states(db: Path, ids: list[str]) -> Counter[State]:
+    store = open_store(store_url(db))
+    try:
+        return Counter(store.get(i).state for i in ids)
+    finally:
+        store.close()
+
+
+def ids_in(arrivals: list[Arrival]) -> Counter[str]:
+    return Counter(a.timer_id for a in arrivals)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def test_timers_fire_at_their_url_with_the_contract_and_never_early(
+    procs: TimerdProcesses, db: Path
+) -> None:
+    api = procs.start("api", store_url(db))
+    start_daemon(procs, db)
+    with Receiver() as receiver:
+        start = now_ms() + 1500
+        due = create_many(api, receiver.url + "?k=1", [start + 25 * i for i in range(30)])
+        arrivals = receiver.wait_for(len(due), timeout_s=15)
+        wait_until(lambda: states(db, list(due))[State.FIRED] == len(due), 10, "all fired")
+        fired = httpx.get(f"{api.base_url}/timers/{next(iter(due))}").json()
+    assert ids_in(arrivals) == Counter(list(due))
+    assert (fired["state"], fired["attempts"], fired["last_status"]) == ("fired", 1, 200)
+    for arrival in arrivals:
+        timer_id = arrival.timer_id
+        assert (arrival.path, arrival.query) == (f"/hooks/{timer_id}", "k=1")
+        assert arrival.headers["webhook-id"] == timer_id
+        assert json.loads(arrival.body)["due_at_ms"] == due[timer_id]
+        assert arrival.at_ms >= due[timer_id], "fired early"
+
+
+def test_kill_9_loses_nothing_and_repeats_only_what_was_in_flight(
+    procs: TimerdProcesses, db: Path
+) -> None:
+    api = procs.start("api", store_url(db))
+    first = start_daemon(procs, db, TIMERD_CONCURRENCY="8")
+    with Receiver(delay_s=0.2) as receiver:
+        due = create_many(api, receiver.url, [now_ms() + 1000] * 120)
+        receiver.wait_for(30, timeout_s=15)
+        first.kill()
+        in_flight = {i for i in due if states(db, [i])[State.FIRING]}
+        arrived_before_kill = set(ids_in(receiver.arrivals))
+        start_daemon(procs, db, TIMERD_CONCURRENCY="8")
+        wait_until(lambda: states(db, list(due))[State.FIRED] == len(due), 30, "all fired")
+        arrivals = list(receiver.arrivals)
+    counts = ids_in(arrivals)
+    repeated = {i for i, n in counts.items() if n > 1}
+    assert set(counts) == set(due)
+    assert repeated <= in_flight <= arrived_before_kill
+    assert len(in_flight) <= 8
+    assert all(a.headers["webhook-id"] == a.timer_id for a in arrivals)
+
+
+def test_two_daemons_deliver_each_timer_once(procs: TimerdProcesses, db: Path) -> None:
+    api = procs.start("api", store_url(db))
+    start_daemon(procs, db)
+    start_daemon(procs, db, lead=False)
+    with Receiver() as receiver:
+        start = now_ms() + 1500
+        due = create_many(api, receiver.url, [start + 5 * i for i in range(200)])
+        receiver.wait_for(len(due), timeout_s=15)
+        wait_until(lambda: states(db, list(due))[State.FIRED] == len(due), 10, "all fired")
+        counts = ids_in(receiver.arrivals)
+    assert counts == Counter(list(due))
+
+
+def test_a_standby_takes_over_within_the_ttl_when_the_leader_is_killed(
+    procs: TimerdProcesses, db: Path
+) -> None:
+    api = procs.start("api", store_url(db))
+    leader = start_daemon(procs, db)
+    standby = start_daemon(procs, db, lead=False)
+    with Receiver() as receiver:
+        killed_ms = now_ms()
+        leader.kill()
+        create(api, receiver.url, now_ms())
+        [arrival] = receiver.wait_for(1, timeout_s=15)
+    assert leader_pid(db) == standby.pid
+    assert arrival.at_ms - killed_ms <= (TTL_S + POLL_S + 1.0) * 1000
+
+
+def test_sigterm_drains_releases_and_a_standby_carries_on_at_once(
+    procs: TimerdProcesses, db: Path
+) -> None:
+    api = procs.start("api", store_url(db))
+    leader = start_daemon(procs, db, TIMERD_CONCURRENCY="8")
+    standby = start_daemon(procs, db, lead=False, TIMERD_CONCURRENCY="8")
+    with Receiver(delay_s=0.2) as receiver:
+        due = create_many(api, receiver.url, [now_ms() + 1000] * 80)
+        receiver.wait_for(16, timeout_s=15)
+        assert leader.stop() == 0
+        stopped_ms = now_ms()
+        receiver.wait_for(len(due), timeout_s=20)
+        wait_until(lambda: states(db, list(due))[State.FIRED] == len(due), 10, "all fired")
+        arrivals = list(receiver.arrivals)
+    assert ids_in(arrivals) == Counter(list(due)), "lost or repeated a timer"
+    assert leader_pid(db) == standby.pid
+    after_stop = [a.at_ms for a in arrivals if a.at_ms > stopped_ms]
+    assert after_stop and min(after_stop) - stopped_ms <= (POLL_S + 1.0) * 1000
+    assert '"leader_released"' in leader.stderr()
+
+
+def test_the_daemon_rides_out_a_store_it_cannot_write(procs: TimerdProcesses, db: Path) -> None:
+    api = procs.start("api", store_url(db))
+    daemon = start_daemon(procs, db)
+    with Receiver() as receiver:
+        timer_id = create(api, receiver.url, now_ms() + 500)
+        locker = sqlite3.connect(db, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        wait_until(lambda: "store_unavailable" in daemon.stderr(), 10, "the outage to be seen")
+        assert receiver.arrivals == []
+        unlocked_ms = now_ms()
+        locker.execute("COMMIT")
+        locker.close()
+        [arrival] = receiver.wait_for(1, timeout_s=15)
+    assert arrival.timer_id == timer_id and arrival.at_ms >= unlocked_ms
+    assert daemon.running()
