@@ -473,6 +473,7 @@ def test_an_expired_lease_is_taken_under_the_next_epoch(store: Store) -> None:
 def test_release_expires_the_lease_and_keeps_its_epoch(store: Store) -> None:
     store.acquire_lease("a", TTL_MS, NOW_MS)
     assert store.release_lease("a", 1) is True
+    assert store.release_lease("a", 1) is False  # already released
     released = store.get_lease()
     assert released is not None
     assert released == Lease(holder="a", epoch=1, expires_at_ms=released.expires_at_ms)

@@ -87,7 +87,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def release_lease(self, holder: str, epoch: int) -> bool:
         """Expire the lease at once if `holder` holds it under `epoch`, keeping the epoch so the
-        next holder raises it. Returns whether it was released."""
+        next holder raises it. Returns whether this call released it."""
 
     @abc.abstractmethod
     def get_lease(self) -> Lease | None:

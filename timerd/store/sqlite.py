@@ -339,7 +339,10 @@ class SqliteStore(Store):
         return None if row is None else Lease(holder=row[0], epoch=row[1], expires_at_ms=row[2])
 
     def release_lease(self, holder: str, epoch: int) -> bool:
-        sql = "UPDATE leases SET expires_at_ms = 0 WHERE name = ? AND holder = ? AND epoch = ?"
+        sql = (
+            "UPDATE leases SET expires_at_ms = 0"
+            " WHERE name = ? AND holder = ? AND epoch = ? AND expires_at_ms > 0"
+        )
         return self._run(lambda c: c.execute(sql, (LEASE_NAME, holder, epoch)).rowcount) == 1
 
     def get_lease(self) -> Lease | None:
