@@ -21,7 +21,17 @@ from typing import TypeVar
 import pytest
 
 from timerd.errors import ConfigError, StoreUnavailable, TimerNotFound, TimerStateConflict
-from timerd.models import Claim, Due, Lease, Outcome, State, Timer, new_timer_id
+from timerd.models import (
+    HISTORY_MAX,
+    AttemptRecord,
+    Claim,
+    Due,
+    Lease,
+    Outcome,
+    State,
+    Timer,
+    new_timer_id,
+)
 from timerd.store import open_store
 from timerd.store.base import Store
 from timerd.store.mongo import MongoStore
@@ -137,6 +147,10 @@ def test_insert_and_get_round_trip_every_field(store: Store) -> None:
         epoch=41,
         last_status=503,
         last_error="connect timeout: 'receiver.example' ✗",
+        payload='{"order":42,"note":"ü ✗","nested":[1,2.5,null,true]}',
+        headers=(("x-tenant", "acme"), ("authorization", "Bearer ü")),
+        max_attempts=3,
+        history=(AttemptRecord(attempt=1, at_ms=NOW_MS, latency_ms=1.5, error="timeout"),),
     )
     store.insert(timer)
     assert store.get(timer.id) == timer
@@ -493,6 +507,66 @@ def test_release_by_anyone_but_the_holder_under_its_epoch_does_nothing(store: St
 
 def test_ping_answers(store: Store) -> None:
     assert store.ping() is None
+
+
+# attempt history, listing, replay
+
+
+def test_complete_appends_each_attempt_to_the_history_keeping_the_newest(store: Store) -> None:
+    timer = inserted(store)
+    for n in range(1, HISTORY_MAX + 3):
+        current = claimed(store, store.get(timer.id), a_claim(now_ms=NOW_MS + n))
+        record = AttemptRecord(
+            attempt=n, at_ms=NOW_MS + n, latency_ms=n / 2, status=500, response="ü" * n
+        )
+        retry = outcome_for(current, State.PENDING, next_due_at_ms=NOW_MS + n, record=record)
+        assert store.complete([retry]) == 1
+    history = store.get(timer.id).history
+    assert [r.attempt for r in history] == list(range(3, HISTORY_MAX + 3))
+    assert history[-1] == AttemptRecord(
+        attempt=HISTORY_MAX + 2,
+        at_ms=NOW_MS + HISTORY_MAX + 2,
+        latency_ms=(HISTORY_MAX + 2) / 2,
+        status=500,
+        response="ü" * (HISTORY_MAX + 2),
+    )
+
+
+def test_an_outcome_without_a_record_leaves_the_history_alone(store: Store) -> None:
+    current = claimed(store, inserted(store))
+    assert store.complete([outcome_for(current, State.PENDING, next_due_at_ms=NOW_MS)]) == 1
+    assert store.get(current.id).history == ()
+
+
+def test_list_timers_pages_newest_first_by_state(store: Store) -> None:
+    failed = [inserted(store, state=State.FAILED) for _ in range(5)]
+    inserted(store)  # pending: not listed under failed
+    newest_first = sorted(failed, key=lambda t: t.id, reverse=True)
+    first_page = store.list_timers(State.FAILED, None, 3)
+    assert first_page == newest_first[:3]
+    assert store.list_timers(State.FAILED, first_page[-1].id, 3) == newest_first[3:]
+    assert len(store.list_timers(None, None, 10)) == 6
+    assert store.list_timers(State.FAILED, None, 0) == []
+
+
+@pytest.mark.parametrize("state", [State.FAILED, State.FIRED])
+def test_replay_puts_a_finished_timer_back_to_fire_now(store: Store, state: State) -> None:
+    record = AttemptRecord(attempt=1, at_ms=NOW_MS, latency_ms=1.0, status=410)
+    timer = inserted(store, NOW_MS - 9_000, state=state, attempts=4, history=(record,))
+    replayed = store.replay(timer.id, NOW_MS)
+    expected = dataclasses.replace(timer, state=State.PENDING, due_at_ms=NOW_MS, attempts=0)
+    assert replayed == expected == store.get(timer.id)
+    assert store.pending_due(NOW_MS + 1, 10) == [Due(timer.id, NOW_MS)]
+
+
+def test_replay_of_a_pending_firing_or_cancelled_timer_conflicts(store: Store) -> None:
+    timers = in_every_state(store)
+    for state in (State.PENDING, State.FIRING, State.CANCELLED):
+        with pytest.raises(TimerStateConflict):
+            store.replay(timers[state].id, NOW_MS)
+        assert store.get(timers[state].id) == timers[state]
+    with pytest.raises(TimerNotFound):
+        store.replay(new_timer_id(), NOW_MS)
 
 
 # the due-time index

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import bson
 
@@ -31,6 +33,32 @@ def is_timer_id(value: str) -> bool:
     return len(value) == 24 and bson.ObjectId.is_valid(value)
 
 
+HISTORY_MAX = 10  # attempts kept per timer, newest last
+RESPONSE_PREFIX_CHARS = 256  # of a receiver's answer, kept in the attempt history
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One delivery attempt as the history keeps it."""
+
+    attempt: int
+    at_ms: int
+    latency_ms: float
+    status: int | None = None
+    error: str | None = None
+    response: str | None = None
+
+
+def history_to_dicts(history: tuple[AttemptRecord, ...]) -> list[dict[str, Any]]:
+    """The history as plain dicts, for storing as JSON or BSON."""
+    return [dataclasses.asdict(record) for record in history]
+
+
+def history_from_dicts(items: list[dict[str, Any]] | None) -> tuple[AttemptRecord, ...]:
+    """The history back from plain dicts."""
+    return tuple(AttemptRecord(**item) for item in items or ())
+
+
 @dataclass(frozen=True, slots=True)
 class Timer:
     """One timer as stored. `due_at_ms` is when it fires next (UTC epoch milliseconds)."""
@@ -47,6 +75,10 @@ class Timer:
     epoch: int | None = None
     last_status: int | None = None
     last_error: str | None = None
+    payload: str | None = None  # the client's JSON value, as canonical JSON text
+    headers: tuple[tuple[str, str], ...] = ()  # extra request headers chosen by the client
+    max_attempts: int | None = None  # None: as many as the retry schedule allows
+    history: tuple[AttemptRecord, ...] = ()  # the newest HISTORY_MAX attempts, oldest first
 
     def time_left_s(self, now_ms: int) -> int:
         """Whole seconds until the timer fires, rounded up; 0 once due or no longer pending."""
@@ -78,6 +110,7 @@ class Outcome:
     """The result of one delivery attempt, written back by the claim's owner.
 
     `state` is FIRED (delivered), FAILED (gave up) or PENDING (retry at `next_due_at_ms`).
+    `record` is the attempt to add to the history; None when no attempt was made.
     """
 
     timer_id: str
@@ -88,6 +121,7 @@ class Outcome:
     status: int | None = None
     error: str | None = None
     next_due_at_ms: int | None = None
+    record: AttemptRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)

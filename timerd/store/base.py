@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from timerd.models import Claim, Due, Lease, Outcome, Timer
+from timerd.models import Claim, Due, Lease, Outcome, State, Timer
 
 LEASE_NAME = "leader"
 
@@ -66,8 +66,24 @@ class Store(abc.ABC):
         outcome's owner and epoch (a deposed leader cannot overwrite its successor's work).
 
         FIRED sets `fired_at_ms = at_ms`; FAILED ends the timer; PENDING reschedules it to
-        `next_due_at_ms` for another attempt. All clear the claim and set `last_status` and
-        `last_error`. Returns how many outcomes were applied; the others are ignored.
+        `next_due_at_ms` for another attempt. All clear the claim, set `last_status` and
+        `last_error`, and append `record` (when given) to the history, which keeps only the
+        newest `HISTORY_MAX` attempts. Returns how many outcomes were applied; the others are
+        ignored.
+        """
+
+    @abc.abstractmethod
+    def list_timers(self, state: State | None, before_id: str | None, limit: int) -> list[Timer]:
+        """Up to `limit` timers, newest first (descending id), in `state` if one is given, with
+        ids below `before_id` if one is given: the cursor of the next page is the last id."""
+
+    @abc.abstractmethod
+    def replay(self, timer_id: str, now_ms: int) -> Timer:
+        """Put a `failed` or `fired` timer back to `pending`, due at `now_ms`, with `attempts`
+        reset to 0 (a fresh retry budget) and its history kept; return it as it now is.
+
+        Raises `TimerNotFound` for an unknown id, and `TimerStateConflict` (changing nothing)
+        when the timer is pending, firing or cancelled.
         """
 
     @abc.abstractmethod

@@ -7,6 +7,7 @@ majority and journaled.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -17,7 +18,19 @@ from pymongo import ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 
 from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
-from timerd.models import Claim, Due, Lease, Outcome, State, Timer, is_timer_id, new_timer_id
+from timerd.models import (
+    HISTORY_MAX,
+    Claim,
+    Due,
+    Lease,
+    Outcome,
+    State,
+    Timer,
+    history_from_dicts,
+    history_to_dicts,
+    is_timer_id,
+    new_timer_id,
+)
 from timerd.store.base import LEASE_NAME, Store
 
 Doc = dict[str, Any]
@@ -34,6 +47,8 @@ _TIMER_FIELDS = (
     "epoch",
     "last_status",
     "last_error",
+    "payload",
+    "max_attempts",
 )
 
 
@@ -41,12 +56,16 @@ def _to_doc(t: Timer) -> Doc:
     doc: Doc = {"_id": t.id}
     doc.update({name: getattr(t, name) for name in _TIMER_FIELDS})
     doc["state"] = t.state.value
+    doc["headers"] = [list(pair) for pair in t.headers]
+    doc["history"] = history_to_dicts(t.history)
     return doc
 
 
 def _to_timer(doc: Mapping[str, Any]) -> Timer:
     fields: dict[str, Any] = {name: doc.get(name) for name in _TIMER_FIELDS}
     fields["state"] = State(doc["state"])
+    fields["headers"] = tuple((k, v) for k, v in doc.get("headers") or ())
+    fields["history"] = history_from_dicts(doc.get("history"))
     return Timer(id=doc["_id"], **fields)
 
 
@@ -66,8 +85,12 @@ def _complete_op(o: Outcome) -> UpdateOne:
         changes["fired_at_ms"] = o.at_ms
     if o.state is State.PENDING and o.next_due_at_ms is not None:
         changes["due_at_ms"] = o.next_due_at_ms
+    update: Doc = {"$set": changes}
+    if o.record is not None:
+        entry = dataclasses.asdict(o.record)
+        update["$push"] = {"history": {"$each": [entry], "$slice": -HISTORY_MAX}}
     query = {"_id": o.timer_id, "state": "firing", "claimed_by": o.owner, "epoch": o.epoch}
-    return UpdateOne(query, {"$set": changes})
+    return UpdateOne(query, update)
 
 
 @contextmanager
@@ -104,6 +127,7 @@ class MongoStore(Store):
             name="firing_claim",
             partialFilterExpression={"state": "firing"},
         )
+        self._timers.create_index([("state", 1), ("_id", -1)], name="state_id")
 
     # timers
 
@@ -182,6 +206,31 @@ class MongoStore(Store):
         with _unavailable_on_connection_error():
             result = self._timers.bulk_write([_complete_op(o) for o in outcomes], ordered=False)
         return result.modified_count
+
+    def list_timers(self, state: State | None, before_id: str | None, limit: int) -> list[Timer]:
+        if limit <= 0:
+            return []
+        query: Doc = {}
+        if state is not None:
+            query["state"] = state.value
+        if before_id is not None:
+            query["_id"] = {"$lt": before_id}
+        with _unavailable_on_connection_error():
+            docs = self._timers.find(query).sort("_id", -1).limit(limit)
+            return [_to_timer(d) for d in docs]
+
+    def replay(self, timer_id: str, now_ms: int) -> Timer:
+        if not is_timer_id(timer_id):
+            raise TimerNotFound(timer_id)
+        with _unavailable_on_connection_error():
+            doc = self._timers.find_one_and_update(
+                {"_id": timer_id, "state": {"$in": ["failed", "fired"]}},
+                {"$set": {"state": "pending", "due_at_ms": now_ms, "attempts": 0}},
+                return_document=ReturnDocument.AFTER,
+            )
+        if doc is not None:
+            return _to_timer(doc)
+        raise TimerStateConflict(timer_id, self.get(timer_id).state.value)
 
     def recover_expired(self, now_ms: int, limit: int) -> int:
         if limit <= 0:  # MongoDB reads limit(0) as "no limit"

@@ -8,6 +8,8 @@ single statement on a per-thread connection; SQLite serialises writers across pr
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import json
 import queue
 import sqlite3
 import threading
@@ -16,15 +18,35 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
-from timerd.models import Claim, Due, Lease, Outcome, State, Timer, is_timer_id
+from timerd.models import (
+    HISTORY_MAX,
+    Claim,
+    Due,
+    Lease,
+    Outcome,
+    State,
+    Timer,
+    history_from_dicts,
+    history_to_dicts,
+    is_timer_id,
+)
 from timerd.store.base import LEASE_NAME, Store
 
 T = TypeVar("T")
 
 COLUMNS = (
     "id, url, due_at_ms, created_at_ms, state, attempts, fired_at_ms, claimed_by,"
-    " claimed_until_ms, epoch, last_status, last_error"
+    " claimed_until_ms, epoch, last_status, last_error, payload, headers, max_attempts, history"
 )
+INSERT_SQL = f"INSERT INTO timers ({COLUMNS}) VALUES ({', '.join('?' * 16)})"
+
+# Columns added after the first schema, created on files that predate them.
+ADDED_COLUMNS = {
+    "payload": "TEXT",
+    "headers": "TEXT",
+    "max_attempts": "INTEGER",
+    "history": "TEXT",
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS timers (
@@ -44,6 +66,7 @@ CREATE TABLE IF NOT EXISTS timers (
 CREATE INDEX IF NOT EXISTS timers_pending_due ON timers (due_at_ms, id) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS timers_firing_claim ON timers (claimed_until_ms)
     WHERE state = 'firing';
+CREATE INDEX IF NOT EXISTS timers_state_id ON timers (state, id);
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
     holder TEXT NOT NULL,
@@ -52,9 +75,13 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 """
 
+# INDEXED BY: the planner would otherwise take timers_state_id (state = ?) and sort.
 PENDING_DUE_SQL = (
-    "SELECT id, due_at_ms FROM timers WHERE state = 'pending' AND due_at_ms < ?"
-    " ORDER BY due_at_ms, id LIMIT ?"
+    "SELECT id, due_at_ms FROM timers INDEXED BY timers_pending_due"
+    " WHERE state = 'pending' AND due_at_ms < ? ORDER BY due_at_ms, id LIMIT ?"
+)
+NEXT_DUE_SQL = (
+    "SELECT MIN(due_at_ms) FROM timers INDEXED BY timers_pending_due WHERE state = 'pending'"
 )
 
 ACQUIRE_LEASE_SQL = """
@@ -67,10 +94,15 @@ WHERE holder = excluded.holder OR expires_at_ms < :now
 RETURNING holder, epoch, expires_at_ms
 """
 
-COMPLETE_SQL = """
+# The history grows by one entry per attempt and drops its oldest past HISTORY_MAX.
+COMPLETE_SQL = f"""
 UPDATE timers SET state = :state, fired_at_ms = COALESCE(:fired_at_ms, fired_at_ms),
     due_at_ms = COALESCE(:next_due_at_ms, due_at_ms), last_status = :status,
-    last_error = :error, claimed_by = NULL, claimed_until_ms = NULL
+    last_error = :error, claimed_by = NULL, claimed_until_ms = NULL,
+    history = CASE WHEN :record IS NULL THEN history ELSE (
+        SELECT CASE WHEN json_array_length(h) > {HISTORY_MAX} THEN json_remove(h, '$[0]') ELSE h END
+        FROM (SELECT json_insert(COALESCE(history, '[]'), '$[#]', json(:record)) AS h)
+    ) END
 WHERE id = :id AND state = 'firing' AND claimed_by = :owner AND epoch = :epoch
 """
 
@@ -91,6 +123,10 @@ def _to_timer(row: Sequence[Any]) -> Timer:
         epoch=row[9],
         last_status=row[10],
         last_error=row[11],
+        payload=row[12],
+        headers=tuple((k, v) for k, v in json.loads(row[13] or "[]")),
+        max_attempts=row[14],
+        history=history_from_dicts(json.loads(row[15] or "[]")),
     )
 
 
@@ -108,6 +144,10 @@ def _insert_params(t: Timer) -> tuple[Any, ...]:
         t.epoch,
         t.last_status,
         t.last_error,
+        t.payload,
+        json.dumps(t.headers) if t.headers else None,
+        t.max_attempts,
+        json.dumps(history_to_dicts(t.history)) if t.history else None,
     )
 
 
@@ -121,6 +161,7 @@ def _complete_params(o: Outcome) -> dict[str, Any]:
         "next_due_at_ms": o.next_due_at_ms if o.state is State.PENDING else None,
         "status": o.status,
         "error": o.error,
+        "record": None if o.record is None else json.dumps(dataclasses.asdict(o.record)),
     }
 
 
@@ -141,6 +182,13 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    present = {row[1] for row in conn.execute("PRAGMA table_info(timers)")}
+    for name, kind in ADDED_COLUMNS.items():
+        if name not in present:
+            conn.execute(f"ALTER TABLE timers ADD COLUMN {name} {kind}")
 
 
 class _GroupCommitter:
@@ -193,10 +241,7 @@ class _GroupCommitter:
     ) -> None:
         try:
             with _unavailable_on_operational_error(), _transaction(conn):
-                conn.executemany(
-                    f"INSERT INTO timers ({COLUMNS}) VALUES ({', '.join('?' * 12)})",
-                    [_insert_params(timer) for timer, _ in batch],
-                )
+                conn.executemany(INSERT_SQL, [_insert_params(timer) for timer, _ in batch])
         except Exception as exc:  # every waiter must hear about the failure, whatever it was
             for _, future in batch:
                 future.set_exception(exc)
@@ -228,6 +273,7 @@ class SqliteStore(Store):
             conn = self._conn()
             conn.execute("PRAGMA journal_mode = WAL")
             conn.executescript(SCHEMA)
+            _add_missing_columns(conn)
 
     # connections
 
@@ -294,11 +340,7 @@ class SqliteStore(Store):
         return [Due(id=r[0], due_at_ms=r[1]) for r in rows]
 
     def next_due_at_ms(self) -> int | None:
-        row = self._run(
-            lambda c: c.execute(
-                "SELECT MIN(due_at_ms) FROM timers WHERE state = 'pending'"
-            ).fetchone()
-        )
+        row = self._run(lambda c: c.execute(NEXT_DUE_SQL).fetchone())
         return None if row is None else row[0]
 
     def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
@@ -322,6 +364,31 @@ class SqliteStore(Store):
                 )
 
         return self._run(work) if outcomes else 0
+
+    def list_timers(self, state: State | None, before_id: str | None, limit: int) -> list[Timer]:
+        where, params = [], []
+        if state is not None:
+            where.append("state = ?")
+            params.append(state.value)
+        if before_id is not None:
+            where.append("id < ?")
+            params.append(before_id)
+        condition = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = f"SELECT {COLUMNS} FROM timers {condition} ORDER BY id DESC LIMIT ?"
+        rows = self._run(lambda c: c.execute(sql, (*params, max(limit, 0))).fetchall())
+        return [_to_timer(r) for r in rows]
+
+    def replay(self, timer_id: str, now_ms: int) -> Timer:
+        if not is_timer_id(timer_id):
+            raise TimerNotFound(timer_id)
+        sql = (
+            "UPDATE timers SET state = 'pending', due_at_ms = ?, attempts = 0"
+            f" WHERE id = ? AND state IN ('failed', 'fired') RETURNING {COLUMNS}"
+        )
+        row = self._run(lambda c: c.execute(sql, (now_ms, timer_id)).fetchone())
+        if row is not None:
+            return _to_timer(row)
+        raise TimerStateConflict(timer_id, self.get(timer_id).state.value)
 
     def recover_expired(self, now_ms: int, limit: int) -> int:
         sql = (
