@@ -41,11 +41,13 @@ class FakeClock:
 
 
 class Recorder:
-    """A deliverer that records each timer; answers `status`, or waits for `gate` first."""
+    """A deliverer that records each timer; answers `status` (with `retry_after` when set), or
+    waits for `gate` first."""
 
-    def __init__(self, clock: FakeClock, status: int = 200) -> None:
+    def __init__(self, clock: FakeClock, status: int | None = 200) -> None:
         self.clock = clock
         self.status = status
+        self.retry_after: str | None = None
         self.delivered: list[Timer] = []
         self.gate: asyncio.Event | None = None
 
@@ -53,7 +55,13 @@ class Recorder:
         self.delivered.append(timer)
         if self.gate is not None:
             await self.gate.wait()
-        return Attempt(started_at_ms=self.clock.now_ms(), latency_ms=0.0, status=self.status)
+        return Attempt(
+            started_at_ms=self.clock.now_ms(),
+            latency_ms=0.5,
+            status=self.status,
+            error=None if self.status else "ClientConnectorError",
+            retry_after=self.retry_after,
+        )
 
     @property
     def ids(self) -> list[str]:
@@ -225,20 +233,153 @@ def test_a_leader_that_cannot_renew_stops_claiming_before_its_lease_expires(stor
     assert store.get(timer_id).state is State.PENDING
 
 
-def test_a_failed_delivery_is_recorded(store: Store) -> None:
+async def attempt_once(daemon: Daemon, clock: FakeClock, store: Store, timer_id: str) -> Timer:
+    """Move the clock to the timer's due time, fire it once, and return it as stored after."""
+    clock.ms = max(clock.ms, store.get(timer_id).due_at_ms)
+    await daemon.lease.tick()  # renew, as the housekeeping schedule would have meanwhile
+    daemon._next_poll_s = 0.0
+    await daemon.step()
+    await daemon.step()
+    await settle(daemon)
+    return store.get(timer_id)
+
+
+def test_a_retryable_failure_is_retried_on_the_schedule_until_it_succeeds(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock, status=503)
+    timer_id = add_timer(store, START_MS)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder, retry_schedule="10s,1m") as daemon:
+            first = await attempt_once(daemon, clock, store, timer_id)
+            assert (first.state, first.attempts, first.last_status) == (State.PENDING, 1, 503)
+            assert START_MS + 9_000 <= first.due_at_ms <= START_MS + 11_000  # 10 s ± 10 %
+            recorder.status = None  # connection refused: retryable too
+            second = await attempt_once(daemon, clock, store, timer_id)
+            assert second.state is State.PENDING
+            assert first.due_at_ms + 54_000 <= second.due_at_ms <= first.due_at_ms + 66_000
+            recorder.status = 200
+            third = await attempt_once(daemon, clock, store, timer_id)
+            assert (third.state, third.attempts, third.fired_at_ms) == (
+                State.FIRED,
+                3,
+                second.due_at_ms,
+            )
+            assert [(r.attempt, r.status, r.error) for r in third.history] == [
+                (1, 503, None),
+                (2, None, "ClientConnectorError"),
+                (3, 200, None),
+            ]
+
+    run(scenario)
+    assert [t.id for t in recorder.delivered] == [timer_id] * 3
+    assert {t.id for t in recorder.delivered} == {timer_id}  # the same webhook-id every time
+
+
+def test_the_retry_budget_ends_in_failed(store: Store) -> None:
     clock = FakeClock()
     recorder = Recorder(clock, status=500)
     timer_id = add_timer(store, START_MS)
 
     async def scenario() -> None:
-        async with leading(store, clock, recorder) as daemon:
-            await daemon.step()
-            await daemon.step()
-            await settle(daemon)
+        async with leading(store, clock, recorder, retry_schedule="1s,1s") as daemon:
+            states = [(await attempt_once(daemon, clock, store, timer_id)).state for _ in range(3)]
+            assert states == [State.PENDING, State.PENDING, State.FAILED]
 
     run(scenario)
     failed = store.get(timer_id)
-    assert (failed.state, failed.last_status, failed.fired_at_ms) == (State.FAILED, 500, None)
+    assert (failed.state, failed.attempts, failed.last_status, failed.fired_at_ms) == (
+        State.FAILED,
+        3,
+        500,
+        None,
+    )
+
+
+@pytest.mark.parametrize("status", [400, 404, 410, 422])
+def test_a_permanent_answer_fails_at_once(store: Store, status: int) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock, status=status)
+    timer_id = add_timer(store, START_MS)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder) as daemon:
+            failed = await attempt_once(daemon, clock, store, timer_id)
+            assert (failed.state, failed.attempts, failed.last_status) == (
+                State.FAILED,
+                1,
+                status,
+            )
+
+    run(scenario)
+
+
+def test_retry_after_is_honoured_within_bounds(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock, status=429)
+    timer_id = add_timer(store, START_MS)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder, retry_schedule="5s,5s,5s") as daemon:
+            recorder.retry_after = "120"
+            first = await attempt_once(daemon, clock, store, timer_id)
+            assert first.due_at_ms == clock.now_ms() + 120_000
+            recorder.retry_after = "999999999"  # capped at a day
+            second = await attempt_once(daemon, clock, store, timer_id)
+            assert second.due_at_ms == clock.now_ms() + 86_400_000
+
+    run(scenario)
+
+
+def test_a_timer_may_carry_its_own_attempt_budget(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock, status=500)
+    timer_id = new_timer_id()
+    store.insert(
+        Timer(
+            id=timer_id,
+            url="http://127.0.0.1:9/h",
+            due_at_ms=START_MS,
+            created_at_ms=START_MS,
+            max_attempts=1,
+        )
+    )
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder) as daemon:
+            assert (await attempt_once(daemon, clock, store, timer_id)).state is State.FAILED
+
+    run(scenario)
+
+
+def test_a_busy_host_does_not_hold_back_another(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    recorder.gate = asyncio.Event()
+    slow = [new_timer_id() for _ in range(4)]
+    for timer_id in slow:
+        store.insert(
+            Timer(id=timer_id, url="http://slow.test/h", due_at_ms=START_MS, created_at_ms=START_MS)
+        )
+    fast = add_timer(store, START_MS + 1)
+    clock.advance(1)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder, per_host_concurrency=2) as daemon:
+            assert recorder.gate is not None
+            await daemon.step()
+            await daemon.step()
+            await asyncio.sleep(0)
+            assert sorted(recorder.ids) == sorted([*slow[:2], fast])
+            assert [store.get(i).state for i in slow[2:]] == [State.PENDING] * 2  # not claimed
+            recorder.gate.set()
+            for _ in range(3):
+                await settle(daemon)
+                await daemon.step()
+            await settle(daemon)
+
+    run(scenario)
+    assert sorted(recorder.ids) == sorted([*slow, fast])
 
 
 def test_a_timer_announced_by_the_api_fires_without_waiting_for_a_poll(store: Store) -> None:

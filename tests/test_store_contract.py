@@ -233,18 +233,18 @@ def test_pending_due_lists_pending_timers_due_strictly_before_in_due_then_id_ord
     inserted(store, NOW_MS + 1)
 
     assert store.pending_due(NOW_MS, 100) == [
-        Due(id=pending.id, due_at_ms=NOW_MS - 5_000),
-        Due(id=earlier.id, due_at_ms=NOW_MS - 200),
-        *[Due(id=i, due_at_ms=NOW_MS - 100) for i in sorted(ties)],
-        Due(id=later.id, due_at_ms=NOW_MS - 1),
+        Due(id=pending.id, due_at_ms=NOW_MS - 5_000, url=URL),
+        Due(id=earlier.id, due_at_ms=NOW_MS - 200, url=URL),
+        *[Due(id=i, due_at_ms=NOW_MS - 100, url=URL) for i in sorted(ties)],
+        Due(id=later.id, due_at_ms=NOW_MS - 1, url=URL),
     ]
 
 
 def test_pending_due_returns_at_most_limit_timers_earliest_first(store: Store) -> None:
     timers = [inserted(store, NOW_MS - 10 + i) for i in (5, 3, 8, 1, 9, 2)]
     earliest = sorted(timers, key=lambda t: t.due_at_ms)
-    assert store.pending_due(NOW_MS, 3) == [Due(t.id, t.due_at_ms) for t in earliest[:3]]
-    assert store.pending_due(NOW_MS, 1) == [Due(earliest[0].id, earliest[0].due_at_ms)]
+    assert store.pending_due(NOW_MS, 3) == [Due(t.id, t.due_at_ms, URL) for t in earliest[:3]]
+    assert store.pending_due(NOW_MS, 1) == [Due(earliest[0].id, earliest[0].due_at_ms, URL)]
     assert store.pending_due(NOW_MS, 0) == []
 
 
@@ -362,7 +362,7 @@ def test_complete_pending_reschedules_the_timer_for_another_attempt(store: Store
         claimed_by=None,
         claimed_until_ms=None,
     )
-    assert store.pending_due(NOW_MS + 901, 10) == [Due(firing.id, NOW_MS + 900)]
+    assert store.pending_due(NOW_MS + 901, 10) == [Due(firing.id, NOW_MS + 900, URL)]
 
 
 def test_complete_applies_only_outcomes_of_the_current_claim(store: Store) -> None:
@@ -441,7 +441,7 @@ def test_a_recovered_timer_is_claimed_again_with_its_attempts_kept(store: Store)
     first = claimed(store, inserted(store))
     later_ms = NOW_MS + CLAIM_MS + 1
     assert store.recover_expired(later_ms, 10) == 1
-    assert store.pending_due(later_ms, 10) == [Due(first.id, NOW_MS)]
+    assert store.pending_due(later_ms, 10) == [Due(first.id, NOW_MS, URL)]
     second = claimed(store, store.get(first.id), a_claim("leader-b", 2, later_ms))
     assert (second.attempts, second.claimed_by, second.epoch) == (2, "leader-b", 2)
 
@@ -556,7 +556,7 @@ def test_replay_puts_a_finished_timer_back_to_fire_now(store: Store, state: Stat
     replayed = store.replay(timer.id, NOW_MS)
     expected = dataclasses.replace(timer, state=State.PENDING, due_at_ms=NOW_MS, attempts=0)
     assert replayed == expected == store.get(timer.id)
-    assert store.pending_due(NOW_MS + 1, 10) == [Due(timer.id, NOW_MS)]
+    assert store.pending_due(NOW_MS + 1, 10) == [Due(timer.id, NOW_MS, URL)]
 
 
 def test_replay_of_a_pending_firing_or_cancelled_timer_conflicts(store: Store) -> None:
@@ -703,7 +703,7 @@ def test_sqlite_reads_are_served_while_another_connection_writes(
     timer = inserted(sqlite_store)
     with write_locked(db_path):  # WAL: readers never wait for the writer
         assert sqlite_store.get(timer.id) == timer
-        assert sqlite_store.pending_due(NOW_MS + 1, 10) == [Due(timer.id, NOW_MS)]
+        assert sqlite_store.pending_due(NOW_MS + 1, 10) == [Due(timer.id, NOW_MS, URL)]
         sqlite_store.ping()
 
 

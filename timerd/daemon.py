@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
+import urllib.parse
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
@@ -23,16 +26,23 @@ from timerd.clock import Clock, SystemClock
 from timerd.delivery import Attempt
 from timerd.errors import StoreUnavailable
 from timerd.lease import LeaseKeeper, daemon_identity
-from timerd.models import Claim, Outcome, State, Timer
+from timerd.models import AttemptRecord, Claim, Outcome, State, Timer
 from timerd.outcomes import RETRY_DELAYS_S, OutcomeWriter
+from timerd.retry import RetryPolicy, Verdict, classify, parse_retry_after
 from timerd.settings import Settings
 from timerd.store import Store
 
 log = structlog.get_logger("timerd.daemon")
 
 Deliver = Callable[[Timer], Awaitable[Attempt]]
+Entry = tuple[int, str, str]  # (due_at_ms, timer id, host of its URL)
 
 CLAIM_COALESCE_S = 0.002  # when few slots are free, wait this long for more before claiming
+
+
+def host_of(url: str) -> str:
+    """The host (and port) a URL's deliveries count against for the per-host limit."""
+    return urllib.parse.urlsplit(url).netloc.lower()
 
 
 class Daemon:
@@ -59,9 +69,12 @@ class Daemon:
         )
         self.outcomes = OutcomeWriter(store)
         self._deliver = deliver
-        self._window: list[tuple[int, str]] = []  # heap of (due_at_ms, id): the lookahead window
+        self.retry = RetryPolicy.from_setting(settings.retry_schedule)
+        self._window: list[Entry] = []  # heap of (due_at_ms, id, host): the lookahead window
         self._window_full = False  # the last poll hit batch_size: more may be due behind it
-        self._heard: list[tuple[int, str]] = []  # inserts announced while a poll was under way
+        self._heard: list[Entry] = []  # inserts announced while a poll was under way
+        self._host_inflight: Counter[str] = Counter()
+        self._parked: dict[str, list[Entry]] = {}  # due, but their host is at its limit
         self._polling = False
         self._next_poll_s = 0.0
         self._inflight: set[asyncio.Task[None]] = set()
@@ -80,7 +93,7 @@ class Daemon:
     def notify_insert(self, timer: Timer) -> None:
         """Hear of a timer just created in this process, so one due soon fires on time."""
         if timer.due_at_ms < self.clock.now_ms() + self.settings.lookahead_s * 1000:
-            entry = (timer.due_at_ms, timer.id)
+            entry = (timer.due_at_ms, timer.id, host_of(timer.url))
             heapq.heappush(self._window, entry)
             if self._polling:
                 self._heard.append(entry)
@@ -144,9 +157,10 @@ class Daemon:
             )
         finally:
             self._polling = False
-        self._window = [(d.due_at_ms, d.id) for d in due] + self._heard
+        self._window = [(d.due_at_ms, d.id, host_of(d.url)) for d in due] + self._heard
         heapq.heapify(self._window)
         self._heard = []
+        self._parked.clear()  # still pending, so the poll read them again
         self._window_full = len(due) >= self.settings.batch_size
         self._next_poll_s = self.clock.monotonic_s() + self.settings.poll_interval_s
 
@@ -157,10 +171,18 @@ class Daemon:
         return max(0.0, min(until_poll_s, (self._window[0][0] - now_ms) / 1000))
 
     def _take_due(self, now_ms: int, limit: int) -> list[str]:
+        """Pop what is due, up to `limit`; park timers whose host has no slot left."""
         ids: list[str] = []
         limit = min(limit, self.settings.batch_size)
+        taken: Counter[str] = Counter()
         while self._window and self._window[0][0] <= now_ms and len(ids) < limit:
-            ids.append(heapq.heappop(self._window)[1])
+            entry = heapq.heappop(self._window)
+            host = entry[2]
+            if self._host_inflight[host] + taken[host] >= self.settings.per_host_concurrency:
+                self._parked.setdefault(host, []).append(entry)
+                continue
+            taken[host] += 1
+            ids.append(entry[1])
         return ids
 
     async def _claim_and_fire(self, ids: list[str], now_ms: int) -> None:
@@ -176,44 +198,79 @@ class Daemon:
         if len(claimed) < len(ids):
             log.debug("claims_lost", wanted=len(ids), claimed=len(claimed))
         for timer in claimed:
+            host = host_of(timer.url)
+            self._host_inflight[host] += 1
             task = asyncio.create_task(self._fire(timer))
             self._inflight.add(task)
-            task.add_done_callback(self._delivery_done)
+            task.add_done_callback(functools.partial(self._delivery_done, host))
 
-    def _delivery_done(self, task: asyncio.Task[None]) -> None:
+    def _delivery_done(self, host: str, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
+        self._host_inflight[host] -= 1
+        if self._host_inflight[host] <= 0:
+            del self._host_inflight[host]
+        parked = self._parked.get(host)
+        if parked:
+            heapq.heappush(self._window, parked.pop())
+            self._wake.set()
         free = self.settings.concurrency - len(self._inflight)
         if self._slots_wanted and free >= self._slots_wanted:
             self._slots_wanted = 0
             self._wake.set()
 
     async def _fire(self, timer: Timer) -> None:
-        log_ = log.bind(timer_id=timer.id, attempt=timer.attempts, epoch=timer.epoch)
         try:
             attempt = await self._deliver(timer)
         except asyncio.CancelledError:
             self._release(timer)
             raise
-        state = State.FIRED if attempt.delivered else State.FAILED
-        assert timer.epoch is not None
-        self.outcomes.put(
-            Outcome(
-                timer_id=timer.id,
-                owner=self.lease.holder,
-                epoch=timer.epoch,
-                state=state,
-                at_ms=attempt.started_at_ms,
-                status=attempt.status,
-                error=attempt.error,
-            )
-        )
-        log_.info(
+        outcome = self._judge(timer, attempt)
+        self.outcomes.put(outcome)
+        log.info(
             "delivery",
-            outcome=state.value,
+            timer_id=timer.id,
+            attempt=timer.attempts,
+            epoch=timer.epoch,
+            outcome=outcome.state.value,
             status=attempt.status,
             error=attempt.error,
             latency_ms=attempt.latency_ms,
             late_ms=attempt.started_at_ms - timer.due_at_ms,
+            next_due_at_ms=outcome.next_due_at_ms,
+        )
+
+    def _judge(self, timer: Timer, attempt: Attempt) -> Outcome:
+        """The outcome of an attempt: fired, retry later, or failed for good."""
+        assert timer.epoch is not None
+        verdict = classify(attempt.status)
+        next_due_ms = None
+        if verdict is Verdict.RETRY:
+            retry_after_s = parse_retry_after(attempt.retry_after, attempt.started_at_ms)
+            next_due_ms = self.retry.next_due_ms(
+                timer.attempts, timer.max_attempts, self.clock.now_ms(), retry_after_s
+            )
+        if verdict is Verdict.DELIVERED:
+            state = State.FIRED
+        else:
+            state = State.PENDING if next_due_ms is not None else State.FAILED
+        record = AttemptRecord(
+            attempt=timer.attempts,
+            at_ms=attempt.started_at_ms,
+            latency_ms=attempt.latency_ms,
+            status=attempt.status,
+            error=attempt.error,
+            response=attempt.response,
+        )
+        return Outcome(
+            timer_id=timer.id,
+            owner=self.lease.holder,
+            epoch=timer.epoch,
+            state=state,
+            at_ms=attempt.started_at_ms,
+            status=attempt.status,
+            error=attempt.error,
+            next_due_at_ms=next_due_ms,
+            record=record,
         )
 
     def _release(self, timer: Timer) -> None:

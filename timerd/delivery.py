@@ -15,10 +15,11 @@ from types import TracebackType
 import aiohttp
 
 from timerd import __version__
-from timerd.models import Timer
+from timerd.models import RESPONSE_PREFIX_CHARS, Timer
 from timerd.settings import Settings
+from timerd.signing import Signer
 
-RESPONSE_PREFIX_BYTES = 1024
+RESPONSE_PREFIX_BYTES = 1024  # read of an answer at most; the rest is never downloaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,8 @@ class Attempt:
     latency_ms: float
     status: int | None = None
     error: str | None = None
+    retry_after: str | None = None  # the answer's Retry-After header, as sent
+    response: str | None = None  # a short prefix of the answer's body
 
     @property
     def delivered(self) -> bool:
@@ -44,17 +47,18 @@ def webhook_url(base_url: str, timer_id: str) -> str:
 
 
 def webhook_body(timer: Timer) -> bytes:
-    """The JSON body: which timer fired, when it was due, and which attempt this is."""
-    return json.dumps(
-        {
-            "id": timer.id,
-            "type": "timer.fired",
-            "due_at_ms": timer.due_at_ms,
-            "created_at_ms": timer.created_at_ms,
-            "attempt": timer.attempts,
-        },
-        separators=(",", ":"),
-    ).encode()
+    """The JSON body: which timer fired, when it was due, which attempt this is, and the
+    client's `payload` when it gave one."""
+    body: dict[str, object] = {
+        "id": timer.id,
+        "type": "timer.fired",
+        "due_at_ms": timer.due_at_ms,
+        "created_at_ms": timer.created_at_ms,
+        "attempt": timer.attempts,
+    }
+    if timer.payload is not None:
+        body["payload"] = json.loads(timer.payload)
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class Deliverer:
@@ -62,6 +66,7 @@ class Deliverer:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._signer = Signer.from_setting(settings.signing_secret)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Deliverer:
@@ -89,24 +94,35 @@ class Deliverer:
         assert self._session is not None, "use Deliverer as an async context manager"
         started_ms = time.time_ns() // 1_000_000
         started = time.perf_counter()
+        body = webhook_body(timer)
         headers = {
+            **dict(timer.headers),
             "content-type": "application/json",
             "webhook-id": timer.id,
             "webhook-timestamp": str(started_ms // 1000),
         }
+        if self._signer is not None:
+            headers["webhook-signature"] = self._signer.signature(
+                timer.id, started_ms // 1000, body
+            )
         try:
             async with self._session.post(
                 webhook_url(timer.url, timer.id),
-                data=webhook_body(timer),
+                data=body,
                 headers=headers,
                 allow_redirects=False,
             ) as response:
-                await response.content.read(RESPONSE_PREFIX_BYTES)
-                status = response.status
+                prefix = await response.content.read(RESPONSE_PREFIX_BYTES)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             error = "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
             return Attempt(started_ms, _ms_since(started), error=error)
-        return Attempt(started_ms, _ms_since(started), status=status)
+        return Attempt(
+            started_ms,
+            _ms_since(started),
+            status=response.status,
+            retry_after=response.headers.get("retry-after"),
+            response=prefix.decode("utf-8", "replace")[:RESPONSE_PREFIX_CHARS] or None,
+        )
 
 
 def _ms_since(started: float) -> float:

@@ -89,10 +89,11 @@ class Timer:
 
 @dataclass(frozen=True, slots=True)
 class Due:
-    """A pending timer's id and due time, as the due-index query returns it."""
+    """A pending timer's id, due time and URL, as the due-index query returns it."""
 
     id: str
     due_at_ms: int
+    url: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from timerd.errors import ConfigError
+from timerd.retry import DEFAULT_SCHEDULE, parse_schedule
+from timerd.signing import Signer
 
 DAY_S = 86_400.0
 
@@ -60,6 +62,13 @@ class Settings:
         default=1000, metadata=_help("most timers read or claimed in one store call")
     )
     concurrency: int = field(default=256, metadata=_help("most deliveries in flight at once"))
+    per_host_concurrency: int = field(
+        default=32, metadata=_help("most deliveries in flight to one host at once")
+    )
+    retry_schedule: str = field(
+        default=DEFAULT_SCHEDULE,
+        metadata=_help("delays between attempts, e.g. 1s,2s,5s; its length is the retries"),
+    )
     connect_timeout_s: float = field(default=5.0, metadata=_help("webhook connect timeout"))
     delivery_timeout_s: float = field(default=15.0, metadata=_help("webhook total timeout"))
     drain_grace_s: float = field(
@@ -84,6 +93,7 @@ def _check_settings(s: Settings) -> None:
         "lookahead_s",
         "batch_size",
         "concurrency",
+        "per_host_concurrency",
         "connect_timeout_s",
         "delivery_timeout_s",
     )
@@ -98,6 +108,8 @@ def _check_settings(s: Settings) -> None:
         raise ConfigError("TIMERD_LOG_LEVEL must be debug, info, warning or error")
     if s.log_format not in {"auto", "json", "console"}:
         raise ConfigError("TIMERD_LOG_FORMAT must be auto, json or console")
+    parse_schedule(s.retry_schedule)
+    Signer.from_setting(s.signing_secret)
     if s.drain_grace_s < 0:
         raise ConfigError("TIMERD_DRAIN_GRACE_S must not be negative")
 

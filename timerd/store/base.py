@@ -42,7 +42,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def pending_due(self, before_ms: int, limit: int) -> list[Due]:
-        """Read, without claiming, up to `limit` `pending` timers with `due_at_ms < before_ms`,
+        """Read, without claiming, up to `limit` `pending` timers with `due_at_ms < before_ms`
+        (id, due time and URL),
         ordered by `due_at_ms` then id. Served by the due-time index over pending timers only."""
 
     @abc.abstractmethod

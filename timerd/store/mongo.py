@@ -163,11 +163,11 @@ class MongoStore(Store):
         query = {"state": "pending", "due_at_ms": {"$lt": before_ms}}
         with _unavailable_on_connection_error():
             cursor = (
-                self._timers.find(query, {"due_at_ms": 1})
+                self._timers.find(query, {"due_at_ms": 1, "url": 1})
                 .sort([("due_at_ms", 1), ("_id", 1)])
                 .limit(limit)
             )
-            return [Due(id=d["_id"], due_at_ms=d["due_at_ms"]) for d in cursor]
+            return [Due(id=d["_id"], due_at_ms=d["due_at_ms"], url=d["url"]) for d in cursor]
 
     def next_due_at_ms(self) -> int | None:
         with _unavailable_on_connection_error():

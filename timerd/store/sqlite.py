@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS leases (
 
 # INDEXED BY: the planner would otherwise take timers_state_id (state = ?) and sort.
 PENDING_DUE_SQL = (
-    "SELECT id, due_at_ms FROM timers INDEXED BY timers_pending_due"
+    "SELECT id, due_at_ms, url FROM timers INDEXED BY timers_pending_due"
     " WHERE state = 'pending' AND due_at_ms < ? ORDER BY due_at_ms, id LIMIT ?"
 )
 NEXT_DUE_SQL = (
@@ -337,7 +337,7 @@ class SqliteStore(Store):
 
     def pending_due(self, before_ms: int, limit: int) -> list[Due]:
         rows = self._run(lambda c: c.execute(PENDING_DUE_SQL, (before_ms, limit)).fetchall())
-        return [Due(id=r[0], due_at_ms=r[1]) for r in rows]
+        return [Due(id=r[0], due_at_ms=r[1], url=r[2]) for r in rows]
 
     def next_due_at_ms(self) -> int | None:
         row = self._run(lambda c: c.execute(NEXT_DUE_SQL).fetchone())

@@ -1,0 +1,109 @@
+"""When to try a failed delivery again, and when to give up.
+
+Retryable: no answer at all (refused, reset, DNS failure, timeout), 408, 425, 429, 5xx, and
+1xx/3xx (redirects are not followed). Permanent: every other 4xx, `410 Gone` among them.
+After attempt n the next one waits `schedule[n-1]` (the last entry repeats), spread by ±10 %
+jitter, or what the receiver's `Retry-After` asked for, within [1 s, 24 h].
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import re
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+from timerd.errors import ConfigError
+
+DEFAULT_SCHEDULE = "5s,5m,30m,2h,5h,10h,10h"
+RETRY_AFTER_BOUNDS_S = (1.0, 24 * 3600.0)
+JITTER = 0.1
+RETRYABLE_4XX = frozenset({408, 425, 429})
+
+_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+class Verdict(enum.Enum):
+    """What an attempt's result means for the timer."""
+
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    PERMANENT = "permanent"
+
+
+def classify(status: int | None) -> Verdict:
+    """Judge an attempt by its HTTP status; None (no answer at all) is retryable."""
+    if status is None:
+        return Verdict.RETRY
+    if 200 <= status < 300:
+        return Verdict.DELIVERED
+    if 400 <= status < 500 and status not in RETRYABLE_4XX:
+        return Verdict.PERMANENT
+    return Verdict.RETRY
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """`"1s,500ms,5m"` → seconds per retry; raises `ConfigError` naming TIMERD_RETRY_SCHEDULE."""
+    delays: list[float] = []
+    for part in text.split(","):
+        match = _DURATION.fullmatch(part.strip())
+        if match is None:
+            raise ConfigError(
+                f"TIMERD_RETRY_SCHEDULE: {part.strip()!r} is not a duration such as 500ms, 5s, "
+                "5m, 2h or 1d"
+            )
+        delays.append(float(match[1]) * _UNITS_S[match[2]])
+    return tuple(delays)
+
+
+def parse_retry_after(value: str | None, now_ms: int) -> float | None:
+    """A `Retry-After` header (delay-seconds or an HTTP date) as seconds from now, if valid."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return moment.timestamp() - now_ms / 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """The operator's schedule: its length is the number of retries after the first attempt."""
+
+    schedule_s: tuple[float, ...]
+
+    @classmethod
+    def from_setting(cls, text: str) -> RetryPolicy:
+        """Build from `TIMERD_RETRY_SCHEDULE`."""
+        return cls(parse_schedule(text))
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts a timer gets unless it sets its own `max_attempts`."""
+        return len(self.schedule_s) + 1
+
+    def next_due_ms(
+        self,
+        attempts_made: int,
+        max_attempts: int | None,
+        now_ms: int,
+        retry_after_s: float | None = None,
+    ) -> int | None:
+        """When to try again after `attempts_made` attempts, or None when the budget is spent."""
+        if attempts_made >= (max_attempts or self.max_attempts):
+            return None
+        if retry_after_s is not None:
+            low, high = RETRY_AFTER_BOUNDS_S
+            delay_s = min(max(retry_after_s, low), high)
+        else:
+            base_s = self.schedule_s[min(attempts_made, len(self.schedule_s)) - 1]
+            delay_s = base_s * random.uniform(1 - JITTER, 1 + JITTER)
+        return now_ms + round(delay_s * 1000)
