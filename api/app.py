@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from api.errors import EXCEPTION_HANDLERS, ApiError
-from api.validation import MAX_BODY_BYTES, parse_create, parse_json_object
+from api.validation import MAX_BODY_BYTES, parse_create, parse_json_object, parse_list_query
 from api.views import timer_view
 from timerd.clock import Clock, SystemClock
 from timerd.models import Timer, new_timer_id
@@ -56,7 +56,13 @@ class TimerRoutes:
         now_ms = self.clock.now_ms()
         spec = parse_create(data, now_ms, self.settings.max_delay_s)
         timer = Timer(
-            id=new_timer_id(), url=spec.url, due_at_ms=spec.due_at_ms, created_at_ms=now_ms
+            id=new_timer_id(),
+            url=spec.url,
+            due_at_ms=spec.due_at_ms,
+            created_at_ms=now_ms,
+            payload=spec.payload,
+            headers=spec.headers,
+            max_attempts=spec.max_attempts,
         )
         await run_in_threadpool(self.store.insert, timer)
         if self.on_insert is not None:
@@ -71,6 +77,33 @@ class TimerRoutes:
     def get(self, request: Request) -> JSONResponse:
         timer = self.store.get(request.path_params["timer_id"])
         return JSONResponse(timer_view(timer, self.clock.now_ms()))
+
+    async def timers(self, request: Request) -> JSONResponse:
+        """POST creates, GET lists: one route, so that a 405 there allows both."""
+        if request.method == "POST":
+            return await self.create(request)
+        return await run_in_threadpool(self.list_timers, request)
+
+    def list_timers(self, request: Request) -> JSONResponse:
+        """`GET /timers?state=failed&limit=50&cursor=<id>`: newest first, one page at a time."""
+        query = parse_list_query(request.query_params)
+        timers = self.store.list_timers(query.state, query.cursor, query.limit)
+        now_ms = self.clock.now_ms()
+        full = len(timers) == query.limit
+        return JSONResponse(
+            {
+                "timers": [timer_view(t, now_ms) for t in timers],
+                "next_cursor": timers[-1].id if full else None,
+            }
+        )
+
+    def replay(self, request: Request) -> JSONResponse:
+        """`POST /timers/{id}/replay`: a failed or fired timer fires again now, same id."""
+        now_ms = self.clock.now_ms()
+        timer = self.store.replay(request.path_params["timer_id"], now_ms)
+        if self.on_insert is not None:
+            self.on_insert(timer)
+        return JSONResponse(timer_view(timer, now_ms))
 
     def cancel(self, request: Request) -> JSONResponse:
         now_ms = self.clock.now_ms()
@@ -96,7 +129,8 @@ def create_app(
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
-            Route("/timers", routes.create, methods=["POST"]),
+            Route("/timers", routes.timers, methods=["GET", "POST"]),
+            Route("/timers/{timer_id}/replay", routes.replay, methods=["POST"]),
             Route("/timers/{timer_id}", routes.timer, methods=["GET", "DELETE"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,

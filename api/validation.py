@@ -6,11 +6,13 @@ import json
 import math
 import re
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from api.errors import ApiError
+from timerd.models import State, is_timer_id
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_URL_CHARS = 2048
@@ -19,7 +21,35 @@ MAX_DUE_AT_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time R
 
 DURATION_FIELDS = ("hours", "minutes", "seconds")
 SECONDS_PER = {"hours": 3600, "minutes": 60, "seconds": 1}
-CREATE_FIELDS = frozenset({*DURATION_FIELDS, "fire_at", "url"})
+CREATE_FIELDS = frozenset(
+    {*DURATION_FIELDS, "fire_at", "url", "payload", "headers", "max_attempts"}
+)
+MAX_PAYLOAD_BYTES = 8 * 1024
+MAX_HEADERS = 20
+MAX_HEADER_BYTES = 4 * 1024  # names and values together
+MAX_ATTEMPTS_CAP = 100
+DEFAULT_PAGE, MAX_PAGE = 50, 100
+# Headers a client may not set: hop-by-hop ones, framing, and what timerd itself sends.
+FORBIDDEN_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "expect",
+    }
+)
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}", re.ASCII)
+HEADER_VALUE = re.compile(r"[\x20-\x7e\t]{0,1024}", re.ASCII)
 RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
 )
@@ -32,6 +62,9 @@ class CreateRequest:
 
     url: str
     due_at_ms: int
+    payload: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    max_attempts: int | None = None
 
 
 class _BadNumber(ValueError):
@@ -84,7 +117,59 @@ def parse_create(data: dict[str, Any], now_ms: int, max_delay_s: float) -> Creat
         raise _invalid(field, f"the delay may be at most {max_delay_s:g} seconds")
     if due_at_ms > MAX_DUE_AT_MS:
         raise _invalid(field, "the timer must fire before the year 10000")
-    return CreateRequest(url=url, due_at_ms=due_at_ms)
+    return CreateRequest(
+        url=url,
+        due_at_ms=due_at_ms,
+        payload=parse_payload(data["payload"]) if "payload" in data else None,
+        headers=parse_headers(data.get("headers", {})),
+        max_attempts=parse_max_attempts(data.get("max_attempts")),
+    )
+
+
+def parse_payload(value: Any) -> str:
+    """Any JSON value, kept as compact JSON text of at most MAX_PAYLOAD_BYTES."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError as exc:  # a \u escape of a lone surrogate somewhere inside
+        raise _invalid("payload", "payload holds a string that is not valid Unicode") from exc
+    if size > MAX_PAYLOAD_BYTES:
+        raise _invalid("payload", f"payload may be at most {MAX_PAYLOAD_BYTES} bytes as JSON")
+    return text
+
+
+def parse_headers(value: Any) -> tuple[tuple[str, str], ...]:
+    """An object of extra request headers: names lower-cased, none of the forbidden ones."""
+    if not isinstance(value, dict):
+        raise _invalid("headers", "headers must be an object of header names to string values")
+    if len(value) > MAX_HEADERS:
+        raise _invalid("headers", f"at most {MAX_HEADERS} headers")
+    pairs = []
+    for name, text in value.items():
+        if not HEADER_NAME.fullmatch(name):
+            raise _invalid("headers", f"{name!r} is not a valid header name")
+        lowered = name.lower()
+        if lowered in FORBIDDEN_HEADERS or lowered.startswith("webhook-"):
+            raise _invalid("headers", f"the header {lowered} cannot be set")
+        if not isinstance(text, str) or not HEADER_VALUE.fullmatch(text):
+            raise _invalid("headers", f"the value of {lowered} must be printable ASCII text")
+        pairs.append((lowered, text))
+    if len({name for name, _ in pairs}) < len(pairs):
+        raise _invalid("headers", "a header is given twice")
+    if sum(len(n) + len(v) for n, v in pairs) > MAX_HEADER_BYTES:
+        raise _invalid("headers", f"headers may be at most {MAX_HEADER_BYTES} bytes in all")
+    return tuple(pairs)
+
+
+def parse_max_attempts(value: Any) -> int | None:
+    """How many attempts the timer gets, 1 to MAX_ATTEMPTS_CAP; None for the schedule's."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ATTEMPTS_CAP:
+        raise _invalid(
+            "max_attempts", f"max_attempts must be an integer from 1 to {MAX_ATTEMPTS_CAP}"
+        )
+    return value
 
 
 def _largest_duration_field(data: dict[str, Any]) -> str:
@@ -152,3 +237,31 @@ def parse_url(value: Any) -> str:
 
 def _invalid(field: str, message: str) -> ApiError:
     return ApiError(422, "invalid_field", message, field=field)
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """A valid listing request."""
+
+    state: State | None
+    cursor: str | None
+    limit: int
+
+
+def parse_list_query(params: Mapping[str, str]) -> ListQuery:
+    """`state` (optional), `cursor` (the `next_cursor` of the previous page), `limit` (1-100)."""
+    unknown = sorted(set(params) - {"state", "cursor", "limit"})
+    if unknown:
+        raise ApiError(
+            422, "unknown_field", f"unknown parameter(s): {', '.join(unknown)}", fields=unknown
+        )
+    state = params.get("state")
+    if state is not None and state not in {s.value for s in State}:
+        raise _invalid("state", f"state must be one of {', '.join(s.value for s in State)}")
+    cursor = params.get("cursor")
+    if cursor is not None and not is_timer_id(cursor):
+        raise _invalid("cursor", "cursor must be the next_cursor of a previous page")
+    limit = params.get("limit", str(DEFAULT_PAGE))
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+        raise _invalid("limit", f"limit must be an integer from 1 to {MAX_PAGE}")
+    return ListQuery(None if state is None else State(state), cursor, int(limit))

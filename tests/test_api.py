@@ -242,21 +242,26 @@ def test_cancel_a_pending_timer_then_again_is_a_conflict(api: Api) -> None:
     assert api.client.get(path).json() == cancelled.json()
 
 
+def put_in_state(db: Path, timer_id: str, outcome: State | None) -> None:
+    """Claim the due timer as a daemon would and, unless `outcome` is None, record it."""
+    store = SqliteStore(str(db))
+    try:
+        claim = Claim(owner="test", epoch=1, now_ms=now_ms() + 10**9, until_ms=now_ms() + 10**10)
+        assert [t.id for t in store.claim_due([timer_id], claim)] == [timer_id]
+        if outcome is not None:
+            status = 200 if outcome is State.FIRED else 410
+            result = Outcome(timer_id, "test", 1, outcome, at_ms=now_ms(), status=status)
+            assert store.complete([result]) == 1
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("outcome", [None, State.FIRED, State.FAILED])
 def test_cancel_of_a_firing_or_finished_timer_is_409_and_changes_nothing(
     api: Api, outcome: State | None
 ) -> None:
     created = api.create(fire_at="2001-01-01T00:00:00Z")
-    claim = Claim(owner="test", epoch=1, now_ms=now_ms(), until_ms=now_ms() + 60_000)
-    store = SqliteStore(str(api.db))
-    try:
-        assert [t.id for t in store.claim_due([created["id"]], claim)] == [created["id"]]
-        if outcome is not None:
-            status = 200 if outcome is State.FIRED else 410
-            result = Outcome(created["id"], "test", 1, outcome, at_ms=now_ms(), status=status)
-            assert store.complete([result]) == 1
-    finally:
-        store.close()
+    put_in_state(api.db, created["id"], outcome)
     state = (outcome or State.FIRING).value
     path = f"/timers/{created['id']}"
     before = api.client.get(path).json()
@@ -457,8 +462,9 @@ def test_unknown_route_is_404_json(api: Api, path: str) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
-        ("GET", "/timers", {"POST"}),
-        ("DELETE", "/timers", {"POST"}),
+        ("PUT", "/timers", {"GET", "POST"}),
+        ("DELETE", "/timers", {"GET", "POST"}),
+        ("GET", "/timers/0123456789abcdef01234567/replay", {"POST"}),
         ("PUT", "/timers/0123456789abcdef01234567", {"GET", "DELETE"}),
         ("POST", "/timers/0123456789abcdef01234567", {"GET", "DELETE"}),
         ("PATCH", "/timers/0123456789abcdef01234567", {"GET", "DELETE"}),
@@ -471,6 +477,120 @@ def test_wrong_method_is_405_json_with_allow(
     response = api.client.request(method, path)
     assert_error(response, 405, "method_not_allowed")
     assert {m.strip() for m in response.headers["allow"].split(",")} - {"HEAD"} == allowed
+
+
+# payload, headers, attempt budget; listing; replay
+
+
+def test_create_keeps_payload_headers_and_max_attempts(api: Api) -> None:
+    payload = {"order": 42, "note": "ü ✓", "items": [1, 2.5, None, True, {"k": "v"}]}
+    created = api.create(
+        seconds=60,
+        payload=payload,
+        headers={"X-Tenant": "acme", "Authorization": "Bearer t"},
+        max_attempts=3,
+    )
+    stored = api.client.get(f"/timers/{created['id']}").json()
+    for view in (created, stored):
+        assert view["payload"] == payload
+        assert view["headers"] == {"x-tenant": "acme", "authorization": "Bearer t"}
+        assert (view["max_attempts"], view["history"], view["next_attempt_at"]) == (3, [], None)
+
+
+@pytest.mark.parametrize("payload", [None, 0, "text", [], {"a": {"b": [{}]}}])
+def test_any_json_value_is_a_payload(api: Api, payload: Any) -> None:
+    assert api.create(seconds=60, payload=payload)["payload"] == payload
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"payload": "x" * 9000}, "payload"),
+        ({"payload": ["\ud800"]}, "payload"),
+        ({"headers": []}, "headers"),
+        ({"headers": {"Host": "evil.test"}}, "headers"),
+        ({"headers": {"Content-Length": "1"}}, "headers"),
+        ({"headers": {"Transfer-Encoding": "chunked"}}, "headers"),
+        ({"headers": {"Connection": "close"}}, "headers"),
+        ({"headers": {"Webhook-Signature": "v1,forged"}}, "headers"),
+        ({"headers": {"x-a": "line\r\nbreak"}}, "headers"),
+        ({"headers": {"x-a": 1}}, "headers"),
+        ({"headers": {"bad name": "v"}}, "headers"),
+        ({"headers": {"X-A": "1", "x-a": "2"}}, "headers"),
+        ({"headers": {f"x-{i}": "v" for i in range(21)}}, "headers"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"max_attempts": 101}, "max_attempts"),
+        ({"max_attempts": 2.5}, "max_attempts"),
+        ({"max_attempts": True}, "max_attempts"),
+        ({"max_attempts": "3"}, "max_attempts"),
+    ],
+)
+def test_bad_payload_headers_or_budget_is_422_naming_the_field(
+    api: Api, fields: dict[str, Any], field: str
+) -> None:
+    before = row_count(api.db)
+    response = api.client.post("/timers", content=body(seconds=60, **fields))
+    error = assert_error(response, 422, "invalid_field")
+    assert error["field"] == field
+    assert row_count(api.db) == before
+
+
+def test_failed_timers_are_listed_newest_first_page_by_page(
+    procs: TimerdProcesses, tmp_path: Path
+) -> None:
+    db = tmp_path / "timers.db"
+    proc = procs.start("api", sqlite_url(db))
+    with httpx.Client(base_url=proc.base_url) as client:
+        ids = [create(client, seconds=60)["id"] for _ in range(5)]
+        for timer_id in ids[:3]:
+            put_in_state(db, timer_id, State.FAILED)
+        first = client.get("/timers", params={"state": "failed", "limit": 2}).json()
+        second = client.get(
+            "/timers", params={"state": "failed", "limit": 2, "cursor": first["next_cursor"]}
+        ).json()
+        everything = client.get("/timers").json()
+    assert [t["id"] for t in first["timers"]] == [ids[2], ids[1]]
+    assert [t["id"] for t in second["timers"]] == [ids[0]] and second["next_cursor"] is None
+    assert {t["state"] for t in first["timers"] + second["timers"]} == {"failed"}
+    assert [t["id"] for t in everything["timers"]] == ids[::-1]
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"state": "dead"}, "state"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "101"}, "limit"),
+        ({"limit": "x"}, "limit"),
+        ({"cursor": "nope"}, "cursor"),
+    ],
+)
+def test_a_bad_listing_query_is_422(api: Api, params: dict[str, str], field: str) -> None:
+    error = assert_error(api.client.get("/timers", params=params), 422, "invalid_field")
+    assert error["field"] == field
+
+
+@pytest.mark.parametrize("state", [State.FAILED, State.FIRED])
+def test_replay_fires_a_finished_timer_again_now_with_the_same_id(api: Api, state: State) -> None:
+    timer_id = api.create(seconds=60)["id"]
+    put_in_state(api.db, timer_id, state)
+    before_ms = now_ms()
+    response = api.client.post(f"/timers/{timer_id}/replay")
+    assert response.status_code == 200, response.text
+    replayed = response.json()
+    assert (replayed["id"], replayed["state"], replayed["attempts"]) == (timer_id, "pending", 0)
+    assert before_ms <= to_ms(replayed["fire_at"]) <= now_ms()
+
+
+def test_replay_of_a_pending_or_firing_timer_is_409_and_unknown_is_404(api: Api) -> None:
+    pending = api.create(seconds=60)["id"]
+    firing = api.create(seconds=60)["id"]
+    put_in_state(api.db, firing, None)
+    for timer_id, state in ((pending, "pending"), (firing, "firing")):
+        assert_error(api.client.post(f"/timers/{timer_id}/replay"), 409, "state_conflict")
+        assert api.client.get(f"/timers/{timer_id}").json()["state"] == state
+    unknown = "0123456789abcdef01234567"
+    assert_error(api.client.post(f"/timers/{unknown}/replay"), 404, "not_found")
 
 
 # durability, store trouble, configuration (their own servers)
