@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from api import create_app  # the CLI is the one place that wires the API to the core
-from timerd import __version__
+from timerd import __version__, systemd
 from timerd.daemon import Daemon
 from timerd.delivery import Deliverer
 from timerd.errors import ConfigError, StoreUnavailable
@@ -38,6 +39,15 @@ class _Server(uvicorn.Server):
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            systemd.notify("READY=1")
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        systemd.notify("STOPPING=1")
+        await super().shutdown(sockets)
 
 
 def _on_stop_signals(callback: Callable[[], None]) -> None:

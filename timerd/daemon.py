@@ -22,6 +22,7 @@ from datetime import datetime
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from timerd import systemd
 from timerd.clock import Clock, SystemClock
 from timerd.delivery import Attempt
 from timerd.errors import StoreUnavailable
@@ -87,6 +88,8 @@ class Daemon:
 
     def stop(self) -> None:
         """Ask the daemon to stop: no new claims; in-flight deliveries drain (see `run`)."""
+        if not self._stopping:
+            systemd.notify("STOPPING=1")
         self._stopping = True
         self._wake.set()
 
@@ -112,6 +115,7 @@ class Daemon:
         log.info("daemon_started", holder=self.lease.holder)
         try:
             await self.lease.tick()
+            systemd.notify("READY=1")
             while not self._stopping:
                 await self._sleep(await self._safe_step())
         finally:
@@ -324,6 +328,9 @@ class Daemon:
         every = {"trigger": "interval", "max_instances": 1, "coalesce": True}
         tick_s = min(self.settings.lease_renew_s, self.settings.poll_interval_s)
         scheduler.add_job(self.lease.tick, seconds=tick_s, **every)
+        watchdog_s = systemd.watchdog_interval_s()
+        if watchdog_s is not None:  # pinged from this event loop: a stuck loop stops the pings
+            scheduler.add_job(systemd.notify, args=["WATCHDOG=1"], seconds=watchdog_s, **every)
         scheduler.add_job(
             self.recover_expired,
             seconds=self.settings.lease_renew_s,
