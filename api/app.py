@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import EXCEPTION_HANDLERS, ApiError
 from api.validation import MAX_BODY_BYTES, parse_create, parse_json_object, parse_list_query
 from api.views import timer_view
+from timerd import metrics
 from timerd.clock import Clock, SystemClock
+from timerd.errors import StoreUnavailable
 from timerd.models import Timer, new_timer_id
 from timerd.settings import Settings
 from timerd.store import Store
@@ -65,10 +70,19 @@ class TimerRoutes:
             max_attempts=spec.max_attempts,
         )
         await run_in_threadpool(self.store.insert, timer)
+        metrics.TIMERS_CREATED.inc()
         if self.on_insert is not None:
             self.on_insert(timer)
         headers = {"Location": f"/timers/{timer.id}"}
         return JSONResponse(timer_view(timer, now_ms), status_code=201, headers=headers)
+
+    def readyz(self, _: Request) -> JSONResponse:
+        """200 while the store answers, 503 otherwise."""
+        try:
+            self.store.ping()
+        except StoreUnavailable:
+            return JSONResponse({"status": "store unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     def timer(self, request: Request) -> JSONResponse:
         """GET reads, DELETE cancels: one route, so that a 405 there allows both."""
@@ -116,6 +130,11 @@ async def healthz(_: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+def metrics_page(_: Request) -> Response:
+    """Prometheus metrics of this process (it reads the store's backlog: runs in a thread)."""
+    return Response(generate_latest(REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST})
+
+
 def create_app(
     settings: Settings,
     store: Store,
@@ -129,9 +148,38 @@ def create_app(
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", routes.readyz, methods=["GET"]),
+            Route("/metrics", metrics_page, methods=["GET"]),
             Route("/timers", routes.timers, methods=["GET", "POST"]),
             Route("/timers/{timer_id}/replay", routes.replay, methods=["POST"]),
             Route("/timers/{timer_id}", routes.timer, methods=["GET", "DELETE"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(RequestMetrics)],
     )
+
+
+class RequestMetrics:
+    """Counts every answered request by route template, method and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.API_REQUESTS.labels(path, scope["method"], str(status)).inc()

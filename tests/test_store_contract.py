@@ -505,6 +505,14 @@ def test_release_by_anyone_but_the_holder_under_its_epoch_does_nothing(store: St
     assert store.acquire_lease("b", TTL_MS, NOW_MS) is None
 
 
+def test_count_by_state_counts_every_state(store: Store) -> None:
+    assert store.count_by_state().get(State.PENDING, 0) == 0
+    in_every_state(store)
+    inserted(store)
+    expected = dict.fromkeys(State, 1) | {State.PENDING: 2}
+    assert store.count_by_state() == expected
+
+
 def test_ping_answers(store: Store) -> None:
     assert store.ping() is None
 

@@ -3,6 +3,7 @@
 timerd run      the API and the daemon in one process (the one-command start)
 timerd api      the API alone (run any number of replicas on one store)
 timerd daemon   the firing daemon alone (run two or more for high availability)
+timerd status   what the store holds and who fires it
 """
 
 from __future__ import annotations
@@ -18,16 +19,21 @@ from contextlib import contextmanager
 
 import structlog
 import uvicorn
+from aiohttp import web
 from starlette.applications import Starlette
 
 from api import create_app  # the CLI is the one place that wires the API to the core
 from timerd import __version__, systemd
+from timerd.clock import SystemClock
 from timerd.daemon import Daemon
 from timerd.delivery import Deliverer
 from timerd.errors import ConfigError, StoreUnavailable
 from timerd.logs import configure_logging
+from timerd.metrics import watch_store
+from timerd.probes import start_probe_server
 from timerd.settings import Settings, add_arguments, build_settings
-from timerd.store import open_store
+from timerd.status import render, take_report
+from timerd.store import Store, open_store
 
 log = structlog.get_logger("timerd")
 
@@ -72,6 +78,7 @@ def _server(settings: Settings, app: Starlette) -> _Server:
 async def serve_api(settings: Settings) -> None:
     """`timerd api`: serve the API until SIGTERM or SIGINT."""
     store = open_store(settings.store)
+    watch_store(store, SystemClock())
     try:
         server = _server(settings, create_app(settings, store))
         _on_stop_signals(lambda: setattr(server, "should_exit", True))
@@ -86,19 +93,34 @@ async def serve_api(settings: Settings) -> None:
 async def run_daemon(settings: Settings) -> None:
     """`timerd daemon`: fire timers until SIGTERM or SIGINT, then drain and release the lease."""
     store = open_store(settings.store, for_daemon=True)
+    watch_store(store, SystemClock())
+    probes = None
     try:
+        if settings.metrics_port:
+            probes = await _start_probes(store, settings)
         async with Deliverer(settings) as deliverer:
             daemon = Daemon(settings, store, deliverer.deliver)
             _on_stop_signals(daemon.stop)
             await daemon.run()
     finally:
+        if probes is not None:
+            await probes.cleanup()
         store.close()
+
+
+async def _start_probes(store: Store, settings: Settings) -> web.AppRunner:
+    try:
+        return await start_probe_server(store, settings.host, settings.metrics_port)
+    except OSError as exc:
+        where = f"{settings.host}:{settings.metrics_port}"
+        raise ConfigError(f"TIMERD_METRICS_PORT: cannot listen on {where}: {exc.strerror}") from exc
 
 
 async def run_all(settings: Settings) -> None:
     """`timerd run`: the API and the daemon in one process; a signal stops both."""
     api_store = open_store(settings.store)
     daemon_store = open_store(settings.store, for_daemon=True)
+    watch_store(api_store, SystemClock())
     try:
         async with Deliverer(settings) as deliverer:
             daemon = Daemon(settings, daemon_store, deliverer.deliver)
@@ -123,10 +145,21 @@ async def run_all(settings: Settings) -> None:
         raise SystemExit(1)
 
 
+async def show_status(settings: Settings) -> None:
+    """`timerd status`: print the store's leader, counts, backlog and recent lateness."""
+    store = open_store(settings.store)
+    try:
+        report = await asyncio.to_thread(take_report, store, settings.store)
+    finally:
+        store.close()
+    print(render(report, SystemClock().now_ms()))
+
+
 COMMANDS: dict[str, Callable[[Settings], Coroutine[None, None, None]]] = {
     "api": serve_api,
     "daemon": run_daemon,
     "run": run_all,
+    "status": show_status,
 }
 
 
@@ -140,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "API and daemon in one process"),
         ("api", "the API alone"),
         ("daemon", "the firing daemon alone"),
+        ("status", "the store's leader, counts, backlog and recent lateness"),
     ):
         add_arguments(commands.add_parser(name, help=help_text))
     return parser

@@ -22,7 +22,7 @@ from datetime import datetime
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from timerd import systemd
+from timerd import metrics, systemd
 from timerd.clock import Clock, SystemClock
 from timerd.delivery import Attempt
 from timerd.errors import StoreUnavailable
@@ -83,6 +83,9 @@ class Daemon:
         self._slots_wanted = 0
         self._stopping = False
         self._store_failures = 0
+        metrics.IN_FLIGHT.set_function(lambda: len(self._inflight))
+        metrics.LEADER.set_function(lambda: int(self.lease.is_leader()))
+        metrics.LEASE_EPOCH.set_function(lambda: self.lease.epoch)
 
     # public surface
 
@@ -230,6 +233,7 @@ class Daemon:
             raise
         outcome = self._judge(timer, attempt)
         self.outcomes.put(outcome)
+        self._observe(timer, attempt, outcome)
         log.info(
             "delivery",
             timer_id=timer.id,
@@ -242,6 +246,13 @@ class Daemon:
             late_ms=attempt.started_at_ms - timer.due_at_ms,
             next_due_at_ms=outcome.next_due_at_ms,
         )
+
+    @staticmethod
+    def _observe(timer: Timer, attempt: Attempt, outcome: Outcome) -> None:
+        kind = {State.FIRED: "fired", State.PENDING: "retry"}.get(outcome.state, "failed")
+        metrics.DELIVERIES.labels(kind).inc()
+        metrics.DELIVERY_LATENCY.observe(attempt.latency_ms / 1000)
+        metrics.LATENESS.observe(max(0, attempt.started_at_ms - timer.due_at_ms) / 1000)
 
     def _judge(self, timer: Timer, attempt: Attempt) -> Outcome:
         """The outcome of an attempt: fired, retry later, or failed for good."""

@@ -33,6 +33,10 @@ class Settings:
     )
     host: str = field(default="127.0.0.1", metadata=_help("address the API listens on"))
     port: int = field(default=8081, metadata=_help("port the API listens on"))
+    metrics_port: int = field(
+        default=9464,
+        metadata=_help("port of `timerd daemon`'s /metrics, /healthz and /readyz; 0: none"),
+    )
     max_delay_s: float = field(
         default=365 * DAY_S, metadata=_help("longest delay a timer may have")
     )
@@ -102,6 +106,8 @@ def _check_settings(s: Settings) -> None:
             raise ConfigError(f"{env_name(name)} must be positive")
     if not 0 < s.port < 65536:
         raise ConfigError("TIMERD_PORT must be between 1 and 65535")
+    if not 0 <= s.metrics_port < 65536:
+        raise ConfigError("TIMERD_METRICS_PORT must be between 0 and 65535")
     if s.lease_renew_s > s.lease_ttl_s / 2:
         raise ConfigError("TIMERD_LEASE_RENEW_S must be at most half of TIMERD_LEASE_TTL_S")
     if s.log_level.lower() not in {"debug", "info", "warning", "error"}:

@@ -175,6 +175,8 @@ class TimerdProcesses:
         port = free_port()
         log = self.log_dir / f"timerd-{command}-{next(_serial)}.stderr"
         argv = [str(TIMERD), command, "--host", HOST, "--port", str(port), "--store", store]
+        if command == "daemon":  # the daemon's own /healthz, /readyz and /metrics
+            argv += ["--metrics-port", str(port)]
         with log.open("wb") as sink:  # the child keeps its own descriptor
             popen = subprocess.Popen(
                 [*argv, *args],

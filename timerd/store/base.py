@@ -51,6 +51,10 @@ class Store(abc.ABC):
         """The earliest `due_at_ms` among `pending` timers, or None when there are none."""
 
     @abc.abstractmethod
+    def count_by_state(self) -> dict[State, int]:
+        """How many timers are in each state; states with none may be left out."""
+
+    @abc.abstractmethod
     def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
         """Claim, in one conditional write, those of `timer_ids` that are still `pending` with
         `due_at_ms <= claim.now_ms`: they become `firing` with `claimed_by = claim.owner`,

@@ -178,6 +178,11 @@ class MongoStore(Store):
             )
         return docs[0]["due_at_ms"] if docs else None
 
+    def count_by_state(self) -> dict[State, int]:
+        with _unavailable_on_connection_error():
+            groups = self._timers.aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
+            return {State(g["_id"]): g["n"] for g in groups}
+
     def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
         if not timer_ids:
             return []

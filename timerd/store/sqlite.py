@@ -343,6 +343,10 @@ class SqliteStore(Store):
         row = self._run(lambda c: c.execute(NEXT_DUE_SQL).fetchone())
         return None if row is None else row[0]
 
+    def count_by_state(self) -> dict[State, int]:
+        sql = "SELECT state, count(*) FROM timers GROUP BY state"
+        return {State(state): n for state, n in self._run(lambda c: c.execute(sql).fetchall())}
+
     def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
         if not timer_ids:
             return []
