@@ -23,6 +23,7 @@ import pytest
 from timerd.errors import ConfigError, StoreUnavailable, TimerNotFound, TimerStateConflict
 from timerd.models import (
     HISTORY_MAX,
+    ApiKey,
     AttemptRecord,
     Claim,
     Due,
@@ -30,6 +31,7 @@ from timerd.models import (
     Outcome,
     State,
     Timer,
+    TimerChanges,
     new_timer_id,
 )
 from timerd.store import open_store
@@ -575,6 +577,97 @@ def test_replay_of_a_pending_firing_or_cancelled_timer_conflicts(store: Store) -
         assert store.get(timers[state].id) == timers[state]
     with pytest.raises(TimerNotFound):
         store.replay(new_timer_id(), NOW_MS)
+
+
+# tenants, idempotency, changes, API keys
+
+
+def test_another_tenants_timer_is_as_good_as_missing(store: Store) -> None:
+    timer = inserted(store, tenant="acme")
+    failed = inserted(store, tenant="acme", state=State.FAILED)
+    assert store.get(timer.id, "acme") == timer == store.get(timer.id)
+    with pytest.raises(TimerNotFound):
+        store.get(timer.id, "globex")
+    with pytest.raises(TimerNotFound):
+        store.cancel(timer.id, NOW_MS, "globex")
+    with pytest.raises(TimerNotFound):
+        store.update_pending(timer.id, TimerChanges(due_at_ms=NOW_MS + 1), "globex")
+    with pytest.raises(TimerNotFound):
+        store.replay(failed.id, NOW_MS, "globex")
+    assert store.list_timers(None, None, 10, "globex") == []
+    assert store.list_timers(None, None, 10, "acme") == by_id([timer, failed])[::-1]
+    assert store.get(timer.id) == timer and store.get(failed.id) == failed  # nothing changed
+    assert store.cancel(timer.id, NOW_MS, "acme").state is State.CANCELLED
+
+
+def test_an_idempotency_key_inserts_once_per_tenant(store: Store) -> None:
+    first = a_timer()
+    first = dataclasses.replace(first, tenant="acme", idempotency_key="k1", request_hash="h1")
+    assert store.insert(first) == first
+    again = dataclasses.replace(a_timer(), tenant="acme", idempotency_key="k1", request_hash="h2")
+    assert store.insert(again) == first  # the original, whatever the new request was
+    other_tenant = dataclasses.replace(again, id=new_timer_id(), tenant="globex")
+    assert store.insert(other_tenant) == other_tenant
+    without_keys = [inserted(store, tenant="acme") for _ in range(2)]
+    assert [store.get(t.id) for t in without_keys] == without_keys
+    with pytest.raises(TimerNotFound):
+        store.get(again.id)
+
+
+def test_concurrent_inserts_with_one_idempotency_key_insert_exactly_one(
+    open_racing_store: StoreFactory,
+) -> None:
+    stores = [open_racing_store() for _ in range(2)]
+    timers = [
+        dataclasses.replace(a_timer(), tenant="acme", idempotency_key="same", request_hash="h")
+        for _ in range(8)
+    ]
+    results = run_together([lambda s=stores[i % 2], t=t: s.insert(t) for i, t in enumerate(timers)])
+    assert len({r.id for r in results}) == 1
+    assert store_count(stores[0]) == 1
+
+
+def store_count(store: Store) -> int:
+    return sum(store.count_by_state().values())
+
+
+def test_update_pending_changes_only_what_is_given(store: Store) -> None:
+    timer = inserted(store, headers=(("x-a", "1"),), payload='{"a":1}')
+    changed = store.update_pending(
+        timer.id, TimerChanges(due_at_ms=NOW_MS + 9, url="https://other.example/h")
+    )
+    expected = dataclasses.replace(timer, due_at_ms=NOW_MS + 9, url="https://other.example/h")
+    assert changed == expected == store.get(timer.id)
+    cleared = store.update_pending(timer.id, TimerChanges(payload="null", headers=()))
+    assert (cleared.payload, cleared.headers, cleared.url) == ("null", (), expected.url)
+
+
+def test_update_pending_of_a_claimed_or_finished_timer_conflicts(store: Store) -> None:
+    timers = in_every_state(store)
+    for state in (State.FIRING, State.FIRED, State.FAILED, State.CANCELLED):
+        with pytest.raises(TimerStateConflict):
+            store.update_pending(timers[state].id, TimerChanges(due_at_ms=NOW_MS))
+        assert store.get(timers[state].id) == timers[state]
+
+
+def test_count_pending_counts_one_tenants_pending_timers(store: Store) -> None:
+    for _ in range(3):
+        inserted(store, tenant="acme")
+    inserted(store, tenant="acme", state=State.FIRED)
+    inserted(store, tenant="globex")
+    assert (store.count_pending("acme"), store.count_pending("nobody")) == (3, 0)
+
+
+def test_api_keys_are_added_listed_and_revoked(store: Store) -> None:
+    first = ApiKey("k1", "ci", "acme", "hash1", NOW_MS)
+    second = ApiKey("k2", "ops", "globex", "hash2", NOW_MS + 1)
+    store.add_key(second)
+    store.add_key(first)
+    assert store.get_key("k1") == first and store.get_key("nope") is None
+    assert store.list_keys() == [first, second]
+    assert store.revoke_key("k1", NOW_MS + 5) is True
+    assert store.revoke_key("k1", NOW_MS + 6) is False
+    assert store.get_key("k1") == dataclasses.replace(first, revoked_at_ms=NOW_MS + 5)
 
 
 # the due-time index

@@ -79,6 +79,9 @@ class Timer:
     headers: tuple[tuple[str, str], ...] = ()  # extra request headers chosen by the client
     max_attempts: int | None = None  # None: as many as the retry schedule allows
     history: tuple[AttemptRecord, ...] = ()  # the newest HISTORY_MAX attempts, oldest first
+    tenant: str = ""  # who owns it: the tenant of the API key that created it ("" without keys)
+    idempotency_key: str | None = None  # unique per tenant when given
+    request_hash: str | None = None  # of the create request, to tell a retry from a conflict
 
     def time_left_s(self, now_ms: int) -> int:
         """Whole seconds until the timer fires, rounded up; 0 once due or no longer pending."""
@@ -123,6 +126,28 @@ class Outcome:
     error: str | None = None
     next_due_at_ms: int | None = None
     record: AttemptRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimerChanges:
+    """What `PATCH /timers/{id}` may change on a pending timer; None leaves a field as it is."""
+
+    due_at_ms: int | None = None
+    url: str | None = None
+    payload: str | None = None
+    headers: tuple[tuple[str, str], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key as stored: only a hash of its secret, never the secret."""
+
+    key_id: str
+    name: str
+    tenant: str
+    secret_hash: str
+    created_at_ms: int
+    revoked_at_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from timerd.models import Claim, Due, Lease, Outcome, State, Timer
+from timerd.models import ApiKey, Claim, Due, Lease, Outcome, State, Timer, TimerChanges
 
 LEASE_NAME = "leader"
 
@@ -24,21 +24,45 @@ class Store(abc.ABC):
     """Durable home of timers and of the leader lease."""
 
     @abc.abstractmethod
-    def insert(self, timer: Timer) -> None:
+    def insert(self, timer: Timer) -> Timer:
         """Store a new timer durably; return only once it survives a crash (and power loss where
-        the store is configured for it). Concurrent inserts may share one commit."""
+        the store is configured for it). Concurrent inserts may share one commit.
+
+        Returns `timer`, or, when it has an `idempotency_key` that another timer of the same
+        tenant already has, that other timer, unchanged (nothing is inserted): the caller then
+        compares `request_hash`. Of concurrent inserts with one key, exactly one is inserted.
+        """
 
     @abc.abstractmethod
-    def get(self, timer_id: str) -> Timer:
-        """Return the timer with this id. Raises `TimerNotFound`, also for a malformed id."""
+    def get(self, timer_id: str, tenant: str | None = None) -> Timer:
+        """Return the timer with this id. Raises `TimerNotFound`, also for a malformed id and,
+        when `tenant` is given, for a timer of another tenant.
+
+        Every method that takes `tenant` treats another tenant's timer exactly as a missing one.
+        """
 
     @abc.abstractmethod
-    def cancel(self, timer_id: str, now_ms: int) -> Timer:
+    def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
         """Move a `pending` timer to `cancelled` and return it as it now is.
 
         Raises `TimerNotFound` for an unknown id, and `TimerStateConflict` (changing nothing)
         when the timer is in any other state.
         """
+
+    @abc.abstractmethod
+    def update_pending(
+        self, timer_id: str, changes: TimerChanges, tenant: str | None = None
+    ) -> Timer:
+        """Apply `changes` to a `pending` timer in one conditional write and return it as it
+        now is; a timer the daemon has claimed is no longer pending, so the two never both win.
+
+        Raises `TimerNotFound` for an unknown id, `TimerStateConflict` (changing nothing) in any
+        other state.
+        """
+
+    @abc.abstractmethod
+    def count_pending(self, tenant: str) -> int:
+        """How many `pending` timers `tenant` has (for the per-tenant cap)."""
 
     @abc.abstractmethod
     def pending_due(self, before_ms: int, limit: int) -> list[Due]:
@@ -78,12 +102,14 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def list_timers(self, state: State | None, before_id: str | None, limit: int) -> list[Timer]:
+    def list_timers(
+        self, state: State | None, before_id: str | None, limit: int, tenant: str | None = None
+    ) -> list[Timer]:
         """Up to `limit` timers, newest first (descending id), in `state` if one is given, with
         ids below `before_id` if one is given: the cursor of the next page is the last id."""
 
     @abc.abstractmethod
-    def replay(self, timer_id: str, now_ms: int) -> Timer:
+    def replay(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
         """Put a `failed` or `fired` timer back to `pending`, due at `now_ms`, with `attempts`
         reset to 0 (a fresh retry budget) and its history kept; return it as it now is.
 
@@ -113,6 +139,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_lease(self) -> Lease | None:
         """The lease document as it is, live or expired; None before anyone took it."""
+
+    @abc.abstractmethod
+    def add_key(self, key: ApiKey) -> None:
+        """Store a new API key (its `key_id` is unique)."""
+
+    @abc.abstractmethod
+    def get_key(self, key_id: str) -> ApiKey | None:
+        """The key with this id, revoked or not; None when there is none."""
+
+    @abc.abstractmethod
+    def list_keys(self) -> list[ApiKey]:
+        """Every key, oldest first, revoked ones included."""
+
+    @abc.abstractmethod
+    def revoke_key(self, key_id: str, now_ms: int) -> bool:
+        """Mark a live key revoked at `now_ms`; returns whether it was live."""
 
     @abc.abstractmethod
     def ping(self) -> None:

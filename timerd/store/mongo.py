@@ -20,12 +20,14 @@ from pymongo.collection import Collection
 from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
 from timerd.models import (
     HISTORY_MAX,
+    ApiKey,
     Claim,
     Due,
     Lease,
     Outcome,
     State,
     Timer,
+    TimerChanges,
     history_from_dicts,
     history_to_dicts,
     is_timer_id,
@@ -49,7 +51,9 @@ _TIMER_FIELDS = (
     "last_error",
     "payload",
     "max_attempts",
+    "tenant",
 )
+_OPTIONAL_FIELDS = ("idempotency_key", "request_hash")  # absent, not null, when unset
 
 
 def _to_doc(t: Timer) -> Doc:
@@ -58,6 +62,7 @@ def _to_doc(t: Timer) -> Doc:
     doc["state"] = t.state.value
     doc["headers"] = [list(pair) for pair in t.headers]
     doc["history"] = history_to_dicts(t.history)
+    doc.update({name: getattr(t, name) for name in _OPTIONAL_FIELDS if getattr(t, name)})
     return doc
 
 
@@ -66,7 +71,28 @@ def _to_timer(doc: Mapping[str, Any]) -> Timer:
     fields["state"] = State(doc["state"])
     fields["headers"] = tuple((k, v) for k, v in doc.get("headers") or ())
     fields["history"] = history_from_dicts(doc.get("history"))
+    fields["tenant"] = doc.get("tenant", "")
+    fields.update({name: doc.get(name) for name in _OPTIONAL_FIELDS})
     return Timer(id=doc["_id"], **fields)
+
+
+def _to_key(doc: Mapping[str, Any]) -> ApiKey:
+    return ApiKey(
+        key_id=doc["_id"],
+        name=doc["name"],
+        tenant=doc["tenant"],
+        secret_hash=doc["secret_hash"],
+        created_at_ms=doc["created_at_ms"],
+        revoked_at_ms=doc.get("revoked_at_ms"),
+    )
+
+
+def _mine(timer_id: str, tenant: str | None) -> Doc:
+    """The filter of one timer, of `tenant` when one is given."""
+    query: Doc = {"_id": timer_id}
+    if tenant is not None:
+        query["tenant"] = tenant
+    return query
 
 
 def _to_lease(doc: Mapping[str, Any]) -> Lease:
@@ -113,6 +139,7 @@ class MongoStore(Store):
         db = client[database]
         self._timers: Collection[Doc] = db["timers"]
         self._leases: Collection[Doc] = db["leases"]
+        self._keys: Collection[Doc] = db["api_keys"]
         with _unavailable_on_connection_error():
             self._create_indexes()
 
@@ -128,34 +155,75 @@ class MongoStore(Store):
             partialFilterExpression={"state": "firing"},
         )
         self._timers.create_index([("state", 1), ("_id", -1)], name="state_id")
+        self._timers.create_index(
+            [("tenant", 1), ("state", 1), ("_id", -1)], name="tenant_state_id"
+        )
+        self._timers.create_index(
+            [("tenant", 1), ("idempotency_key", 1)],
+            name="idempotency",
+            unique=True,
+            partialFilterExpression={"idempotency_key": {"$exists": True}},
+        )
 
     # timers
 
-    def insert(self, timer: Timer) -> None:
+    def insert(self, timer: Timer) -> Timer:
         with _unavailable_on_connection_error():
-            self._timers.insert_one(_to_doc(timer))
+            try:
+                self._timers.insert_one(_to_doc(timer))
+            except pymongo.errors.DuplicateKeyError:
+                if timer.idempotency_key is None:
+                    raise
+                key = {"tenant": timer.tenant, "idempotency_key": timer.idempotency_key}
+                existing = self._timers.find_one(key)
+                if existing is None:  # cannot happen: the unique index said it exists
+                    raise
+                return _to_timer(existing)
+        return timer
 
-    def get(self, timer_id: str) -> Timer:
+    def get(self, timer_id: str, tenant: str | None = None) -> Timer:
         if not is_timer_id(timer_id):
             raise TimerNotFound(timer_id)
         with _unavailable_on_connection_error():
-            doc = self._timers.find_one({"_id": timer_id})
+            doc = self._timers.find_one(_mine(timer_id, tenant))
         if doc is None:
             raise TimerNotFound(timer_id)
         return _to_timer(doc)
 
-    def cancel(self, timer_id: str, now_ms: int) -> Timer:
+    def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
+        return self._update_in_state(timer_id, tenant, ["pending"], {"state": "cancelled"})
+
+    def update_pending(
+        self, timer_id: str, changes: TimerChanges, tenant: str | None = None
+    ) -> Timer:
+        values: Doc = {
+            "due_at_ms": changes.due_at_ms,
+            "url": changes.url,
+            "payload": changes.payload,
+            "headers": None if changes.headers is None else [list(h) for h in changes.headers],
+        }
+        given = {name: value for name, value in values.items() if value is not None}
+        return self._update_in_state(timer_id, tenant, ["pending"], given)
+
+    def _update_in_state(
+        self, timer_id: str, tenant: str | None, states: list[str], values: Doc
+    ) -> Timer:
         if not is_timer_id(timer_id):
             raise TimerNotFound(timer_id)
+        query = {**_mine(timer_id, tenant), "state": {"$in": states}}
         with _unavailable_on_connection_error():
             doc = self._timers.find_one_and_update(
-                {"_id": timer_id, "state": "pending"},
-                {"$set": {"state": "cancelled"}},
+                query,
+                {"$set": values or {"state": states[0]}},
                 return_document=ReturnDocument.AFTER,
             )
         if doc is not None:
             return _to_timer(doc)
-        raise TimerStateConflict(timer_id, self.get(timer_id).state.value)
+        raise TimerStateConflict(timer_id, self.get(timer_id, tenant).state.value)
+
+    def count_pending(self, tenant: str) -> int:
+        with _unavailable_on_connection_error():
+            return self._timers.count_documents({"tenant": tenant, "state": "pending"})
 
     def pending_due(self, before_ms: int, limit: int) -> list[Due]:
         if limit <= 0:  # MongoDB reads limit(0) as "no limit"
@@ -212,30 +280,24 @@ class MongoStore(Store):
             result = self._timers.bulk_write([_complete_op(o) for o in outcomes], ordered=False)
         return result.modified_count
 
-    def list_timers(self, state: State | None, before_id: str | None, limit: int) -> list[Timer]:
+    def list_timers(
+        self, state: State | None, before_id: str | None, limit: int, tenant: str | None = None
+    ) -> list[Timer]:
         if limit <= 0:
             return []
-        query: Doc = {}
-        if state is not None:
-            query["state"] = state.value
-        if before_id is not None:
-            query["_id"] = {"$lt": before_id}
+        conditions: Doc = {
+            "tenant": tenant,
+            "state": None if state is None else state.value,
+            "_id": None if before_id is None else {"$lt": before_id},
+        }
+        query = {name: value for name, value in conditions.items() if value is not None}
         with _unavailable_on_connection_error():
             docs = self._timers.find(query).sort("_id", -1).limit(limit)
             return [_to_timer(d) for d in docs]
 
-    def replay(self, timer_id: str, now_ms: int) -> Timer:
-        if not is_timer_id(timer_id):
-            raise TimerNotFound(timer_id)
-        with _unavailable_on_connection_error():
-            doc = self._timers.find_one_and_update(
-                {"_id": timer_id, "state": {"$in": ["failed", "fired"]}},
-                {"$set": {"state": "pending", "due_at_ms": now_ms, "attempts": 0}},
-                return_document=ReturnDocument.AFTER,
-            )
-        if doc is not None:
-            return _to_timer(doc)
-        raise TimerStateConflict(timer_id, self.get(timer_id).state.value)
+    def replay(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
+        values = {"state": "pending", "due_at_ms": now_ms, "attempts": 0}
+        return self._update_in_state(timer_id, tenant, ["failed", "fired"], values)
 
     def recover_expired(self, now_ms: int, limit: int) -> int:
         if limit <= 0:  # MongoDB reads limit(0) as "no limit"
@@ -288,6 +350,36 @@ class MongoStore(Store):
         with _unavailable_on_connection_error():
             doc = self._leases.find_one({"_id": LEASE_NAME})
         return None if doc is None else _to_lease(doc)
+
+    # API keys
+
+    def add_key(self, key: ApiKey) -> None:
+        doc = {
+            "_id": key.key_id,
+            "name": key.name,
+            "tenant": key.tenant,
+            "secret_hash": key.secret_hash,
+            "created_at_ms": key.created_at_ms,
+            "revoked_at_ms": key.revoked_at_ms,
+        }
+        with _unavailable_on_connection_error():
+            self._keys.insert_one(doc)
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        with _unavailable_on_connection_error():
+            doc = self._keys.find_one({"_id": key_id})
+        return None if doc is None else _to_key(doc)
+
+    def list_keys(self) -> list[ApiKey]:
+        with _unavailable_on_connection_error():
+            return [_to_key(d) for d in self._keys.find().sort([("created_at_ms", 1), ("_id", 1)])]
+
+    def revoke_key(self, key_id: str, now_ms: int) -> bool:
+        with _unavailable_on_connection_error():
+            result = self._keys.update_one(
+                {"_id": key_id, "revoked_at_ms": None}, {"$set": {"revoked_at_ms": now_ms}}
+            )
+        return result.modified_count == 1
 
     # lifecycle
 

@@ -20,12 +20,14 @@ from typing import Any, TypeVar
 from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
 from timerd.models import (
     HISTORY_MAX,
+    ApiKey,
     Claim,
     Due,
     Lease,
     Outcome,
     State,
     Timer,
+    TimerChanges,
     history_from_dicts,
     history_to_dicts,
     is_timer_id,
@@ -36,9 +38,12 @@ T = TypeVar("T")
 
 COLUMNS = (
     "id, url, due_at_ms, created_at_ms, state, attempts, fired_at_ms, claimed_by,"
-    " claimed_until_ms, epoch, last_status, last_error, payload, headers, max_attempts, history"
+    " claimed_until_ms, epoch, last_status, last_error, payload, headers, max_attempts, history,"
+    " tenant, idempotency_key, request_hash"
 )
-INSERT_SQL = f"INSERT INTO timers ({COLUMNS}) VALUES ({', '.join('?' * 16)})"
+# OR IGNORE: a second timer with a tenant's idempotency key is not inserted (see `insert`).
+INSERT_SQL = f"INSERT OR IGNORE INTO timers ({COLUMNS}) VALUES ({', '.join('?' * 19)})"
+BY_IDEMPOTENCY_KEY_SQL = f"SELECT {COLUMNS} FROM timers WHERE tenant = ? AND idempotency_key = ?"
 
 # Columns added after the first schema, created on files that predate them.
 ADDED_COLUMNS = {
@@ -46,7 +51,16 @@ ADDED_COLUMNS = {
     "headers": "TEXT",
     "max_attempts": "INTEGER",
     "history": "TEXT",
+    "tenant": "TEXT NOT NULL DEFAULT ''",
+    "idempotency_key": "TEXT",
+    "request_hash": "TEXT",
 }
+# Indexes on added columns, created once the columns exist.
+LATER_INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS timers_idempotency ON timers (tenant, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS timers_tenant_state_id ON timers (tenant, state, id);
+"""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS timers (
@@ -67,6 +81,14 @@ CREATE INDEX IF NOT EXISTS timers_pending_due ON timers (due_at_ms, id) WHERE st
 CREATE INDEX IF NOT EXISTS timers_firing_claim ON timers (claimed_until_ms)
     WHERE state = 'firing';
 CREATE INDEX IF NOT EXISTS timers_state_id ON timers (state, id);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    revoked_at_ms INTEGER
+);
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
     holder TEXT NOT NULL,
@@ -106,6 +128,8 @@ UPDATE timers SET state = :state, fired_at_ms = COALESCE(:fired_at_ms, fired_at_
 WHERE id = :id AND state = 'firing' AND claimed_by = :owner AND epoch = :epoch
 """
 
+KEY_COLUMNS = "key_id, name, tenant, secret_hash, created_at_ms, revoked_at_ms"
+
 _GROUP_COMMIT_MAX = 1000
 
 
@@ -127,6 +151,9 @@ def _to_timer(row: Sequence[Any]) -> Timer:
         headers=tuple((k, v) for k, v in json.loads(row[13] or "[]")),
         max_attempts=row[14],
         history=history_from_dicts(json.loads(row[15] or "[]")),
+        tenant=row[16],
+        idempotency_key=row[17],
+        request_hash=row[18],
     )
 
 
@@ -148,6 +175,9 @@ def _insert_params(t: Timer) -> tuple[Any, ...]:
         json.dumps(t.headers) if t.headers else None,
         t.max_attempts,
         json.dumps(history_to_dicts(t.history)) if t.history else None,
+        t.tenant,
+        t.idempotency_key,
+        t.request_hash,
     )
 
 
@@ -191,19 +221,32 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE timers ADD COLUMN {name} {kind}")
 
 
+def _insert_one(conn: sqlite3.Connection, timer: Timer) -> Timer:
+    """Insert, or return the tenant's timer that already has this idempotency key."""
+    if conn.execute(INSERT_SQL, _insert_params(timer)).rowcount == 1:
+        return timer
+    row = conn.execute(BY_IDEMPOTENCY_KEY_SQL, (timer.tenant, timer.idempotency_key)).fetchone()
+    if row is None:  # not an idempotency clash: the id itself exists, which cannot happen
+        raise sqlite3.IntegrityError(f"timer {timer.id} exists")
+    return _to_timer(row)
+
+
+_Pending = tuple[Timer, "concurrent.futures.Future[Timer]"]
+
+
 class _GroupCommitter:
     """One thread that commits every insert queued meanwhile in a single transaction."""
 
     def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
         self._connect = connect
-        self._queue: queue.SimpleQueue[tuple[Timer, concurrent.futures.Future[None]] | None] = (
+        self._queue: queue.SimpleQueue[tuple[Timer, concurrent.futures.Future[Timer]] | None] = (
             queue.SimpleQueue()
         )
         self._thread = threading.Thread(target=self._run, name="timerd-sqlite-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, timer: Timer) -> concurrent.futures.Future[None]:
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+    def submit(self, timer: Timer) -> concurrent.futures.Future[Timer]:
+        future: concurrent.futures.Future[Timer] = concurrent.futures.Future()
         self._queue.put((timer, future))
         return future
 
@@ -219,7 +262,7 @@ class _GroupCommitter:
         finally:
             conn.close()
 
-    def _next_batch(self) -> list[tuple[Timer, concurrent.futures.Future[None]]] | None:
+    def _next_batch(self) -> list[tuple[Timer, concurrent.futures.Future[Timer]]] | None:
         first = self._queue.get()
         if first is None:
             return None
@@ -236,18 +279,16 @@ class _GroupCommitter:
         return batch
 
     @staticmethod
-    def _commit(
-        conn: sqlite3.Connection, batch: list[tuple[Timer, concurrent.futures.Future[None]]]
-    ) -> None:
+    def _commit(conn: sqlite3.Connection, batch: list[_Pending]) -> None:
         try:
             with _unavailable_on_operational_error(), _transaction(conn):
-                conn.executemany(INSERT_SQL, [_insert_params(timer) for timer, _ in batch])
+                stored = [_insert_one(conn, timer) for timer, _ in batch]
         except Exception as exc:  # every waiter must hear about the failure, whatever it was
             for _, future in batch:
                 future.set_exception(exc)
             return
-        for _, future in batch:
-            future.set_result(None)
+        for (_, future), timer in zip(batch, stored, strict=True):
+            future.set_result(timer)
 
 
 class SqliteStore(Store):
@@ -274,6 +315,7 @@ class SqliteStore(Store):
             conn.execute("PRAGMA journal_mode = WAL")
             conn.executescript(SCHEMA)
             _add_missing_columns(conn)
+            conn.executescript(LATER_INDEXES)
 
     # connections
 
@@ -302,38 +344,59 @@ class SqliteStore(Store):
 
     # timers
 
-    def insert(self, timer: Timer) -> None:
+    def insert(self, timer: Timer) -> Timer:
         with self._writer_lock:
             if self._writer is None:
                 self._writer = _GroupCommitter(self._connect)
             writer = self._writer
-        writer.submit(timer).result()
+        return writer.submit(timer).result()
 
-    def get(self, timer_id: str) -> Timer:
+    def get(self, timer_id: str, tenant: str | None = None) -> Timer:
         if not is_timer_id(timer_id):
             raise TimerNotFound(timer_id)
-        row = self._run(
-            lambda c: c.execute(
-                f"SELECT {COLUMNS} FROM timers WHERE id = ?", (timer_id,)
-            ).fetchone()
-        )
-        if row is None:
+        sql = f"SELECT {COLUMNS} FROM timers WHERE id = ?"
+        row = self._run(lambda c: c.execute(sql, (timer_id,)).fetchone())
+        if row is None or (tenant is not None and row[16] != tenant):
             raise TimerNotFound(timer_id)
         return _to_timer(row)
 
-    def cancel(self, timer_id: str, now_ms: int) -> Timer:
+    def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
+        return self._update_in_state(timer_id, tenant, ("pending",), {"state": "cancelled"})
+
+    def update_pending(
+        self, timer_id: str, changes: TimerChanges, tenant: str | None = None
+    ) -> Timer:
+        values: dict[str, Any] = {
+            "due_at_ms": changes.due_at_ms,
+            "url": changes.url,
+            "payload": changes.payload,
+            "headers": None if changes.headers is None else json.dumps(changes.headers),
+        }
+        given = {name: value for name, value in values.items() if value is not None}
+        return self._update_in_state(timer_id, tenant, ("pending",), given)
+
+    def _update_in_state(
+        self, timer_id: str, tenant: str | None, states: tuple[str, ...], values: dict[str, Any]
+    ) -> Timer:
+        """Set `values` on the timer if it is in one of `states` (and the tenant's)."""
         if not is_timer_id(timer_id):
             raise TimerNotFound(timer_id)
-        row = self._run(
-            lambda c: c.execute(
-                f"UPDATE timers SET state = 'cancelled' WHERE id = ? AND state = 'pending'"
-                f" RETURNING {COLUMNS}",
-                (timer_id,),
-            ).fetchone()
+        assignments = ", ".join(f"{name} = ?" for name in values) or "id = id"
+        sql = (
+            f"UPDATE timers SET {assignments} WHERE id = ?"
+            f" AND state IN ({', '.join('?' * len(states))}) AND (? IS NULL OR tenant = ?)"
+            f" RETURNING {COLUMNS}"
         )
+        params = (*values.values(), timer_id, *states, tenant, tenant)
+        row = self._run(lambda c: c.execute(sql, params).fetchone())
         if row is not None:
             return _to_timer(row)
-        raise TimerStateConflict(timer_id, self.get(timer_id).state.value)
+        raise TimerStateConflict(timer_id, self.get(timer_id, tenant).state.value)
+
+    def count_pending(self, tenant: str) -> int:
+        sql = "SELECT count(*) FROM timers WHERE tenant = ? AND state = 'pending'"
+        count: int = self._run(lambda c: c.execute(sql, (tenant,)).fetchone()[0])
+        return count
 
     def pending_due(self, before_ms: int, limit: int) -> list[Due]:
         rows = self._run(lambda c: c.execute(PENDING_DUE_SQL, (before_ms, limit)).fetchall())
@@ -369,30 +432,19 @@ class SqliteStore(Store):
 
         return self._run(work) if outcomes else 0
 
-    def list_timers(self, state: State | None, before_id: str | None, limit: int) -> list[Timer]:
-        where, params = [], []
-        if state is not None:
-            where.append("state = ?")
-            params.append(state.value)
-        if before_id is not None:
-            where.append("id < ?")
-            params.append(before_id)
-        condition = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"SELECT {COLUMNS} FROM timers {condition} ORDER BY id DESC LIMIT ?"
-        rows = self._run(lambda c: c.execute(sql, (*params, max(limit, 0))).fetchall())
-        return [_to_timer(r) for r in rows]
+    def list_timers(
+        self, state: State | None, before_id: str | None, limit: int, tenant: str | None = None
+    ) -> list[Timer]:
+        conditions = {"tenant = ?": tenant, "state = ?": state, "id < ?": before_id}
+        given = {sql: value for sql, value in conditions.items() if value is not None}
+        where = f"WHERE {' AND '.join(given)}" if given else ""
+        sql = f"SELECT {COLUMNS} FROM timers {where} ORDER BY id DESC LIMIT ?"
+        params = (*given.values(), max(limit, 0))
+        return [_to_timer(r) for r in self._run(lambda c: c.execute(sql, params).fetchall())]
 
-    def replay(self, timer_id: str, now_ms: int) -> Timer:
-        if not is_timer_id(timer_id):
-            raise TimerNotFound(timer_id)
-        sql = (
-            "UPDATE timers SET state = 'pending', due_at_ms = ?, attempts = 0"
-            f" WHERE id = ? AND state IN ('failed', 'fired') RETURNING {COLUMNS}"
-        )
-        row = self._run(lambda c: c.execute(sql, (now_ms, timer_id)).fetchone())
-        if row is not None:
-            return _to_timer(row)
-        raise TimerStateConflict(timer_id, self.get(timer_id).state.value)
+    def replay(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
+        values = {"state": "pending", "due_at_ms": now_ms, "attempts": 0}
+        return self._update_in_state(timer_id, tenant, ("failed", "fired"), values)
 
     def recover_expired(self, now_ms: int, limit: int) -> int:
         sql = (
@@ -420,6 +472,33 @@ class SqliteStore(Store):
         sql = "SELECT holder, epoch, expires_at_ms FROM leases WHERE name = ?"
         row = self._run(lambda c: c.execute(sql, (LEASE_NAME,)).fetchone())
         return None if row is None else Lease(holder=row[0], epoch=row[1], expires_at_ms=row[2])
+
+    # API keys
+
+    def add_key(self, key: ApiKey) -> None:
+        sql = f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+        params = (
+            key.key_id,
+            key.name,
+            key.tenant,
+            key.secret_hash,
+            key.created_at_ms,
+            key.revoked_at_ms,
+        )
+        self._run(lambda c: c.execute(sql, params))
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        sql = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = ?"
+        row = self._run(lambda c: c.execute(sql, (key_id,)).fetchone())
+        return None if row is None else ApiKey(*row)
+
+    def list_keys(self) -> list[ApiKey]:
+        sql = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at_ms, key_id"
+        return [ApiKey(*row) for row in self._run(lambda c: c.execute(sql).fetchall())]
+
+    def revoke_key(self, key_id: str, now_ms: int) -> bool:
+        sql = "UPDATE api_keys SET revoked_at_ms = ? WHERE key_id = ? AND revoked_at_ms IS NULL"
+        return self._run(lambda c: c.execute(sql, (now_ms, key_id)).rowcount) == 1
 
     # lifecycle
 
