@@ -75,7 +75,7 @@ class Daemon:
         self._window_full = False  # the last poll hit batch_size: more may be due behind it
         self._heard: list[Entry] = []  # inserts announced while a poll was under way
         self._host_inflight: Counter[str] = Counter()
-        self._parked: dict[str, list[Entry]] = {}  # due, but their host is at its limit
+        self._parked: dict[str, list[Entry]] = {}  # heaps: due, but their host is at its limit
         self._polling = False
         self._next_poll_s = 0.0
         self._inflight: set[asyncio.Task[None]] = set()
@@ -186,7 +186,7 @@ class Daemon:
             entry = heapq.heappop(self._window)
             host = entry[2]
             if self._host_inflight[host] + taken[host] >= self.settings.per_host_concurrency:
-                self._parked.setdefault(host, []).append(entry)
+                heapq.heappush(self._parked.setdefault(host, []), entry)
                 continue
             taken[host] += 1
             ids.append(entry[1])
@@ -218,7 +218,7 @@ class Daemon:
             del self._host_inflight[host]
         parked = self._parked.get(host)
         if parked:
-            heapq.heappush(self._window, parked.pop())
+            heapq.heappush(self._window, heapq.heappop(parked))  # earliest due first
             self._wake.set()
         free = self.settings.concurrency - len(self._inflight)
         if self._slots_wanted and free >= self._slots_wanted:
