@@ -13,6 +13,7 @@ import json
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -214,11 +215,29 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
+def _use_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """Put the file in WAL mode. Processes opening a new file at once race for the lock this
+    takes, and SQLite answers the losers "locked" at once instead of calling its busy handler;
+    once the winner has switched, the PRAGMA is a no-op. So retry, within the busy timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    present = {row[1] for row in conn.execute("PRAGMA table_info(timers)")}
-    for name, kind in ADDED_COLUMNS.items():
-        if name not in present:
-            conn.execute(f"ALTER TABLE timers ADD COLUMN {name} {kind}")
+    # Look and add under the write lock: two processes opening the file at once would otherwise
+    # both see a column missing and the second ALTER would fail ("duplicate column name").
+    with _transaction(conn):
+        present = {row[1] for row in conn.execute("PRAGMA table_info(timers)")}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in present:
+                conn.execute(f"ALTER TABLE timers ADD COLUMN {name} {kind}")
 
 
 def _insert_one(conn: sqlite3.Connection, timer: Timer) -> Timer:
@@ -312,7 +331,7 @@ class SqliteStore(Store):
         self._writer_lock = threading.Lock()
         with _unavailable_on_operational_error():
             conn = self._conn()
-            conn.execute("PRAGMA journal_mode = WAL")
+            _use_wal(conn, busy_timeout_ms / 1000)
             conn.executescript(SCHEMA)
             _add_missing_columns(conn)
             conn.executescript(LATER_INDEXES)
