@@ -21,6 +21,7 @@ from timerd.clock import Clock, SystemClock
 from timerd.errors import StoreUnavailable
 from timerd.models import Timer, new_timer_id
 from timerd.settings import Settings
+from timerd.ssrf import AddressPolicy
 from timerd.store import Store
 
 InsertListener = Callable[[Timer], None]
@@ -52,6 +53,7 @@ class TimerRoutes:
         self, settings: Settings, store: Store, clock: Clock, on_insert: InsertListener | None
     ) -> None:
         self.settings = settings
+        self.address_policy = AddressPolicy.from_setting(settings.allowed_networks)  # url hosts
         self.store = store
         self.clock = clock
         self.on_insert = on_insert
@@ -59,7 +61,7 @@ class TimerRoutes:
     async def create(self, request: Request) -> JSONResponse:
         data = parse_json_object(await read_body(request))
         now_ms = self.clock.now_ms()
-        spec = parse_create(data, now_ms, self.settings.max_delay_s)
+        spec = parse_create(data, now_ms, self.settings.max_delay_s, policy=self.address_policy)
         timer = Timer(
             id=new_timer_id(),
             url=spec.url,

@@ -13,6 +13,7 @@ from typing import Any
 
 from api.errors import ApiError
 from timerd.models import State, is_timer_id
+from timerd.ssrf import PUBLIC_ONLY, AddressPolicy
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_URL_CHARS = 2048
@@ -97,14 +98,21 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def parse_create(data: dict[str, Any], now_ms: int, max_delay_s: float) -> CreateRequest:
-    """Validate a create body: `url` plus either a duration or `fire_at`."""
+def parse_create(
+    data: dict[str, Any],
+    now_ms: int,
+    max_delay_s: float,
+    *,
+    policy: AddressPolicy = PUBLIC_ONLY,
+) -> CreateRequest:
+    """Validate a create body: `url` plus either a duration or `fire_at`; `policy` (from
+    TIMERD_ALLOWED_NETWORKS) judges the url's host."""
     unknown = sorted(set(data) - CREATE_FIELDS)
     if unknown:
         raise ApiError(
             422, "unknown_field", f"unknown field(s): {', '.join(unknown)}", fields=unknown
         )
-    url = parse_url(data.get("url"))
+    url = parse_url(data.get("url"), policy)
     has_duration = any(name in data for name in DURATION_FIELDS)
     if "fire_at" in data:
         if has_duration:
@@ -207,8 +215,10 @@ def parse_fire_at(value: Any) -> int:
         raise _invalid("fire_at", "fire_at is not a valid time") from exc
 
 
-def parse_url(value: Any) -> str:
-    """An absolute http(s) URL with a host, no user-info, no fragment, no spaces."""
+def parse_url(value: Any, policy: AddressPolicy = PUBLIC_ONLY) -> str:
+    """An absolute http(s) URL with a host, no user-info, no fragment, no spaces, and no host
+    that `policy` denies without resolving it: a loopback name or a denied address literal in
+    any textual form. Host names are not resolved here; delivery checks what they resolve to."""
     if value is None:
         raise _invalid("url", "url is required")
     if not isinstance(value, str):
@@ -232,6 +242,9 @@ def parse_url(value: Any) -> str:
         raise _invalid("url", "url must not contain a fragment")
     if port == 0:
         raise _invalid("url", "url has an invalid port")
+    denial = policy.url_denial(value)
+    if denial is not None:
+        raise _invalid("url", f"url's host {denial}: webhooks may only reach public addresses")
     return value
 
 

@@ -257,7 +257,7 @@ class Daemon:
     def _judge(self, timer: Timer, attempt: Attempt) -> Outcome:
         """The outcome of an attempt: fired, retry later, or failed for good."""
         assert timer.epoch is not None
-        verdict = classify(attempt.status)
+        verdict = classify(attempt.status, permanent=attempt.permanent)
         next_due_ms = None
         if verdict is Verdict.RETRY:
             retry_after_s = parse_retry_after(attempt.retry_after, attempt.started_at_ms)

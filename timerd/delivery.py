@@ -13,13 +13,18 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import aiohttp
+import structlog
+from aiohttp.abc import AbstractResolver
 
 from timerd import __version__
 from timerd.models import RESPONSE_PREFIX_CHARS, Timer
 from timerd.settings import Settings
 from timerd.signing import Signer
+from timerd.ssrf import ADDRESS_DENIED, AddressDenied, AddressPolicy, Denial, GuardedResolver
 
 RESPONSE_PREFIX_BYTES = 1024  # read of an answer at most; the rest is never downloaded
+
+log = structlog.get_logger("timerd.delivery")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +37,7 @@ class Attempt:
     error: str | None = None
     retry_after: str | None = None  # the answer's Retry-After header, as sent
     response: str | None = None  # a short prefix of the answer's body
+    permanent: bool = False  # no later attempt can succeed (a denied address): do not retry
 
     @property
     def delivered(self) -> bool:
@@ -62,17 +68,31 @@ def webhook_body(timer: Timer) -> bytes:
 
 
 class Deliverer:
-    """Delivers webhooks through one `ClientSession`; use as an async context manager."""
+    """Delivers webhooks through one `ClientSession`; use as an async context manager.
 
-    def __init__(self, settings: Settings) -> None:
+    Only addresses `TIMERD_ALLOWED_NETWORKS`' policy allows are connected to (`timerd.ssrf`):
+    host names through a `GuardedResolver` around `resolver` (aiohttp's `ThreadedResolver`
+    unless a test passes a fake), address literals, which aiohttp never resolves, before the
+    request."""
+
+    def __init__(self, settings: Settings, resolver: AbstractResolver | None = None) -> None:
         self._settings = settings
         self._signer = Signer.from_setting(settings.signing_secret)
+        self._policy = AddressPolicy.from_setting(settings.allowed_networks)
+        self._inner_resolver = resolver
+        self._resolver: GuardedResolver | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Deliverer:
         s = self._settings
+        inner = self._inner_resolver
+        if inner is None:  # created here: it needs the running loop
+            inner = aiohttp.ThreadedResolver()
+        self._resolver = GuardedResolver(inner, self._policy)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=s.concurrency, ttl_dns_cache=60),
+            connector=aiohttp.TCPConnector(
+                limit=s.concurrency, ttl_dns_cache=60, resolver=self._resolver
+            ),
             timeout=aiohttp.ClientTimeout(total=s.delivery_timeout_s, connect=s.connect_timeout_s),
             headers={"user-agent": f"timerd/{__version__}"},
             auto_decompress=False,
@@ -87,6 +107,8 @@ class Deliverer:
     ) -> None:
         if self._session is not None:
             await self._session.close()
+        if self._resolver is not None:  # the connector does not own a resolver it was given
+            await self._resolver.close()
 
     async def deliver(self, timer: Timer) -> Attempt:
         """POST the webhook once; redirects are not followed and at most a short prefix of the
@@ -94,6 +116,10 @@ class Deliverer:
         assert self._session is not None, "use Deliverer as an async context manager"
         started_ms = time.time_ns() // 1_000_000
         started = time.perf_counter()
+        url = webhook_url(timer.url, timer.id)
+        denial = self._policy.url_denial(url)  # literals: aiohttp connects without resolving
+        if denial is not None:
+            return _denied(timer, denial, started_ms, started)
         body = webhook_body(timer)
         headers = {
             **dict(timer.headers),
@@ -107,12 +133,14 @@ class Deliverer:
             )
         try:
             async with self._session.post(
-                webhook_url(timer.url, timer.id),
+                url,
                 data=body,
                 headers=headers,
                 allow_redirects=False,
             ) as response:
                 prefix = await response.content.read(RESPONSE_PREFIX_BYTES)
+        except AddressDenied as exc:  # raised by the resolver, before any connection
+            return _denied(timer, exc.denial, started_ms, started)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             error = "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
             return Attempt(started_ms, _ms_since(started), error=error)
@@ -123,6 +151,12 @@ class Deliverer:
             retry_after=response.headers.get("retry-after"),
             response=prefix.decode("utf-8", "replace")[:RESPONSE_PREFIX_CHARS] or None,
         )
+
+
+def _denied(timer: Timer, denial: Denial, started_ms: int, started: float) -> Attempt:
+    """The attempt at a target the policy denies: permanent, nothing sent."""
+    log.warning(ADDRESS_DENIED, timer_id=timer.id, host=denial.host, reason=denial.reason)
+    return Attempt(started_ms, _ms_since(started), error=ADDRESS_DENIED, permanent=True)
 
 
 def _ms_since(started: float) -> float:

@@ -1,7 +1,8 @@
 """When to try a failed delivery again, and when to give up.
 
 Retryable: no answer at all (refused, reset, DNS failure, timeout), 408, 425, 429, 5xx, and
-1xx/3xx (redirects are not followed). Permanent: every other 4xx, `410 Gone` among them.
+1xx/3xx (redirects are not followed). Permanent: every other 4xx, `410 Gone` among them, and an
+attempt that says so itself (a target the SSRF guard denies: `address_denied`).
 After attempt n the next one waits `schedule[n-1]` (the last entry repeats), spread by ±10 %
 jitter, or what the receiver's `Retry-After` asked for, within [1 s, 24 h].
 """
@@ -33,8 +34,11 @@ class Verdict(enum.Enum):
     PERMANENT = "permanent"
 
 
-def classify(status: int | None) -> Verdict:
-    """Judge an attempt by its HTTP status; None (no answer at all) is retryable."""
+def classify(status: int | None, *, permanent: bool = False) -> Verdict:
+    """Judge an attempt by its HTTP status; None (no answer at all) is retryable unless the
+    attempt is `permanent` (no later attempt can succeed)."""
+    if permanent:
+        return Verdict.PERMANENT
     if status is None:
         return Verdict.RETRY
     if 200 <= status < 300:

@@ -16,6 +16,7 @@ from typing import Any
 from timerd.errors import ConfigError
 from timerd.retry import DEFAULT_SCHEDULE, parse_schedule
 from timerd.signing import Signer
+from timerd.ssrf import parse_allowed_networks
 
 DAY_S = 86_400.0
 
@@ -116,6 +117,7 @@ def _check_settings(s: Settings) -> None:
         raise ConfigError("TIMERD_LOG_FORMAT must be auto, json or console")
     parse_schedule(s.retry_schedule)
     Signer.from_setting(s.signing_secret)
+    parse_allowed_networks(s.allowed_networks)
     if s.drain_grace_s < 0:
         raise ConfigError("TIMERD_DRAIN_GRACE_S must not be negative")
 

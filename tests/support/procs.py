@@ -37,10 +37,15 @@ def free_port() -> int:
         return port
 
 
+LOOPBACK_ALLOWED = {"TIMERD_ALLOWED_NETWORKS": "127.0.0.0/8"}  # receivers listen on loopback
+
+
 def timerd_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without any `TIMERD_*` variable, JSON logs, then `env`."""
+    """This process's environment without any `TIMERD_*` variable, JSON logs, webhooks allowed
+    to reach loopback (the SSRF guard denies it by default; tests' receivers live there), then
+    `env`, which overrides any of it (`TIMERD_ALLOWED_NETWORKS=""` restores the default)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TIMERD_")}
-    return {**clean, "TIMERD_LOG_FORMAT": "json", **(env or {})}
+    return {**clean, "TIMERD_LOG_FORMAT": "json", **LOOPBACK_ALLOWED, **(env or {})}
 
 
 def run_timerd(
