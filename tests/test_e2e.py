@@ -5,30 +5,28 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.support.cluster import (
+    POLL_S,
+    TTL_S,
+    ids_in,
+    leader_pid,
+    now_ms,
+    rfc3339,
+    start_daemon,
+    states,
+    store_url,
+)
 from tests.support.procs import TimerdProcess, TimerdProcesses
-from tests.support.receiver import Arrival, Receiver
+from tests.support.receiver import Receiver
 from tests.support.waiting import wait_until
 from timerd.models import State
-from timerd.store import open_store
-
-TTL_S, POLL_S = 2.0, 0.5
-FAST = {
-    "TIMERD_LEASE_TTL_S": str(TTL_S),
-    "TIMERD_LEASE_RENEW_S": "0.5",
-    "TIMERD_POLL_INTERVAL_S": str(POLL_S),
-    "TIMERD_CONNECT_TIMEOUT_S": "1",
-    "TIMERD_DELIVERY_TIMEOUT_S": "2",  # claims then expire 5 s after they were made
-    "TIMERD_DRAIN_GRACE_S": "5",
-}
 
 
 @pytest.fixture
@@ -42,36 +40,6 @@ def procs(tmp_path: Path) -> Iterator[TimerdProcesses]:
         yield started
 
 
-def store_url(db: Path) -> str:
-    return f"sqlite:///{db}"
-
-
-def start_daemon(
-    procs: TimerdProcesses, db: Path, *, lead: bool = True, **env: str
-) -> TimerdProcess:
-    """A `timerd daemon`; with `lead`, return once it holds the lease."""
-    daemon = procs.start("daemon", store_url(db), env=FAST | env, ready=False)
-    if lead:
-        wait_until(lambda: leader_pid(db) == daemon.pid, 10, "the daemon to take the lease")
-    else:
-        wait_until(lambda: '"daemon_started"' in daemon.stderr(), 10, "the daemon to start")
-    return daemon
-
-
-def leader_pid(db: Path) -> int | None:
-    store = open_store(store_url(db))
-    try:
-        lease = store.get_lease()
-    finally:
-        store.close()
-    live = lease is not None and lease.expires_at_ms > time.time() * 1000
-    return int(lease.holder.split(":")[1]) if live and lease else None
-
-
-def rfc3339(epoch_ms: int) -> str:
-    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
-
-
 def create(api: TimerdProcess, url: str, due_at_ms: int) -> str:
     answer = httpx.post(f"{api.base_url}/timers", json={"url": url, "fire_at": rfc3339(due_at_ms)})
     assert answer.status_code == 201, answer.text
@@ -81,22 +49,6 @@ def create(api: TimerdProcess, url: str, due_at_ms: int) -> str:
 
 def create_many(api: TimerdProcess, url: str, dues_ms: list[int]) -> dict[str, int]:
     return {create(api, url, due): due for due in dues_ms}
-
-
-def states(db: Path, ids: list[str]) -> Counter[State]:
-    store = open_store(store_url(db))
-    try:
-        return Counter(store.get(i).state for i in ids)
-    finally:
-        store.close()
-
-
-def ids_in(arrivals: list[Arrival]) -> Counter[str]:
-    return Counter(a.timer_id for a in arrivals)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def test_timers_fire_at_their_url_with_the_contract_and_never_early(
