@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -13,8 +16,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import Authenticator
 from api.errors import EXCEPTION_HANDLERS, ApiError
-from api.validation import MAX_BODY_BYTES, parse_create, parse_json_object, parse_list_query
+from api.openapi import openapi_json
+from api.validation import (
+    MAX_BODY_BYTES,
+    parse_changes,
+    parse_create,
+    parse_idempotency_key,
+    parse_json_object,
+    parse_list_query,
+    request_hash,
+)
 from api.views import timer_view
 from timerd import metrics
 from timerd.clock import Clock, SystemClock
@@ -47,7 +60,11 @@ def _too_large(limit: int) -> ApiError:
 
 
 class TimerRoutes:
-    """The route handlers, bound to one store, clock and settings."""
+    """The route handlers, bound to one store, clock and settings.
+
+    Handlers that touch the store are plain functions (Starlette runs them in its thread pool);
+    `create` reads the body asynchronously and hands the blocking part to the pool.
+    """
 
     def __init__(
         self, settings: Settings, store: Store, clock: Clock, on_insert: InsertListener | None
@@ -57,9 +74,28 @@ class TimerRoutes:
         self.store = store
         self.clock = clock
         self.on_insert = on_insert
+        self.auth = Authenticator(settings, store)
+        self.cap = PendingCap(store, settings.max_pending_per_tenant)
+
+    def _tenant(self, request: Request) -> str:
+        return self.auth.tenant(request.headers.get("authorization"))
+
+    def _announce(self, timer: Timer) -> None:
+        if self.on_insert is not None:
+            self.on_insert(timer)
+
+    async def timers(self, request: Request) -> JSONResponse:
+        """POST creates, GET lists: one route, so that a 405 there allows both."""
+        if request.method == "POST":
+            return await self.create(request)
+        return await run_in_threadpool(self.list_timers, request)
 
     async def create(self, request: Request) -> JSONResponse:
+        """`POST /timers`: validate, insert durably, answer 201 (or the original timer when an
+        `Idempotency-Key` was seen before with the same body)."""
+        tenant = await run_in_threadpool(self._tenant, request)
         data = parse_json_object(await read_body(request))
+        idempotency_key = parse_idempotency_key(request.headers.get("idempotency-key"))
         now_ms = self.clock.now_ms()
         spec = parse_create(data, now_ms, self.settings.max_delay_s, policy=self.address_policy)
         timer = Timer(
@@ -70,40 +106,72 @@ class TimerRoutes:
             payload=spec.payload,
             headers=spec.headers,
             max_attempts=spec.max_attempts,
+            tenant=tenant,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash(data) if idempotency_key else None,
         )
-        await run_in_threadpool(self.store.insert, timer)
-        metrics.TIMERS_CREATED.inc()
-        if self.on_insert is not None:
-            self.on_insert(timer)
-        headers = {"Location": f"/timers/{timer.id}"}
-        return JSONResponse(timer_view(timer, now_ms), status_code=201, headers=headers)
+        stored = await run_in_threadpool(self._insert, timer)
+        headers = {"Location": f"/timers/{stored.id}"}
+        if stored.id != timer.id:
+            if stored.request_hash != timer.request_hash:
+                raise ApiError(
+                    422,
+                    "idempotency_conflict",
+                    "this Idempotency-Key was used with a different request body",
+                )
+            headers["Idempotent-Replayed"] = "true"
+        else:
+            metrics.TIMERS_CREATED.inc()
+            self._announce(stored)
+        return JSONResponse(timer_view(stored, now_ms), status_code=201, headers=headers)
 
-    def readyz(self, _: Request) -> JSONResponse:
-        """200 while the store answers, 503 otherwise."""
-        try:
-            self.store.ping()
-        except StoreUnavailable:
-            return JSONResponse({"status": "store unavailable"}, status_code=503)
-        return JSONResponse({"status": "ready"})
+    def _insert(self, timer: Timer) -> Timer:
+        """Insert under the tenant's cap; a retry of a create that succeeded returns the
+        original timer even when the tenant is at its cap now."""
+        if timer.idempotency_key is not None:
+            earlier = self.store.find_by_idempotency_key(timer.tenant, timer.idempotency_key)
+            if earlier is not None:
+                return earlier
+        self.cap.check(timer.tenant)
+        stored = self.store.insert(timer)
+        if stored.id == timer.id:
+            self.cap.added(timer.tenant)
+        return stored
 
-    def timer(self, request: Request) -> JSONResponse:
-        """GET reads, DELETE cancels: one route, so that a 405 there allows both."""
-        return self.cancel(request) if request.method == "DELETE" else self.get(request)
+    async def timer(self, request: Request) -> JSONResponse:
+        """GET reads, PATCH changes, DELETE cancels: one route, so a 405 there allows all."""
+        if request.method == "PATCH":
+            return await self.change(request)
+        return await run_in_threadpool(self.read_or_cancel, request)
 
-    def get(self, request: Request) -> JSONResponse:
-        timer = self.store.get(request.path_params["timer_id"])
-        return JSONResponse(timer_view(timer, self.clock.now_ms()))
+    def read_or_cancel(self, request: Request) -> JSONResponse:
+        """`GET /timers/{id}` reads a timer; `DELETE /timers/{id}` cancels a pending one."""
+        tenant = self._tenant(request)
+        timer_id = request.path_params["timer_id"]
+        now_ms = self.clock.now_ms()
+        if request.method == "DELETE":
+            timer = self.store.cancel(timer_id, now_ms, tenant)
+        else:
+            timer = self.store.get(timer_id, tenant)
+        return JSONResponse(timer_view(timer, now_ms))
 
-    async def timers(self, request: Request) -> JSONResponse:
-        """POST creates, GET lists: one route, so that a 405 there allows both."""
-        if request.method == "POST":
-            return await self.create(request)
-        return await run_in_threadpool(self.list_timers, request)
+    async def change(self, request: Request) -> JSONResponse:
+        """`PATCH /timers/{id}`: move or edit a pending timer; 409 once it is claimed."""
+        tenant = await run_in_threadpool(self._tenant, request)
+        data = parse_json_object(await read_body(request))
+        now_ms = self.clock.now_ms()
+        changes = parse_changes(data, now_ms, self.settings.max_delay_s, policy=self.address_policy)
+        timer_id = request.path_params["timer_id"]
+        timer = await run_in_threadpool(self.store.update_pending, timer_id, changes, tenant)
+        if changes.due_at_ms is not None:
+            self._announce(timer)
+        return JSONResponse(timer_view(timer, now_ms))
 
     def list_timers(self, request: Request) -> JSONResponse:
         """`GET /timers?state=failed&limit=50&cursor=<id>`: newest first, one page at a time."""
+        tenant = self._tenant(request)
         query = parse_list_query(request.query_params)
-        timers = self.store.list_timers(query.state, query.cursor, query.limit)
+        timers = self.store.list_timers(query.state, query.cursor, query.limit, tenant)
         now_ms = self.clock.now_ms()
         full = len(timers) == query.limit
         return JSONResponse(
@@ -115,16 +183,55 @@ class TimerRoutes:
 
     def replay(self, request: Request) -> JSONResponse:
         """`POST /timers/{id}/replay`: a failed or fired timer fires again now, same id."""
+        tenant = self._tenant(request)
         now_ms = self.clock.now_ms()
-        timer = self.store.replay(request.path_params["timer_id"], now_ms)
-        if self.on_insert is not None:
-            self.on_insert(timer)
+        timer = self.store.replay(request.path_params["timer_id"], now_ms, tenant)
+        self._announce(timer)
         return JSONResponse(timer_view(timer, now_ms))
 
-    def cancel(self, request: Request) -> JSONResponse:
-        now_ms = self.clock.now_ms()
-        timer = self.store.cancel(request.path_params["timer_id"], now_ms)
-        return JSONResponse(timer_view(timer, now_ms))
+    def readyz(self, _: Request) -> JSONResponse:
+        """200 while the store answers, 503 otherwise."""
+        try:
+            self.store.ping()
+        except StoreUnavailable:
+            return JSONResponse({"status": "store unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+
+class PendingCap:
+    """The per-tenant cap on pending timers, counted at most once a second per tenant (so it
+    holds to within the creates of one second on each replica)."""
+
+    REFRESH_S = 1.0
+
+    def __init__(self, store: Store, limit: int) -> None:
+        self._store = store
+        self._limit = limit
+        self._counts: dict[str, tuple[int, float]] = {}  # tenant → (pending, counted at)
+        self._lock = threading.Lock()
+
+    def check(self, tenant: str) -> None:
+        """Raise 429 when `tenant` has its cap of pending timers already."""
+        now = time.monotonic()
+        with self._lock:
+            count, at = self._counts.get(tenant, (0, -math.inf))
+        if now - at > self.REFRESH_S:
+            count, at = self._store.count_pending(tenant), now
+            with self._lock:
+                self._counts[tenant] = (count, at)
+        if count >= self._limit:
+            raise ApiError(
+                429,
+                "too_many_pending",
+                f"this tenant already has {self._limit} pending timers",
+                headers={"Retry-After": "60"},
+            )
+
+    def added(self, tenant: str) -> None:
+        """Count a timer just inserted for `tenant` until the next refresh."""
+        with self._lock:
+            count, at = self._counts.get(tenant, (0, -math.inf))
+            self._counts[tenant] = (count + 1, at)
 
 
 async def healthz(_: Request) -> JSONResponse:
@@ -152,9 +259,10 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
             Route("/metrics", metrics_page, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
             Route("/timers", routes.timers, methods=["GET", "POST"]),
             Route("/timers/{timer_id}/replay", routes.replay, methods=["POST"]),
-            Route("/timers/{timer_id}", routes.timer, methods=["GET", "DELETE"]),
+            Route("/timers/{timer_id}", routes.timer, methods=["GET", "PATCH", "DELETE"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(RequestMetrics)],

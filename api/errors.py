@@ -19,11 +19,20 @@ log = structlog.get_logger("timerd.api")
 class ApiError(Exception):
     """A client mistake, answered with `status` and a code a program can match on."""
 
-    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **details: Any,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
         self.details = details
 
 
@@ -41,7 +50,7 @@ def error_response(
 
 async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message, **exc.details)
+    return error_response(exc.status, exc.code, exc.message, exc.headers, **exc.details)
 
 
 async def on_not_found(_: Request, exc: Exception) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -12,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from api.errors import ApiError
-from timerd.models import State, is_timer_id
+from timerd.models import State, TimerChanges, is_timer_id
 from timerd.ssrf import PUBLIC_ONLY, AddressPolicy
 
 MAX_BODY_BYTES = 16 * 1024
@@ -26,10 +27,12 @@ CREATE_FIELDS = frozenset(
     {*DURATION_FIELDS, "fire_at", "url", "payload", "headers", "max_attempts"}
 )
 MAX_PAYLOAD_BYTES = 8 * 1024
+MAX_PAYLOAD_DEPTH = 100  # arrays and objects within one another: far from the recursion limit
 MAX_HEADERS = 20
 MAX_HEADER_BYTES = 4 * 1024  # names and values together
 MAX_ATTEMPTS_CAP = 100
 DEFAULT_PAGE, MAX_PAGE = 50, 100
+LIMIT = re.compile(r"[0-9]{1,9}")
 # Headers a client may not set: hop-by-hop ones, framing, and what timerd itself sends.
 FORBIDDEN_HEADERS = frozenset(
     {
@@ -113,6 +116,18 @@ def parse_create(
             422, "unknown_field", f"unknown field(s): {', '.join(unknown)}", fields=unknown
         )
     url = parse_url(data.get("url"), policy)
+    due_at_ms = _due_at_ms(data, now_ms, max_delay_s)
+    return CreateRequest(
+        url=url,
+        due_at_ms=due_at_ms,
+        payload=parse_payload(data["payload"]) if "payload" in data else None,
+        headers=parse_headers(data.get("headers", {})),
+        max_attempts=parse_max_attempts(data.get("max_attempts")),
+    )
+
+
+def _due_at_ms(data: dict[str, Any], now_ms: int, max_delay_s: float) -> int:
+    """The due time a body asks for: `fire_at`, or hours/minutes/seconds from now."""
     has_duration = any(name in data for name in DURATION_FIELDS)
     if "fire_at" in data:
         if has_duration:
@@ -125,17 +140,13 @@ def parse_create(
         raise _invalid(field, f"the delay may be at most {max_delay_s:g} seconds")
     if due_at_ms > MAX_DUE_AT_MS:
         raise _invalid(field, "the timer must fire before the year 10000")
-    return CreateRequest(
-        url=url,
-        due_at_ms=due_at_ms,
-        payload=parse_payload(data["payload"]) if "payload" in data else None,
-        headers=parse_headers(data.get("headers", {})),
-        max_attempts=parse_max_attempts(data.get("max_attempts")),
-    )
+    return due_at_ms
 
 
 def parse_payload(value: Any) -> str:
     """Any JSON value, kept as compact JSON text of at most MAX_PAYLOAD_BYTES."""
+    if _nesting(value) > MAX_PAYLOAD_DEPTH:  # json.dumps, here or later, would recurse too deep
+        raise _invalid("payload", f"payload may nest at most {MAX_PAYLOAD_DEPTH} levels deep")
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     try:
         size = len(text.encode())
@@ -144,6 +155,18 @@ def parse_payload(value: Any) -> str:
     if size > MAX_PAYLOAD_BYTES:
         raise _invalid("payload", f"payload may be at most {MAX_PAYLOAD_BYTES} bytes as JSON")
     return text
+
+
+def _nesting(value: Any) -> int:
+    """How many arrays and objects `value` nests within one another (a scalar: 0), found
+    level by level rather than by recursion."""
+    depth, level = 0, [value]
+    while True:
+        containers = [item for item in level if isinstance(item, list | dict)]
+        if not containers:
+            return depth
+        depth += 1
+        level = [x for c in containers for x in (c.values() if isinstance(c, dict) else c)]
 
 
 def parse_headers(value: Any) -> tuple[tuple[str, str], ...]:
@@ -275,6 +298,55 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
     if cursor is not None and not is_timer_id(cursor):
         raise _invalid("cursor", "cursor must be the next_cursor of a previous page")
     limit = params.get("limit", str(DEFAULT_PAGE))
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+    # ASCII digits ("²".isdigit() holds, int("²") fails), few enough for int() (4300 at most)
+    if not LIMIT.fullmatch(limit) or not 1 <= int(limit) <= MAX_PAGE:
         raise _invalid("limit", f"limit must be an integer from 1 to {MAX_PAGE}")
     return ListQuery(None if state is None else State(state), cursor, int(limit))
+
+
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)
+CHANGE_FIELDS = frozenset({*DURATION_FIELDS, "fire_at", "url", "payload", "headers"})
+
+
+def parse_idempotency_key(value: str | None) -> str | None:
+    """The `Idempotency-Key` header: 1 to 255 visible ASCII characters, or absent."""
+    if value is None:
+        return None
+    if not IDEMPOTENCY_KEY.fullmatch(value):
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )
+    return value
+
+
+def request_hash(data: dict[str, Any]) -> str:
+    """A digest of a create body, the same for the same JSON whatever its key order."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def parse_changes(
+    data: dict[str, Any],
+    now_ms: int,
+    max_delay_s: float,
+    *,
+    policy: AddressPolicy = PUBLIC_ONLY,
+) -> TimerChanges:
+    """A PATCH body: any of a new due time (a duration from now, or `fire_at`), `url`,
+    `payload`, `headers`; at least one."""
+    unknown = sorted(set(data) - CHANGE_FIELDS)
+    if unknown:
+        raise ApiError(
+            422, "unknown_field", f"unknown field(s): {', '.join(unknown)}", fields=unknown
+        )
+    if not data:
+        raise ApiError(422, "invalid_body", "give at least one field to change")
+    has_time = "fire_at" in data or any(name in data for name in DURATION_FIELDS)
+    return TimerChanges(
+        due_at_ms=_due_at_ms(data, now_ms, max_delay_s) if has_time else None,
+        url=parse_url(data["url"], policy) if "url" in data else None,
+        payload=parse_payload(data["payload"]) if "payload" in data else None,
+        headers=parse_headers(data["headers"]) if "headers" in data else None,
+    )

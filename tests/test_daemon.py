@@ -391,6 +391,7 @@ def test_a_timer_announced_by_the_api_fires_without_waiting_for_a_poll(store: St
             assert await daemon.step() == pytest.approx(1.0)
             timer_id = add_timer(store, START_MS + 300)
             daemon.notify_insert(store.get(timer_id))
+            await asyncio.sleep(0)  # the announcement is handed over through the event loop
             assert await daemon.step() == pytest.approx(0.3)
             clock.advance(300)
             await daemon.step()

@@ -155,5 +155,7 @@ def test_status_shows_leader_counts_backlog_and_lateness(
 
 
 def test_status_hides_a_password_in_the_store_url() -> None:
-    assert redact_url("mongodb://admin:s3cret@db1,db2/timerd") == "mongodb://admin:***@db1,db2/timerd"
+    assert (
+        redact_url("mongodb://admin:s3cret@db1,db2/timerd") == "mongodb://admin:***@db1,db2/timerd"
+    )
     assert redact_url("sqlite:///timerd.db") == "sqlite:///timerd.db"

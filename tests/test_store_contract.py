@@ -9,6 +9,7 @@ last section covers what only SQLite has: locking, pragmas and `open_store` URL 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import sqlite3
 import threading
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -612,6 +613,9 @@ def test_an_idempotency_key_inserts_once_per_tenant(store: Store) -> None:
     assert [store.get(t.id) for t in without_keys] == without_keys
     with pytest.raises(TimerNotFound):
         store.get(again.id)
+    assert store.find_by_idempotency_key("acme", "k1") == first
+    assert store.find_by_idempotency_key("acme", "k2") is None
+    assert store.find_by_idempotency_key("nobody", "k1") is None
 
 
 def test_concurrent_inserts_with_one_idempotency_key_insert_exactly_one(
@@ -883,6 +887,23 @@ def test_sqlite_durability_is_full_unless_the_daemon_or_the_url_says_otherwise(
     with closing(open_store(f"sqlite:///{db_path}{query}", for_daemon=for_daemon)) as store:
         assert isinstance(store, SqliteStore)
         assert store._conn().execute("PRAGMA synchronous").fetchone() == (synchronous,)
+
+
+def _open_and_close(url: str, barrier: Any) -> None:
+    barrier.wait(timeout=30)
+    open_store(url).close()
+
+
+def test_sqlite_processes_opening_a_new_file_at_once_all_start(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(6)
+    workers = [context.Process(target=_open_and_close, args=(url, barrier)) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [w.exitcode for w in workers] == [0] * 6
 
 
 def test_sqlite_timers_survive_closing_and_reopening(db_path: Path) -> None:

@@ -23,7 +23,8 @@ from aiohttp import web
 from starlette.applications import Starlette
 
 from api import create_app  # the CLI is the one place that wires the API to the core
-from timerd import __version__, systemd
+from api.auth import check_protected_mode
+from timerd import __version__, keys, systemd
 from timerd.clock import SystemClock
 from timerd.daemon import Daemon
 from timerd.delivery import Deliverer
@@ -78,6 +79,7 @@ def _server(settings: Settings, app: Starlette) -> _Server:
 async def serve_api(settings: Settings) -> None:
     """`timerd api`: serve the API until SIGTERM or SIGINT."""
     store = open_store(settings.store)
+    check_protected_mode(settings, store)
     watch_store(store, SystemClock())
     try:
         server = _server(settings, create_app(settings, store))
@@ -120,6 +122,7 @@ async def run_all(settings: Settings) -> None:
     """`timerd run`: the API and the daemon in one process; a signal stops both."""
     api_store = open_store(settings.store)
     daemon_store = open_store(settings.store, for_daemon=True)
+    check_protected_mode(settings, api_store)
     watch_store(api_store, SystemClock())
     try:
         async with Deliverer(settings) as deliverer:
@@ -176,7 +179,43 @@ def _parser() -> argparse.ArgumentParser:
         ("status", "the store's leader, counts, backlog and recent lateness"),
     ):
         add_arguments(commands.add_parser(name, help=help_text))
+    _add_keys_parser(commands)
     return parser
+
+
+def _add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys_parser = commands.add_parser("keys", help="create, list and revoke API keys")
+    actions = keys_parser.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="make a key and print it, once")
+    create.add_argument("--name", required=True, help="what the key is for")
+    create.add_argument("--tenant", help="whose timers it sees (default: the name)")
+    revoke = actions.add_parser("revoke", help="revoke a key at once, on every replica")
+    revoke.add_argument("key_id", help="the id `timerd keys list` shows")
+    for action in (create, actions.add_parser("list", help="every key, revoked ones too"), revoke):
+        add_arguments(action)
+
+
+def manage_keys(args: argparse.Namespace, settings: Settings) -> None:
+    """`timerd keys create|list|revoke`."""
+    store = open_store(settings.store)
+    now_ms = SystemClock().now_ms()
+    try:
+        if args.action == "create":
+            token, key = keys.new_key(args.name, args.tenant or args.name, now_ms)
+            store.add_key(key)
+            print(token)
+            print(
+                f"key {key.key_id} for tenant {key.tenant!r}: keep it now, it is not shown again",
+                file=sys.stderr,
+            )
+        elif args.action == "list":
+            for key in store.list_keys():
+                state = "live" if key.revoked_at_ms is None else "revoked"
+                print(f"{key.key_id}  {state:<7}  tenant={key.tenant}  name={key.name}")
+        elif not store.revoke_key(args.key_id, now_ms):
+            raise ConfigError(f"no live key {args.key_id}")
+    finally:
+        store.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -185,7 +224,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = build_settings(args, os.environ)
         configure_logging(settings.log_level, settings.log_format)
-        asyncio.run(COMMANDS[args.command](settings))
+        if args.command == "keys":
+            manage_keys(args, settings)
+        else:
+            asyncio.run(COMMANDS[args.command](settings))
     except ConfigError as exc:
         print(f"timerd: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

@@ -83,6 +83,7 @@ class Daemon:
         self._slots_wanted = 0
         self._stopping = False
         self._store_failures = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # set once running
         metrics.IN_FLIGHT.set_function(lambda: len(self._inflight))
         metrics.LEADER.set_function(lambda: int(self.lease.is_leader()))
         metrics.LEASE_EPOCH.set_function(lambda: self.lease.epoch)
@@ -97,7 +98,12 @@ class Daemon:
         self._wake.set()
 
     def notify_insert(self, timer: Timer) -> None:
-        """Hear of a timer just created in this process, so one due soon fires on time."""
+        """Hear of a timer just created or moved in this process, so that one due sooner than
+        the next poll fires on time. Safe to call from any thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._consider, timer)
+
+    def _consider(self, timer: Timer) -> None:
         if timer.due_at_ms < self.clock.now_ms() + self.settings.lookahead_s * 1000:
             entry = (timer.due_at_ms, timer.id, host_of(timer.url))
             heapq.heappush(self._window, entry)
@@ -132,6 +138,7 @@ class Daemon:
 
     async def step(self) -> float:
         """Do what is due now; return how many seconds may pass before the next step."""
+        self._loop = asyncio.get_running_loop()
         if not self.lease.is_leader():
             self._window.clear()
             self._next_poll_s = 0.0

@@ -38,6 +38,16 @@ class Settings:
         default=9464,
         metadata=_help("port of `timerd daemon`'s /metrics, /healthz and /readyz; 0: none"),
     )
+    auth: str = field(
+        default="auto",
+        metadata=_help("keys, none, or auto: keys once any exist, and always off loopback"),
+    )
+    max_pending_per_tenant: int = field(
+        default=1_000_000, metadata=_help("most pending timers one tenant may have")
+    )
+    rate_limit_per_s: float = field(
+        default=0.0, metadata=_help("requests per second per API key and replica; 0: no limit")
+    )
     max_delay_s: float = field(
         default=365 * DAY_S, metadata=_help("longest delay a timer may have")
     )
@@ -99,6 +109,7 @@ def _check_settings(s: Settings) -> None:
         "batch_size",
         "concurrency",
         "per_host_concurrency",
+        "max_pending_per_tenant",
         "connect_timeout_s",
         "delivery_timeout_s",
     )
@@ -113,6 +124,10 @@ def _check_settings(s: Settings) -> None:
         raise ConfigError("TIMERD_LEASE_RENEW_S must be at most half of TIMERD_LEASE_TTL_S")
     if s.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("TIMERD_LOG_LEVEL must be debug, info, warning or error")
+    if s.auth not in {"auto", "keys", "none"}:
+        raise ConfigError("TIMERD_AUTH must be auto, keys or none")
+    if s.rate_limit_per_s < 0:
+        raise ConfigError("TIMERD_RATE_LIMIT_PER_S must not be negative")
     if s.log_format not in {"auto", "json", "console"}:
         raise ConfigError("TIMERD_LOG_FORMAT must be auto, json or console")
     parse_schedule(s.retry_schedule)

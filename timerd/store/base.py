@@ -34,6 +34,10 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def find_by_idempotency_key(self, tenant: str, key: str) -> Timer | None:
+        """The tenant's timer created with this idempotency key, or None."""
+
+    @abc.abstractmethod
     def get(self, timer_id: str, tenant: str | None = None) -> Timer:
         """Return the timer with this id. Raises `TimerNotFound`, also for a malformed id and,
         when `tenant` is given, for a timer of another tenant.

@@ -174,12 +174,16 @@ class MongoStore(Store):
             except pymongo.errors.DuplicateKeyError:
                 if timer.idempotency_key is None:
                     raise
-                key = {"tenant": timer.tenant, "idempotency_key": timer.idempotency_key}
-                existing = self._timers.find_one(key)
+                existing = self.find_by_idempotency_key(timer.tenant, timer.idempotency_key)
                 if existing is None:  # cannot happen: the unique index said it exists
                     raise
-                return _to_timer(existing)
+                return existing
         return timer
+
+    def find_by_idempotency_key(self, tenant: str, key: str) -> Timer | None:
+        with _unavailable_on_connection_error():
+            doc = self._timers.find_one({"tenant": tenant, "idempotency_key": key})
+        return None if doc is None else _to_timer(doc)
 
     def get(self, timer_id: str, tenant: str | None = None) -> Timer:
         if not is_timer_id(timer_id):

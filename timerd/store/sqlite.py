@@ -370,6 +370,10 @@ class SqliteStore(Store):
             writer = self._writer
         return writer.submit(timer).result()
 
+    def find_by_idempotency_key(self, tenant: str, key: str) -> Timer | None:
+        row = self._run(lambda c: c.execute(BY_IDEMPOTENCY_KEY_SQL, (tenant, key)).fetchone())
+        return None if row is None else _to_timer(row)
+
     def get(self, timer_id: str, tenant: str | None = None) -> Timer:
         if not is_timer_id(timer_id):
             raise TimerNotFound(timer_id)

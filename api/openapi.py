@@ -1,0 +1,582 @@
+"""The API's contract: an OpenAPI 3.1 document of every route, body and answer, served at
+`GET /openapi.json`.
+
+It is written by hand to say what the code does; `tests/test_openapi.py` checks that it is valid,
+that it names exactly the app's routes, and fuzzes a real `timerd api` against it. The limits
+quoted come from `api.validation`, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from api.validation import (
+    DEFAULT_PAGE,
+    MAX_ATTEMPTS_CAP,
+    MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    MAX_PAGE,
+    MAX_PAYLOAD_BYTES,
+    MAX_PAYLOAD_DEPTH,
+    MAX_URL_CHARS,
+)
+from timerd import __version__
+from timerd.models import State
+
+Schema = dict[str, Any]
+
+TIMER_ID_PATTERN = "^[0-9a-fA-F]{24}$"
+# What `api.validation.RFC3339` accepts: RFC 3339 with an offset, at most 6 fraction digits.
+FIRE_AT_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+HEADER_NAME_PATTERN = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}$"
+HEADER_VALUE_PATTERN = r"^[\x20-\x7e\t]{0,1024}$"
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"oneOf": [schema, {"type": "null"}]}
+
+
+DATE_TIME: Schema = {"type": "string", "format": "date-time"}
+
+DURATION_FIELDS: dict[str, Schema] = {
+    name: {
+        "type": "number",
+        "minimum": 0,
+        "description": f"{name.capitalize()} from now; a non-negative integer or decimal, "
+        "kept to the millisecond; 0 when left out.",
+    }
+    for name in ("hours", "minutes", "seconds")
+}
+
+FIRE_AT: Schema = {
+    "type": "string",
+    "format": "date-time",
+    "pattern": FIRE_AT_PATTERN,
+    "description": "An absolute RFC 3339 time with an offset (`2030-01-01T12:00:00Z`, "
+    "`2030-01-01T14:00:00.250+02:00`), at most 6 fraction digits. A time in the past fires now.",
+    "examples": ["2030-01-01T12:00:00Z"],
+}
+
+URL: Schema = {
+    "type": "string",
+    "format": "uri",
+    "maxLength": MAX_URL_CHARS,
+    "description": "An absolute `http` or `https` URL with a host, without user-info, a "
+    "fragment, spaces or control characters. A host that is a loopback name or a literal "
+    "non-public address is refused (422) unless `TIMERD_ALLOWED_NETWORKS` allows it; host names "
+    "are not resolved here. The webhook goes to the URL with `/<id>` appended to its path.",
+    "examples": ["https://example.com/hooks"],
+}
+
+PAYLOAD: Schema = {
+    "description": f"Any JSON value, at most {MAX_PAYLOAD_BYTES} bytes as compact JSON and "
+    f"{MAX_PAYLOAD_DEPTH} levels of arrays and objects deep; delivered inside the webhook body.",
+}
+
+HEADERS: Schema = {
+    "type": "object",
+    "maxProperties": MAX_HEADERS,
+    "propertyNames": {"pattern": HEADER_NAME_PATTERN},
+    "additionalProperties": {"type": "string", "pattern": HEADER_VALUE_PATTERN},
+    "description": f"Extra request headers for the webhook: at most {MAX_HEADERS}, "
+    f"{MAX_HEADER_BYTES} bytes of names and values in all, printable ASCII values. Names are "
+    "case-insensitive (lower-cased; the same name twice is refused). Hop-by-hop and framing "
+    "headers (`connection`, `keep-alive`, `proxy-authenticate`, `proxy-authorization`, "
+    "`proxy-connection`, `te`, `trailer`, `transfer-encoding`, `upgrade`, `host`, "
+    "`content-length`, `content-type`, `content-encoding`, `expect`) and every `webhook-*` "
+    "header are refused.",
+}
+
+ANY_DURATION_FIELD: list[Schema] = [{"required": [name]} for name in DURATION_FIELDS]
+# JSON Schema for "not both `fire_at` and a duration field".
+NOT_BOTH: Schema = {"not": {"required": ["fire_at"], "anyOf": ANY_DURATION_FIELD}}
+
+CREATE_TIMER: Schema = {
+    "type": "object",
+    "description": "A webhook `url` and when to call it: either a duration "
+    "(`hours`, `minutes`, `seconds`, each optional, added up) or an absolute `fire_at`, never "
+    "both. The due time must be at least 1 ms and at most `TIMERD_MAX_DELAY_S` (365 days by "
+    "default) from now, and before the year 10000. Unknown fields are refused "
+    "(422 `unknown_field`).",
+    "properties": {
+        **DURATION_FIELDS,
+        "fire_at": FIRE_AT,
+        "url": URL,
+        "payload": PAYLOAD,
+        "headers": HEADERS,
+        "max_attempts": {
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "maximum": MAX_ATTEMPTS_CAP,
+            "description": "Attempts for this timer instead of the retry schedule's; "
+            "null or left out: the schedule's. A JSON integer (`3`, not `3.0`).",
+        },
+    },
+    "required": ["url"],
+    "additionalProperties": False,
+    "anyOf": [{"required": ["fire_at"]}, *ANY_DURATION_FIELD],
+    **NOT_BOTH,
+    "examples": [{"hours": 4, "minutes": 0, "seconds": 1, "url": "https://example.com/hooks"}],
+}
+
+CHANGE_TIMER: Schema = {
+    "type": "object",
+    "description": "What to change on a pending timer, at least one field: a new due time "
+    "(a duration from now, or `fire_at`, never both; the same limits as on create), `url`, "
+    "`payload` or `headers` (which replace the old ones). Unknown fields (`max_attempts` "
+    "included) are refused (422 `unknown_field`); an empty object answers 422 `invalid_body`.",
+    "properties": {
+        **DURATION_FIELDS,
+        "fire_at": FIRE_AT,
+        "url": URL,
+        "payload": PAYLOAD,
+        "headers": HEADERS,
+    },
+    "minProperties": 1,
+    "additionalProperties": False,
+    **NOT_BOTH,
+    "examples": [{"minutes": 30}],
+}
+
+ATTEMPT: Schema = {
+    "type": "object",
+    "description": "One delivery attempt.",
+    "properties": {
+        "attempt": {"type": "integer", "minimum": 1},
+        "at": DATE_TIME,
+        "status": _nullable({"type": "integer"}),
+        "error": _nullable({"type": "string"}),
+        "latency_ms": {"type": "number", "minimum": 0},
+        "response": _nullable(
+            {"type": "string", "description": "The first 256 characters of the answer."}
+        ),
+    },
+    "required": ["attempt", "at", "status", "error", "latency_ms", "response"],
+    "additionalProperties": False,
+}
+
+TIMER: Schema = {
+    "type": "object",
+    "description": "A timer and its delivery state.",
+    "properties": {
+        "id": {"type": "string", "pattern": TIMER_ID_PATTERN},
+        "time_left": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Whole seconds until it fires, rounded up; 0 once due or finished.",
+        },
+        "state": _ref("State"),
+        "fire_at": {**DATE_TIME, "description": "When it fires (next)."},
+        "url": {"type": "string"},
+        "attempts": {"type": "integer", "minimum": 0},
+        "created_at": DATE_TIME,
+        "fired_at": _nullable(DATE_TIME),
+        "last_status": _nullable({"type": "integer"}),
+        "last_error": _nullable({"type": "string"}),
+        "next_attempt_at": _nullable(
+            {**DATE_TIME, "description": "Set while a pending timer waits for a retry."}
+        ),
+        "max_attempts": _nullable({"type": "integer", "minimum": 1, "maximum": MAX_ATTEMPTS_CAP}),
+        "payload": {"description": "The client's payload; null when it has none."},
+        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+        "history": {
+            "type": "array",
+            "maxItems": 10,
+            "items": _ref("Attempt"),
+            "description": "The newest 10 attempts, oldest first.",
+        },
+    },
+    "required": [
+        "id",
+        "time_left",
+        "state",
+        "fire_at",
+        "url",
+        "attempts",
+        "created_at",
+        "fired_at",
+        "last_status",
+        "last_error",
+        "next_attempt_at",
+        "max_attempts",
+        "payload",
+        "headers",
+        "history",
+    ],
+    "additionalProperties": False,
+}
+
+TIMER_PAGE: Schema = {
+    "type": "object",
+    "properties": {
+        "timers": {"type": "array", "maxItems": MAX_PAGE, "items": _ref("Timer")},
+        "next_cursor": {
+            **_nullable({"type": "string", "pattern": TIMER_ID_PATTERN}),
+            "description": "Pass as `cursor` for the next page; null on the last page.",
+        },
+    },
+    "required": ["timers", "next_cursor"],
+    "additionalProperties": False,
+}
+
+ERROR: Schema = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "string", "description": "A stable code a program can match."},
+                "message": {"type": "string", "description": "For people; may change."},
+                "field": {"type": "string", "description": "The offending field."},
+                "fields": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "The unknown fields or parameters (`unknown_field`).",
+                },
+                "state": {
+                    **_ref("State"),
+                    "description": "The timer's state (`state_conflict`).",
+                },
+                "request_id": {
+                    "type": "string",
+                    "description": "Also in the server's logs (`internal`).",
+                },
+            },
+            "required": ["code", "message"],
+            "additionalProperties": False,
+        }
+    },
+    "required": ["error"],
+    "additionalProperties": False,
+}
+
+STATUS: Schema = {
+    "type": "object",
+    "properties": {"status": {"type": "string"}},
+    "required": ["status"],
+    "additionalProperties": False,
+}
+
+
+def _header(description: str, schema: Schema | None = None) -> Schema:
+    return {"description": description, "required": True, "schema": schema or {"type": "string"}}
+
+
+RETRY_AFTER = _header("Seconds to wait before retrying.", {"type": "string", "pattern": "^[0-9]+$"})
+
+
+def _json(schema: Schema) -> Schema:
+    return {"application/json": {"schema": schema}}
+
+
+def _error(description: str, *codes: str, headers: Schema | None = None) -> Schema:
+    """An error answer whose `error.code` is one of `codes`."""
+    body = {
+        "allOf": [
+            _ref("Error"),
+            {"properties": {"error": {"properties": {"code": {"enum": list(codes)}}}}},
+        ]
+    }
+    answer: Schema = {"description": description, "content": _json(body)}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def _ok(description: str, schema: Schema) -> Schema:
+    return {"description": description, "content": _json(schema)}
+
+
+NOT_FOUND = _error(
+    "No such timer: an unknown or malformed id, or another tenant's timer.", "not_found"
+)
+BAD_JSON = ("invalid_json", "invalid_body")
+TOO_LARGE = _error(f"The body is over {MAX_BODY_BYTES} bytes.", "body_too_large")
+
+
+def _conflict(action: str) -> Schema:
+    return _error(
+        f"The timer's state does not allow {action}; `state` says which it is.", "state_conflict"
+    )
+
+
+def _answers(answers: dict[str, Schema], *, too_many_pending: bool = False) -> dict[str, Schema]:
+    """`answers` and those every `/timers` route can give, whatever it does."""
+    limited = "`rate_limited`: too many requests for this API key (with `TIMERD_RATE_LIMIT_PER_S`)."
+    limited_codes = ["rate_limited"]
+    if too_many_pending:
+        limited = f"`too_many_pending`: `TIMERD_MAX_PENDING_PER_TENANT` reached. {limited}"
+        limited_codes.insert(0, "too_many_pending")
+    common = {
+        "401": _error(
+            "A valid API key is required (only when keys are configured); the same answer for "
+            "a missing, malformed, unknown or revoked key.",
+            "unauthorized",
+            headers={"WWW-Authenticate": _header("`Bearer`.")},
+        ),
+        "429": _error(limited, *limited_codes, headers={"Retry-After": RETRY_AFTER}),
+        "500": _error("An unexpected failure; `request_id` also appears in the logs.", "internal"),
+        "503": _error(
+            "The store cannot be reached or stayed locked; retry after `Retry-After`.",
+            "store_unavailable",
+            headers={"Retry-After": RETRY_AFTER},
+        ),
+    }
+    return dict(sorted({**answers, **common}.items()))
+
+
+TIMER_ID_PARAM: Schema = {
+    "name": "timer_id",
+    "in": "path",
+    "required": True,
+    "description": "A timer id (24 hex digits); any other text answers 404.",
+    "schema": {"type": "string", "pattern": TIMER_ID_PATTERN},
+}
+TIMERS_SECURITY: list[Schema] = [{"apiKey": []}, {}]  # {}: no key, when none is configured
+TIMER_OK = _ok("The timer as it now is.", _ref("Timer"))
+
+OPENAPI: Schema = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "timerd",
+        "version": __version__,
+        "description": "Timers that fire webhooks: `POST /timers` with a duration or a time and "
+        "a URL; when due, timerd sends `POST <url>/<id>`. Every error is JSON: "
+        '`{"error": {"code": "...", "message": "...", ...}}`. A wrong method answers 405 '
+        "`method_not_allowed`, an unknown path 404 `not_found`.",
+        "license": {"name": "MIT", "identifier": "MIT"},
+    },
+    "security": TIMERS_SECURITY,
+    "paths": {
+        "/timers": {
+            "post": {
+                "operationId": "createTimer",
+                "summary": "Create a timer",
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "Makes the create idempotent for this tenant (kept at "
+                        "least 24 hours): the same key with the same body answers the original "
+                        "timer (201, `Idempotent-Replayed: true`); with a different body, 422 "
+                        "`idempotency_conflict`.",
+                        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+                    }
+                ],
+                "requestBody": {"required": True, "content": _json(_ref("CreateTimer"))},
+                "responses": _answers(
+                    {
+                        "201": {
+                            "description": "Created (or, with a known `Idempotency-Key` and the "
+                            "same body, the original timer).",
+                            "headers": {
+                                "Location": _header("`/timers/<id>`."),
+                                "Idempotent-Replayed": {
+                                    "description": "`true` when this is the original timer of "
+                                    "a repeated `Idempotency-Key`.",
+                                    "schema": {"type": "string", "enum": ["true"]},
+                                },
+                            },
+                            "content": _json(_ref("Timer")),
+                        },
+                        "400": _error(
+                            "The body is not JSON (or holds `NaN`, `Infinity` or an integer of "
+                            "more than 30 digits), is not a JSON object, or `Idempotency-Key` "
+                            "is not 1 to 255 visible ASCII characters.",
+                            *BAD_JSON,
+                            "invalid_idempotency_key",
+                        ),
+                        "413": TOO_LARGE,
+                        "422": _error(
+                            "A field is missing, of the wrong type or out of range (`field` "
+                            "names it); an unknown field (`fields` lists them); or the "
+                            "`Idempotency-Key` was used with a different body.",
+                            "invalid_field",
+                            "unknown_field",
+                            "idempotency_conflict",
+                        ),
+                    },
+                    too_many_pending=True,
+                ),
+            },
+            "get": {
+                "operationId": "listTimers",
+                "summary": "List timers, newest first",
+                "description": "Unknown query parameters answer 422 `unknown_field`.",
+                "parameters": [
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "description": "Only timers in this state (`failed`: the dead letters).",
+                        "schema": _ref("State"),
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "description": "Page size.",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_PAGE,
+                            "default": DEFAULT_PAGE,
+                        },
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "description": "The `next_cursor` of the previous page.",
+                        "schema": {"type": "string", "pattern": TIMER_ID_PATTERN},
+                    },
+                ],
+                "responses": _answers(
+                    {
+                        "200": _ok("One page of timers.", _ref("TimerPage")),
+                        "422": _error(
+                            "A parameter is out of range (`field` names it) or unknown.",
+                            "invalid_field",
+                            "unknown_field",
+                        ),
+                    }
+                ),
+            },
+        },
+        "/timers/{timer_id}": {
+            "parameters": [TIMER_ID_PARAM],
+            "get": {
+                "operationId": "getTimer",
+                "summary": "Read a timer",
+                "responses": _answers({"200": TIMER_OK, "404": NOT_FOUND}),
+            },
+            "patch": {
+                "operationId": "changeTimer",
+                "summary": "Reschedule or edit a pending timer",
+                "description": "Atomic with respect to the daemon: once the timer is claimed "
+                "(or finished, or cancelled) this answers 409 and changes nothing.",
+                "requestBody": {"required": True, "content": _json(_ref("ChangeTimer"))},
+                "responses": _answers(
+                    {
+                        "200": TIMER_OK,
+                        "400": _error("The body is not JSON or not a JSON object.", *BAD_JSON),
+                        "404": NOT_FOUND,
+                        "409": _conflict("a change: it is not pending"),
+                        "413": TOO_LARGE,
+                        "422": _error(
+                            "A field is of the wrong type or out of range (`field` names it), "
+                            "an unknown field (`fields` lists them), or no field at all.",
+                            "invalid_field",
+                            "unknown_field",
+                            "invalid_body",
+                        ),
+                    }
+                ),
+            },
+            "delete": {
+                "operationId": "cancelTimer",
+                "summary": "Cancel a pending timer",
+                "responses": _answers(
+                    {
+                        "200": _ok("The timer, now `cancelled`.", _ref("Timer")),
+                        "404": NOT_FOUND,
+                        "409": _conflict("cancelling: it is not pending"),
+                    }
+                ),
+            },
+        },
+        "/timers/{timer_id}/replay": {
+            "parameters": [TIMER_ID_PARAM],
+            "post": {
+                "operationId": "replayTimer",
+                "summary": "Fire a failed or fired timer again",
+                "description": "Puts the timer back to `pending`, due now, with the same id and "
+                "a fresh retry budget; its history is kept.",
+                "responses": _answers(
+                    {
+                        "200": _ok("The timer, now `pending`.", _ref("Timer")),
+                        "404": NOT_FOUND,
+                        "409": _conflict("a replay: it is pending, firing or cancelled"),
+                    }
+                ),
+            },
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "summary": "Liveness",
+                "security": [],
+                "responses": {"200": _ok("The process runs.", STATUS)},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz",
+                "summary": "Readiness",
+                "security": [],
+                "responses": {
+                    "200": _ok("The store answers (`ready`).", STATUS),
+                    "503": _ok("The store does not answer (`store unavailable`).", STATUS),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics of this process",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The Prometheus text exposition format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": _ok("The OpenAPI document.", {"type": "object"})},
+            }
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "apiKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "`Authorization: Bearer <key>` with a key from `timerd keys "
+                "create`. Required only when keys are configured: with `TIMERD_AUTH=auto` (the "
+                "default) once any key exists or whenever the API listens off loopback; always "
+                "with `TIMERD_AUTH=keys`; never with `TIMERD_AUTH=none`. Without keys every "
+                "request belongs to one anonymous tenant.",
+            }
+        },
+        "schemas": {
+            "CreateTimer": CREATE_TIMER,
+            "ChangeTimer": CHANGE_TIMER,
+            "Timer": TIMER,
+            "Attempt": ATTEMPT,
+            "TimerPage": TIMER_PAGE,
+            "State": {"type": "string", "enum": [state.value for state in State]},
+            "Error": ERROR,
+        },
+    },
+}
+
+
+async def openapi_json(_: Request) -> JSONResponse:
+    """`GET /openapi.json`: this document, without authentication."""
+    return JSONResponse(OPENAPI)
