@@ -21,6 +21,7 @@ from api.errors import EXCEPTION_HANDLERS, ApiError
 from api.openapi import openapi_json
 from api.validation import (
     MAX_BODY_BYTES,
+    Rules,
     parse_changes,
     parse_create,
     parse_idempotency_key,
@@ -34,7 +35,6 @@ from timerd.clock import Clock, SystemClock
 from timerd.errors import StoreUnavailable
 from timerd.models import Timer, new_timer_id
 from timerd.settings import Settings
-from timerd.ssrf import AddressPolicy
 from timerd.store import Store
 
 InsertListener = Callable[[Timer], None]
@@ -70,7 +70,7 @@ class TimerRoutes:
         self, settings: Settings, store: Store, clock: Clock, on_insert: InsertListener | None
     ) -> None:
         self.settings = settings
-        self.address_policy = AddressPolicy.from_setting(settings.allowed_networks)  # url hosts
+        self.rules = Rules.from_settings(settings)
         self.store = store
         self.clock = clock
         self.on_insert = on_insert
@@ -94,10 +94,10 @@ class TimerRoutes:
         """`POST /timers`: validate, insert durably, answer 201 (or the original timer when an
         `Idempotency-Key` was seen before with the same body)."""
         tenant = await run_in_threadpool(self._tenant, request)
-        data = parse_json_object(await read_body(request))
+        data = parse_json_object(await read_body(request, self.settings.max_body_bytes))
         idempotency_key = parse_idempotency_key(request.headers.get("idempotency-key"))
         now_ms = self.clock.now_ms()
-        spec = parse_create(data, now_ms, self.settings.max_delay_s, policy=self.address_policy)
+        spec = parse_create(data, now_ms, self.rules)
         timer = Timer(
             id=new_timer_id(),
             url=spec.url,
@@ -158,9 +158,9 @@ class TimerRoutes:
     async def change(self, request: Request) -> JSONResponse:
         """`PATCH /timers/{id}`: move or edit a pending timer; 409 once it is claimed."""
         tenant = await run_in_threadpool(self._tenant, request)
-        data = parse_json_object(await read_body(request))
+        data = parse_json_object(await read_body(request, self.settings.max_body_bytes))
         now_ms = self.clock.now_ms()
-        changes = parse_changes(data, now_ms, self.settings.max_delay_s, policy=self.address_policy)
+        changes = parse_changes(data, now_ms, self.rules)
         timer_id = request.path_params["timer_id"]
         timer = await run_in_threadpool(self.store.update_pending, timer_id, changes, tenant)
         if changes.due_at_ms is not None:

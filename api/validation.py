@@ -14,10 +14,11 @@ from typing import Any
 
 from api.errors import ApiError
 from timerd.models import State, TimerChanges, is_timer_id
+from timerd.settings import Settings, default
 from timerd.ssrf import PUBLIC_ONLY, AddressPolicy
 
-MAX_BODY_BYTES = 16 * 1024
-MAX_URL_CHARS = 2048
+MAX_BODY_BYTES: int = default("max_body_bytes")
+MAX_URL_CHARS: int = default("max_url_chars")
 MAX_INT_DIGITS = 30  # far beyond any sane delay, far below Python's int-parsing limits
 MAX_DUE_AT_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time RFC 3339 can write
 
@@ -26,10 +27,10 @@ SECONDS_PER = {"hours": 3600, "minutes": 60, "seconds": 1}
 CREATE_FIELDS = frozenset(
     {*DURATION_FIELDS, "fire_at", "url", "payload", "headers", "max_attempts"}
 )
-MAX_PAYLOAD_BYTES = 8 * 1024
+MAX_PAYLOAD_BYTES: int = default("max_payload_bytes")
 MAX_PAYLOAD_DEPTH = 100  # arrays and objects within one another: far from the recursion limit
 MAX_HEADERS = 20
-MAX_HEADER_BYTES = 4 * 1024  # names and values together
+MAX_HEADER_BYTES: int = default("max_headers_bytes")  # names and values together
 MAX_ATTEMPTS_CAP = 100
 DEFAULT_PAGE, MAX_PAGE = 50, 100
 LIMIT = re.compile(r"[0-9]{1,9}")
@@ -58,6 +59,30 @@ RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
 )
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what a JSON \u escape can make but UTF-8 cannot
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What a request may ask for; `from_settings` builds the operator's, once per app."""
+
+    max_delay_s: float = 365 * 86_400.0
+    policy: AddressPolicy = PUBLIC_ONLY  # which url hosts are allowed (TIMERD_ALLOWED_NETWORKS)
+    max_url_chars: int = MAX_URL_CHARS
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    max_header_bytes: int = MAX_HEADER_BYTES
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Rules:
+        return cls(
+            max_delay_s=settings.max_delay_s,
+            policy=AddressPolicy.from_setting(settings.allowed_networks),
+            max_url_chars=settings.max_url_chars,
+            max_payload_bytes=settings.max_payload_bytes,
+            max_header_bytes=settings.max_headers_bytes,
+        )
+
+
+DEFAULT_RULES = Rules()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,27 +126,20 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def parse_create(
-    data: dict[str, Any],
-    now_ms: int,
-    max_delay_s: float,
-    *,
-    policy: AddressPolicy = PUBLIC_ONLY,
-) -> CreateRequest:
-    """Validate a create body: `url` plus either a duration or `fire_at`; `policy` (from
-    TIMERD_ALLOWED_NETWORKS) judges the url's host."""
+def parse_create(data: dict[str, Any], now_ms: int, rules: Rules = DEFAULT_RULES) -> CreateRequest:
+    """Validate a create body: `url` plus either a duration or `fire_at`."""
     unknown = sorted(set(data) - CREATE_FIELDS)
     if unknown:
         raise ApiError(
             422, "unknown_field", f"unknown field(s): {', '.join(unknown)}", fields=unknown
         )
-    url = parse_url(data.get("url"), policy)
-    due_at_ms = _due_at_ms(data, now_ms, max_delay_s)
+    url = parse_url(data.get("url"), rules)
+    due_at_ms = _due_at_ms(data, now_ms, rules.max_delay_s)
     return CreateRequest(
         url=url,
         due_at_ms=due_at_ms,
-        payload=parse_payload(data["payload"]) if "payload" in data else None,
-        headers=parse_headers(data.get("headers", {})),
+        payload=parse_payload(data["payload"], rules) if "payload" in data else None,
+        headers=parse_headers(data.get("headers", {}), rules),
         max_attempts=parse_max_attempts(data.get("max_attempts")),
     )
 
@@ -143,8 +161,8 @@ def _due_at_ms(data: dict[str, Any], now_ms: int, max_delay_s: float) -> int:
     return due_at_ms
 
 
-def parse_payload(value: Any) -> str:
-    """Any JSON value, kept as compact JSON text of at most MAX_PAYLOAD_BYTES."""
+def parse_payload(value: Any, rules: Rules = DEFAULT_RULES) -> str:
+    """Any JSON value, kept as compact JSON text of at most `rules.max_payload_bytes`."""
     if _nesting(value) > MAX_PAYLOAD_DEPTH:  # json.dumps, here or later, would recurse too deep
         raise _invalid("payload", f"payload may nest at most {MAX_PAYLOAD_DEPTH} levels deep")
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
@@ -152,8 +170,9 @@ def parse_payload(value: Any) -> str:
         size = len(text.encode())
     except UnicodeEncodeError as exc:  # a \u escape of a lone surrogate somewhere inside
         raise _invalid("payload", "payload holds a string that is not valid Unicode") from exc
-    if size > MAX_PAYLOAD_BYTES:
-        raise _invalid("payload", f"payload may be at most {MAX_PAYLOAD_BYTES} bytes as JSON")
+    if size > rules.max_payload_bytes:
+        limit = rules.max_payload_bytes
+        raise _invalid("payload", f"payload may be at most {limit} bytes as JSON")
     return text
 
 
@@ -169,7 +188,7 @@ def _nesting(value: Any) -> int:
         level = [x for c in containers for x in (c.values() if isinstance(c, dict) else c)]
 
 
-def parse_headers(value: Any) -> tuple[tuple[str, str], ...]:
+def parse_headers(value: Any, rules: Rules = DEFAULT_RULES) -> tuple[tuple[str, str], ...]:
     """An object of extra request headers: names lower-cased, none of the forbidden ones."""
     if not isinstance(value, dict):
         raise _invalid("headers", "headers must be an object of header names to string values")
@@ -187,8 +206,9 @@ def parse_headers(value: Any) -> tuple[tuple[str, str], ...]:
         pairs.append((lowered, text))
     if len({name for name, _ in pairs}) < len(pairs):
         raise _invalid("headers", "a header is given twice")
-    if sum(len(n) + len(v) for n, v in pairs) > MAX_HEADER_BYTES:
-        raise _invalid("headers", f"headers may be at most {MAX_HEADER_BYTES} bytes in all")
+    if sum(len(n) + len(v) for n, v in pairs) > rules.max_header_bytes:
+        limit = rules.max_header_bytes
+        raise _invalid("headers", f"headers may be at most {limit} bytes in all")
     return tuple(pairs)
 
 
@@ -238,7 +258,7 @@ def parse_fire_at(value: Any) -> int:
         raise _invalid("fire_at", "fire_at is not a valid time") from exc
 
 
-def parse_url(value: Any, policy: AddressPolicy = PUBLIC_ONLY) -> str:
+def parse_url(value: Any, rules: Rules = DEFAULT_RULES) -> str:
     """An absolute http(s) URL with a host, no user-info, no fragment, no spaces, and no host
     that `policy` denies without resolving it: a loopback name or a denied address literal in
     any textual form. Host names are not resolved here; delivery checks what they resolve to."""
@@ -246,8 +266,8 @@ def parse_url(value: Any, policy: AddressPolicy = PUBLIC_ONLY) -> str:
         raise _invalid("url", "url is required")
     if not isinstance(value, str):
         raise _invalid("url", "url must be a string")
-    if len(value) > MAX_URL_CHARS:
-        raise _invalid("url", f"url may be at most {MAX_URL_CHARS} characters")
+    if len(value) > rules.max_url_chars:
+        raise _invalid("url", f"url may be at most {rules.max_url_chars} characters")
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
         raise _invalid("url", "url must not contain spaces or control characters")
     try:
@@ -265,7 +285,7 @@ def parse_url(value: Any, policy: AddressPolicy = PUBLIC_ONLY) -> str:
         raise _invalid("url", "url must not contain a fragment")
     if port == 0:
         raise _invalid("url", "url has an invalid port")
-    denial = policy.url_denial(value)
+    denial = rules.policy.url_denial(value)
     if denial is not None:
         raise _invalid("url", f"url's host {denial}: webhooks may only reach public addresses")
     return value
@@ -327,13 +347,7 @@ def request_hash(data: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def parse_changes(
-    data: dict[str, Any],
-    now_ms: int,
-    max_delay_s: float,
-    *,
-    policy: AddressPolicy = PUBLIC_ONLY,
-) -> TimerChanges:
+def parse_changes(data: dict[str, Any], now_ms: int, rules: Rules = DEFAULT_RULES) -> TimerChanges:
     """A PATCH body: any of a new due time (a duration from now, or `fire_at`), `url`,
     `payload`, `headers`; at least one."""
     unknown = sorted(set(data) - CHANGE_FIELDS)
@@ -345,8 +359,8 @@ def parse_changes(
         raise ApiError(422, "invalid_body", "give at least one field to change")
     has_time = "fire_at" in data or any(name in data for name in DURATION_FIELDS)
     return TimerChanges(
-        due_at_ms=_due_at_ms(data, now_ms, max_delay_s) if has_time else None,
-        url=parse_url(data["url"], policy) if "url" in data else None,
-        payload=parse_payload(data["payload"]) if "payload" in data else None,
-        headers=parse_headers(data["headers"]) if "headers" in data else None,
+        due_at_ms=_due_at_ms(data, now_ms, rules.max_delay_s) if has_time else None,
+        url=parse_url(data["url"], rules) if "url" in data else None,
+        payload=parse_payload(data["payload"], rules) if "payload" in data else None,
+        headers=parse_headers(data["headers"], rules) if "headers" in data else None,
     )

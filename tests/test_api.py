@@ -721,3 +721,28 @@ def test_environment_variables_apply_without_flags(procs: TimerdProcesses, tmp_p
     with httpx.Client(base_url=proc.base_url, timeout=5.0) as client:
         assert_error(client.post("/timers", content=body(seconds=11)), 422, "invalid_field")
         assert client.post("/timers", content=body(seconds=10)).status_code == 201
+
+
+def test_abuse_limits_are_settings(procs: TimerdProcesses, tmp_path: Path) -> None:
+    db = tmp_path / "timers.db"
+    limits = {
+        "TIMERD_MAX_BODY_BYTES": "600",
+        "TIMERD_MAX_URL_CHARS": "40",
+        "TIMERD_MAX_PAYLOAD_BYTES": "20",
+        "TIMERD_MAX_HEADERS_BYTES": "20",
+    }
+    proc = procs.start("api", sqlite_url(db), env=limits)
+    with httpx.Client(base_url=proc.base_url) as client:
+        assert_error(client.post("/timers", content=padded(601)), 413, "body_too_large")
+        too_long = {"seconds": 5, "url": "https://example.com/" + "a" * 30}
+        assert (
+            assert_error(client.post("/timers", json=too_long), 422, "invalid_field")["field"]
+            == "url"
+        )
+        big_payload = {"seconds": 5, "url": "https://x.example", "payload": "p" * 30}
+        assert_error(client.post("/timers", json=big_payload), 422, "invalid_field")
+        big_headers = {"seconds": 5, "url": "https://x.example", "headers": {"x-a": "v" * 30}}
+        assert_error(client.post("/timers", json=big_headers), 422, "invalid_field")
+        fits = {"seconds": 5, "url": "https://x.example", "payload": "p", "headers": {"x": "v"}}
+        assert client.post("/timers", json=fits).status_code == 201
+    assert row_count(db) == 1

@@ -48,6 +48,14 @@ class Settings:
     rate_limit_per_s: float = field(
         default=0.0, metadata=_help("requests per second per API key and replica; 0: no limit")
     )
+    max_body_bytes: int = field(default=16 * 1024, metadata=_help("largest request body"))
+    max_url_chars: int = field(default=2048, metadata=_help("longest webhook URL"))
+    max_payload_bytes: int = field(
+        default=8 * 1024, metadata=_help("largest payload of a timer, as compact JSON")
+    )
+    max_headers_bytes: int = field(
+        default=4 * 1024, metadata=_help("most bytes of a timer's extra headers, names and values")
+    )
     max_delay_s: float = field(
         default=365 * DAY_S, metadata=_help("longest delay a timer may have")
     )
@@ -110,6 +118,10 @@ def _check_settings(s: Settings) -> None:
         "concurrency",
         "per_host_concurrency",
         "max_pending_per_tenant",
+        "max_body_bytes",
+        "max_url_chars",
+        "max_payload_bytes",
+        "max_headers_bytes",
         "connect_timeout_s",
         "delivery_timeout_s",
     )
@@ -135,6 +147,11 @@ def _check_settings(s: Settings) -> None:
     parse_allowed_networks(s.allowed_networks)
     if s.drain_grace_s < 0:
         raise ConfigError("TIMERD_DRAIN_GRACE_S must not be negative")
+
+
+def default(field_name: str) -> Any:
+    """The default of a settings field, for modules that state the same limit."""
+    return next(f.default for f in dataclasses.fields(Settings) if f.name == field_name)
 
 
 def env_name(field_name: str) -> str:
