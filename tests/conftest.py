@@ -18,6 +18,7 @@ import mongomock
 import pymongo
 import pytest
 
+from tests.support.procs import TimerdProcesses
 from timerd.store import open_store
 from timerd.store.base import Store
 from timerd.store.mongo import MongoStore
@@ -93,3 +94,16 @@ def open_store_on_backend(backend: str, tmp_path: Path) -> Iterator[StoreFactory
 def store(open_store_on_backend: StoreFactory) -> Store:
     """A store on a fresh, empty database of the backend under test."""
     return open_store_on_backend()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[TimerdProcesses]:
+    """Real `timerd` processes for one test; all stopped when it ends."""
+    with TimerdProcesses(tmp_path) as started:
+        yield started
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    """A SQLite file path for one test (not created yet)."""
+    return tmp_path / "timerd.db"

@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from tests.support.procs import TimerdProcess, TimerdProcesses, free_port, run_timerd
-from timerd.models import Claim, Outcome, State
-from timerd.store.sqlite import SqliteStore
+from tests.support.timers import put_in_state
+from timerd.models import State
 
 URL = "https://example.com/hooks"
 MAX_BODY = 16 * 1024
@@ -106,12 +106,6 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         proc = procs.start("api", sqlite_url(db))
         with httpx.Client(base_url=proc.base_url, timeout=5.0) as client:
             yield Api(proc, db, client)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[TimerdProcesses]:
-    with TimerdProcesses(tmp_path) as started:
-        yield started
 
 
 # create
@@ -240,20 +234,6 @@ def test_cancel_a_pending_timer_then_again_is_a_conflict(api: Api) -> None:
     error = assert_error(api.client.delete(path), 409, "state_conflict")
     assert error["state"] == "cancelled"
     assert api.client.get(path).json() == cancelled.json()
-
-
-def put_in_state(db: Path, timer_id: str, outcome: State | None) -> None:
-    """Claim the due timer as a daemon would and, unless `outcome` is None, record it."""
-    store = SqliteStore(str(db))
-    try:
-        claim = Claim(owner="test", epoch=1, now_ms=now_ms() + 10**9, until_ms=now_ms() + 10**10)
-        assert [t.id for t in store.claim_due([timer_id], claim)] == [timer_id]
-        if outcome is not None:
-            status = 200 if outcome is State.FIRED else 410
-            result = Outcome(timer_id, "test", 1, outcome, at_ms=now_ms(), status=status)
-            assert store.complete([result]) == 1
-    finally:
-        store.close()
 
 
 @pytest.mark.parametrize("outcome", [None, State.FIRED, State.FAILED])

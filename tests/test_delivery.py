@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.receiver import Arrival, Receiver
+from tests.support.timers import timer_for
 from timerd import __version__
 from timerd.delivery import Attempt, Deliverer, webhook_url
-from timerd.models import Timer, new_timer_id
+from timerd.models import Timer
 from timerd.settings import Settings
 
 
@@ -29,17 +30,6 @@ from timerd.settings import Settings
 )
 def test_the_id_is_appended_to_the_path_with_one_slash(base: str, expected: str) -> None:
     assert webhook_url(base, "ID") == expected
-
-
-def timer_for(url: str) -> Timer:
-    return Timer(
-        id=new_timer_id(),
-        url=url,
-        due_at_ms=1_800_000_000_000,
-        created_at_ms=1_799_999_999_000,
-        attempts=1,
-        epoch=1,
-    )
 
 
 def deliver(timer: Timer, **overrides: float) -> Attempt:

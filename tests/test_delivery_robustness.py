@@ -19,7 +19,7 @@ import threading
 import time
 import tracemalloc
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,9 +31,10 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tests.support.procs import TimerdProcess, TimerdProcesses
 from tests.support.receiver import Receiver
+from tests.support.timers import timer_for
 from tests.support.waiting import wait_until
 from timerd.delivery import Attempt, Deliverer
-from timerd.models import State, Timer, new_timer_id
+from timerd.models import State, Timer
 from timerd.settings import Settings
 from timerd.store import open_store
 
@@ -257,18 +258,6 @@ async def stalled_headers(
 
 
 # -- 1. hostile receivers against Deliverer.deliver ---------------------------------------------
-
-
-def timer_for(url: str, **fields: Any) -> Timer:
-    return Timer(
-        id=new_timer_id(),
-        url=url,
-        due_at_ms=1_800_000_000_000,
-        created_at_ms=1_799_999_999_000,
-        attempts=1,
-        epoch=1,
-        **fields,
-    )
 
 
 @dataclass(frozen=True)
@@ -536,12 +525,6 @@ FAST = {
 @pytest.fixture
 def db_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'timerd.db'}"
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[TimerdProcesses]:
-    with TimerdProcesses(tmp_path) as started:
-        yield started
 
 
 def start_api_and_daemon(

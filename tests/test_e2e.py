@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.support.cluster import (
     POLL_S,
@@ -28,17 +26,6 @@ from tests.support.procs import TimerdProcess, TimerdProcesses
 from tests.support.receiver import Receiver
 from tests.support.waiting import wait_until
 from timerd.models import State
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "timerd.db"
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[TimerdProcesses]:
-    with TimerdProcesses(tmp_path) as started:
-        yield started
 
 
 def create(api: TimerdProcess, url: str, due_at_ms: int) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -37,17 +36,6 @@ SLOW_TTL_S = 6.0  # the graceful test's lease: an expired one would be taken ove
 DELIVERY_DELAY_S = 0.02  # the receiver's answer time, so deliveries are in flight at any moment
 
 needs_nginx = pytest.mark.skipif(nginx_binary() is None, reason=NGINX_MISSING)
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "timerd.db"
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[TimerdProcesses]:
-    with TimerdProcesses(tmp_path) as started:
-        yield started
 
 
 def spread_dues() -> list[int]:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,12 +20,6 @@ from timerd.status import redact_url
 from timerd.store import Store, open_store
 
 FAST = {"TIMERD_LEASE_TTL_S": "2", "TIMERD_LEASE_RENEW_S": "0.5", "TIMERD_POLL_INTERVAL_S": "0.5"}
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[TimerdProcesses]:
-    with TimerdProcesses(tmp_path) as started:
-        yield started
 
 
 def samples(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -30,10 +30,11 @@ import pytest
 
 from api.auth import KEYS_EXIST_CACHE_S, check_protected_mode
 from tests.support.procs import HOST, TimerdProcess, TimerdProcesses, run_timerd
+from tests.support.timers import put_in_state
 from tests.support.waiting import wait_until
 from timerd import keys
 from timerd.errors import ConfigError
-from timerd.models import Claim, Outcome, State
+from timerd.models import State
 from timerd.settings import Settings
 from timerd.store import open_store
 from timerd.store.sqlite import SqliteStore
@@ -129,20 +130,6 @@ def stable(view: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in view.items() if k != "time_left"}
 
 
-def put_in_state(db: Path, timer_id: str, outcome: State | None) -> None:
-    """Claim the due timer as a daemon would and, unless `outcome` is None, record it."""
-    store = SqliteStore(str(db))
-    try:
-        claim = Claim(owner="test", epoch=1, now_ms=now_ms() + 10**9, until_ms=now_ms() + 10**10)
-        assert [t.id for t in store.claim_due([timer_id], claim)] == [timer_id]
-        if outcome is not None:
-            status = 200 if outcome is State.FIRED else 410
-            result = Outcome(timer_id, "test", 1, outcome, at_ms=now_ms(), status=status)
-            assert store.complete([result]) == 1
-    finally:
-        store.close()
-
-
 HOSTNAME = socket.gethostname()
 LEAKS = [
     (re.compile(r"Traceback|File \""), "a traceback"),
@@ -211,12 +198,6 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
             yield cluster
         finally:
             cluster.close()
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[TimerdProcesses]:
-    with TimerdProcesses(tmp_path) as started:
-        yield started
 
 
 # 1. API keys

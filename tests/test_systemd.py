@@ -438,12 +438,6 @@ class Listener:
 
 
 @pytest.fixture
-def procs(tmp_path: Path) -> Iterator[TimerdProcesses]:
-    with TimerdProcesses(tmp_path) as started:
-        yield started
-
-
-@pytest.fixture
 def listener(tmp_path: Path) -> Iterator[Listener]:
     with Listener(tmp_path) as opened:
         yield opened
