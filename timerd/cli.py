@@ -4,6 +4,7 @@ timerd run      the API and the daemon in one process (the one-command start)
 timerd api      the API alone (run any number of replicas on one store)
 timerd daemon   the firing daemon alone (run two or more for high availability)
 timerd status   what the store holds and who fires it
+timerd bench    the benchmark: creates/s, fires/s and lateness over loopback (timerd.bench)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from starlette.applications import Starlette
 from api import create_app  # the CLI is the one place that wires the API to the core
 from api.auth import check_protected_mode
 from timerd import __version__, keys, systemd
+from timerd.bench import add_bench_arguments, run_bench
 from timerd.clock import SystemClock
 from timerd.daemon import Daemon
 from timerd.delivery import Deliverer
@@ -179,6 +181,7 @@ def _parser() -> argparse.ArgumentParser:
         ("status", "the store's leader, counts, backlog and recent lateness"),
     ):
         add_arguments(commands.add_parser(name, help=help_text))
+    add_bench_arguments(commands.add_parser("bench", help="measure timerd on loopback"))
     _add_keys_parser(commands)
     return parser
 
@@ -221,6 +224,9 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `timerd` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "bench":  # its own flags, not Settings: it starts timerd children
+        run_bench(args)
+        return
     try:
         settings = build_settings(args, os.environ)
         configure_logging(settings.log_level, settings.log_format)
