@@ -464,3 +464,34 @@ def test_store_outage_backs_off_then_resumes(store: Store) -> None:
     run(scenario)
     assert recorder.ids == [timer_id]
     assert store.get(timer_id).state is State.FIRED
+
+
+def test_one_hosts_backlog_does_not_hide_another_hosts_timers(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    recorder.gate = asyncio.Event()
+    for i in range(40):  # more overdue timers for one host than a batch (10) holds
+        store.insert(
+            Timer(
+                id=new_timer_id(),
+                url="http://slow.test/h",
+                due_at_ms=START_MS - 1000 + i,
+                created_at_ms=START_MS,
+            )
+        )
+    other = add_timer(store, START_MS)
+
+    async def scenario() -> None:
+        settings_ = {"batch_size": 10, "per_host_concurrency": 2}
+        async with leading(store, clock, recorder, **settings_) as daemon:
+            for _ in range(4):
+                await daemon.step()
+                daemon._next_poll_s = 0.0
+            await asyncio.sleep(0)
+            assert other in recorder.ids
+            assert len(recorder.ids) == 3  # two of the slow host's, and the other one
+            assert recorder.gate is not None
+            recorder.gate.set()
+            await settle(daemon)
+
+    run(scenario)

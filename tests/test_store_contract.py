@@ -251,6 +251,17 @@ def test_pending_due_returns_at_most_limit_timers_earliest_first(store: Store) -
     assert store.pending_due(NOW_MS, 0) == []
 
 
+def test_pending_due_after_a_cursor_reads_the_next_page(store: Store) -> None:
+    timers = [inserted(store, NOW_MS - 100 + i // 2) for i in range(7)]  # ties of two
+    expected = [
+        Due(t.id, t.due_at_ms, URL) for t in sorted(timers, key=lambda t: (t.due_at_ms, t.id))
+    ]
+    first = store.pending_due(NOW_MS, 3)
+    second = store.pending_due(NOW_MS, 3, (first[-1].due_at_ms, first[-1].id))
+    third = store.pending_due(NOW_MS, 3, (second[-1].due_at_ms, second[-1].id))
+    assert first + second + third == expected
+
+
 def test_pending_due_of_an_empty_store_is_empty(store: Store) -> None:
     assert store.pending_due(NOW_MS, 10) == []
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import structlog
 import uvicorn
+import uvloop
 from aiohttp import web
 from starlette.applications import Starlette
 
@@ -233,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "keys":
             manage_keys(args, settings)
         else:
-            asyncio.run(COMMANDS[args.command](settings))
+            uvloop.run(COMMANDS[args.command](settings))
     except ConfigError as exc:
         print(f"timerd: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

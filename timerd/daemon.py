@@ -14,8 +14,6 @@ import contextlib
 import functools
 import heapq
 import logging
-import urllib.parse
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
@@ -26,6 +24,7 @@ from timerd import metrics, systemd
 from timerd.clock import Clock, SystemClock
 from timerd.delivery import Attempt
 from timerd.errors import StoreUnavailable
+from timerd.hosts import Entry, HostSlots, host_of
 from timerd.lease import LeaseKeeper, daemon_identity
 from timerd.models import AttemptRecord, Claim, Outcome, State, Timer
 from timerd.outcomes import RETRY_DELAYS_S, OutcomeWriter
@@ -36,14 +35,9 @@ from timerd.store import Store
 log = structlog.get_logger("timerd.daemon")
 
 Deliver = Callable[[Timer], Awaitable[Attempt]]
-Entry = tuple[int, str, str]  # (due_at_ms, timer id, host of its URL)
 
+MAX_PAGES_PER_POLL = 4  # of the due index read past parked hosts' timers in one poll
 CLAIM_COALESCE_S = 0.002  # when few slots are free, wait this long for more before claiming
-
-
-def host_of(url: str) -> str:
-    """The host (and port) a URL's deliveries count against for the per-host limit."""
-    return urllib.parse.urlsplit(url).netloc.lower()
 
 
 class Daemon:
@@ -74,8 +68,7 @@ class Daemon:
         self._window: list[Entry] = []  # heap of (due_at_ms, id, host): the lookahead window
         self._window_full = False  # the last poll hit batch_size: more may be due behind it
         self._heard: list[Entry] = []  # inserts announced while a poll was under way
-        self._host_inflight: Counter[str] = Counter()
-        self._parked: dict[str, list[Entry]] = {}  # heaps: due, but their host is at its limit
+        self._hosts = HostSlots(settings.per_host_concurrency, settings.batch_size)
         self._polling = False
         self._next_poll_s = 0.0
         self._inflight: set[asyncio.Task[None]] = set()
@@ -140,8 +133,7 @@ class Daemon:
         """Do what is due now; return how many seconds may pass before the next step."""
         self._loop = asyncio.get_running_loop()
         if not self.lease.is_leader():
-            self._window.clear()
-            self._next_poll_s = 0.0
+            self._forget_window()
             return self.settings.poll_interval_s
         if self._poll_is_due():
             await self._poll()
@@ -159,24 +151,42 @@ class Daemon:
         return max(1, min(self.settings.concurrency // 4, 64))
 
     def _poll_is_due(self) -> bool:
-        drained = not self._window and self._window_full
+        drained = not self._window and self._window_full and not self._hosts.parked
         return drained or self.clock.monotonic_s() >= self._next_poll_s
 
+    def _forget_window(self) -> None:
+        self._window.clear()
+        self._hosts.clear_parked()
+        self._next_poll_s = 0.0
+
     async def _poll(self) -> None:
-        horizon_ms = self.clock.now_ms() + int(self.settings.lookahead_s * 1000)
         self._polling = True
         try:
-            due = await asyncio.to_thread(
-                self.store.pending_due, horizon_ms, self.settings.batch_size
-            )
+            entries, full = await self._read_window()
         finally:
             self._polling = False
-        self._window = [(d.due_at_ms, d.id, host_of(d.url)) for d in due] + self._heard
+        self._window = entries + self._heard
         heapq.heapify(self._window)
         self._heard = []
-        self._parked.clear()  # still pending, so the poll read them again
-        self._window_full = len(due) >= self.settings.batch_size
+        self._window_full = full
         self._next_poll_s = self.clock.monotonic_s() + self.settings.poll_interval_s
+
+    async def _read_window(self) -> tuple[list[Entry], bool]:
+        """Read the due index up to the lookahead horizon: the entries not parked already and
+        not of hosts whose parking is full, reading on past those (a few pages at most) so one
+        host's backlog cannot hide every other host's timers. Also says if more may be due."""
+        horizon_ms = self.clock.now_ms() + int(self.settings.lookahead_s * 1000)
+        batch = self.settings.batch_size
+        entries: list[Entry] = []
+        after: tuple[int, str] | None = None
+        for _ in range(MAX_PAGES_PER_POLL):
+            page = await asyncio.to_thread(self.store.pending_due, horizon_ms, batch, after)
+            polled = ((d.due_at_ms, d.id, host_of(d.url)) for d in page)
+            entries.extend(entry for entry in polled if self._hosts.wanted(entry))
+            if len(page) < batch or len(entries) >= batch // 2:
+                return entries, len(page) >= batch
+            after = (page[-1].due_at_ms, page[-1].id)
+        return entries, True
 
     def _idle_s(self, now_ms: int) -> float:
         until_poll_s = self._next_poll_s - self.clock.monotonic_s()
@@ -184,23 +194,20 @@ class Daemon:
             return max(0.0, until_poll_s)
         return max(0.0, min(until_poll_s, (self._window[0][0] - now_ms) / 1000))
 
-    def _take_due(self, now_ms: int, limit: int) -> list[str]:
-        """Pop what is due, up to `limit`; park timers whose host has no slot left."""
-        ids: list[str] = []
+    def _take_due(self, now_ms: int, limit: int) -> list[Entry]:
+        """Pop what is due, up to `limit`, taking a slot at each host; park what cannot go."""
+        taken: list[Entry] = []
         limit = min(limit, self.settings.batch_size)
-        taken: Counter[str] = Counter()
-        while self._window and self._window[0][0] <= now_ms and len(ids) < limit:
+        while self._window and self._window[0][0] <= now_ms and len(taken) < limit:
             entry = heapq.heappop(self._window)
-            host = entry[2]
-            if self._host_inflight[host] + taken[host] >= self.settings.per_host_concurrency:
-                heapq.heappush(self._parked.setdefault(host, []), entry)
-                continue
-            taken[host] += 1
-            ids.append(entry[1])
-        return ids
+            if self._hosts.take(entry):
+                taken.append(entry)
+        return taken
 
-    async def _claim_and_fire(self, ids: list[str], now_ms: int) -> None:
+    async def _claim_and_fire(self, entries: list[Entry], now_ms: int) -> None:
         if not self.lease.is_leader():
+            for entry in entries:
+                self._give_back(entry[2])
             return
         claim = Claim(
             owner=self.lease.holder,
@@ -208,25 +215,29 @@ class Daemon:
             now_ms=now_ms,
             until_ms=now_ms + self.settings.claim_ttl_ms,
         )
-        claimed = await asyncio.to_thread(self.store.claim_due, ids, claim)
+        ids = [entry[1] for entry in entries]
+        claimed = await asyncio.to_thread(self.store.claim_due, ids, claim) if ids else []
+        claimed_ids = {timer.id for timer in claimed}
+        for entry in entries:
+            if entry[1] not in claimed_ids:  # cancelled, moved, or claimed elsewhere
+                self._give_back(entry[2])
         if len(claimed) < len(ids):
             log.debug("claims_lost", wanted=len(ids), claimed=len(claimed))
         for timer in claimed:
-            host = host_of(timer.url)
-            self._host_inflight[host] += 1
             task = asyncio.create_task(self._fire(timer))
             self._inflight.add(task)
-            task.add_done_callback(functools.partial(self._delivery_done, host))
+            task.add_done_callback(functools.partial(self._delivery_done, host_of(timer.url)))
+
+    def _give_back(self, host: str) -> None:
+        released = self._hosts.give_back(host)
+        for entry in released:
+            heapq.heappush(self._window, entry)
+        if released:
+            self._wake.set()
 
     def _delivery_done(self, host: str, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        self._host_inflight[host] -= 1
-        if self._host_inflight[host] <= 0:
-            del self._host_inflight[host]
-        parked = self._parked.get(host)
-        if parked:
-            heapq.heappush(self._window, heapq.heappop(parked))  # earliest due first
-            self._wake.set()
+        self._give_back(host)
         free = self.settings.concurrency - len(self._inflight)
         if self._slots_wanted and free >= self._slots_wanted:
             self._slots_wanted = 0
@@ -319,8 +330,7 @@ class Daemon:
         except StoreUnavailable as exc:
             delay = RETRY_DELAYS_S[min(self._store_failures, len(RETRY_DELAYS_S) - 1)]
             self._store_failures += 1
-            self._window.clear()
-            self._next_poll_s = 0.0
+            self._forget_window()
             log.warning("store_unavailable", error=str(exc), retry_in_s=delay)
             return delay
         if self._store_failures:

@@ -17,6 +17,7 @@ from timerd.store import Store
 log = structlog.get_logger("timerd.outcomes")
 
 MAX_BATCH = 1000
+GATHER_S = 0.005
 RETRY_DELAYS_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -41,6 +42,7 @@ class OutcomeWriter:
         failures = 0
         while True:
             await self._ready.wait()
+            await asyncio.sleep(GATHER_S)  # let the outcomes of the next few ms join this write
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             try:
                 applied = await asyncio.to_thread(self._store.complete, batch)

@@ -69,10 +69,13 @@ class Store(abc.ABC):
         """How many `pending` timers `tenant` has (for the per-tenant cap)."""
 
     @abc.abstractmethod
-    def pending_due(self, before_ms: int, limit: int) -> list[Due]:
+    def pending_due(
+        self, before_ms: int, limit: int, after: tuple[int, str] | None = None
+    ) -> list[Due]:
         """Read, without claiming, up to `limit` `pending` timers with `due_at_ms < before_ms`
-        (id, due time and URL),
-        ordered by `due_at_ms` then id. Served by the due-time index over pending timers only."""
+        (id, due time and URL), ordered by `due_at_ms` then id; with `after` (a due time and id),
+        only those ordered after it: the next page. Served by the due-time index over pending
+        timers only."""
 
     @abc.abstractmethod
     def next_due_at_ms(self) -> int | None:

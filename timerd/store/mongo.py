@@ -229,10 +229,18 @@ class MongoStore(Store):
         with _unavailable_on_connection_error():
             return self._timers.count_documents({"tenant": tenant, "state": "pending"})
 
-    def pending_due(self, before_ms: int, limit: int) -> list[Due]:
-        if limit <= 0:  # MongoDB reads limit(0) as "no limit"
+    def pending_due(
+        self, before_ms: int, limit: int, after: tuple[int, str] | None = None
+    ) -> list[Due]:
+        if limit <= 0:  # MongoDB reads limit(0) as no limit at all
             return []
-        query = {"state": "pending", "due_at_ms": {"$lt": before_ms}}
+        query: Doc = {"state": "pending", "due_at_ms": {"$lt": before_ms}}
+        if after is not None:
+            after_due, after_id = after
+            query["$or"] = [
+                {"due_at_ms": {"$gt": after_due}},
+                {"due_at_ms": after_due, "_id": {"$gt": after_id}},
+            ]
         with _unavailable_on_connection_error():
             cursor = (
                 self._timers.find(query, {"due_at_ms": 1, "url": 1})

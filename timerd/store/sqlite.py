@@ -103,6 +103,11 @@ PENDING_DUE_SQL = (
     "SELECT id, due_at_ms, url FROM timers INDEXED BY timers_pending_due"
     " WHERE state = 'pending' AND due_at_ms < ? ORDER BY due_at_ms, id LIMIT ?"
 )
+PENDING_DUE_AFTER_SQL = (
+    "SELECT id, due_at_ms, url FROM timers INDEXED BY timers_pending_due"
+    " WHERE state = 'pending' AND due_at_ms < ? AND (due_at_ms, id) > (?, ?)"
+    " ORDER BY due_at_ms, id LIMIT ?"
+)
 NEXT_DUE_SQL = (
     "SELECT MIN(due_at_ms) FROM timers INDEXED BY timers_pending_due WHERE state = 'pending'"
 )
@@ -421,8 +426,14 @@ class SqliteStore(Store):
         count: int = self._run(lambda c: c.execute(sql, (tenant,)).fetchone()[0])
         return count
 
-    def pending_due(self, before_ms: int, limit: int) -> list[Due]:
-        rows = self._run(lambda c: c.execute(PENDING_DUE_SQL, (before_ms, limit)).fetchall())
+    def pending_due(
+        self, before_ms: int, limit: int, after: tuple[int, str] | None = None
+    ) -> list[Due]:
+        sql: str = PENDING_DUE_SQL
+        params: tuple[Any, ...] = (before_ms, limit)
+        if after is not None:
+            sql, params = PENDING_DUE_AFTER_SQL, (before_ms, *after, limit)
+        rows = self._run(lambda c: c.execute(sql, params).fetchall())
         return [Due(id=r[0], due_at_ms=r[1], url=r[2]) for r in rows]
 
     def next_due_at_ms(self) -> int | None:
@@ -449,9 +460,8 @@ class SqliteStore(Store):
     def complete(self, outcomes: Sequence[Outcome]) -> int:
         def work(conn: sqlite3.Connection) -> int:
             with _transaction(conn):
-                return sum(
-                    conn.execute(COMPLETE_SQL, _complete_params(o)).rowcount for o in outcomes
-                )
+                params = [_complete_params(o) for o in outcomes]
+                return conn.executemany(COMPLETE_SQL, params).rowcount  # the rows changed in all
 
         return self._run(work) if outcomes else 0
 
