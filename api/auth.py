@@ -61,6 +61,16 @@ class Authenticator:
         self._keys_exist = False
         self._limiter = RateLimiter(settings.rate_limit_per_s)
 
+    def tenant_without_store(self) -> str | None:
+        """The anonymous tenant when no key is needed and that is known without asking the
+        store (so the caller can stay on the event loop); None otherwise."""
+        if self._mode == "none":
+            return ANONYMOUS
+        fresh = time.monotonic() - self._keys_seen_at <= KEYS_EXIST_CACHE_S
+        if self._mode == "auto" and not self._open_network and fresh and not self._keys_exist:
+            return ANONYMOUS
+        return None
+
     def tenant(self, authorization: str | None) -> str:
         """The caller's tenant; blocking (it may read the store): call from a worker thread."""
         if not self._required():
