@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any
@@ -48,10 +47,22 @@ class AttemptRecord:
     error: str | None = None
     response: str | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        """The record as a plain dict, for JSON or BSON (`dataclasses.asdict` is ten times
+        slower, and this runs once per delivery)."""
+        return {
+            "attempt": self.attempt,
+            "at_ms": self.at_ms,
+            "latency_ms": self.latency_ms,
+            "status": self.status,
+            "error": self.error,
+            "response": self.response,
+        }
+
 
 def history_to_dicts(history: tuple[AttemptRecord, ...]) -> list[dict[str, Any]]:
     """The history as plain dicts, for storing as JSON or BSON."""
-    return [dataclasses.asdict(record) for record in history]
+    return [record.as_dict() for record in history]
 
 
 def history_from_dicts(items: list[dict[str, Any]] | None) -> tuple[AttemptRecord, ...]:

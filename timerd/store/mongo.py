@@ -7,7 +7,6 @@ majority and journaled.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -113,7 +112,7 @@ def _complete_op(o: Outcome) -> UpdateOne:
         changes["due_at_ms"] = o.next_due_at_ms
     update: Doc = {"$set": changes}
     if o.record is not None:
-        entry = dataclasses.asdict(o.record)
+        entry = o.record.as_dict()
         update["$push"] = {"history": {"$each": [entry], "$slice": -HISTORY_MAX}}
     query = {"_id": o.timer_id, "state": "firing", "claimed_by": o.owner, "epoch": o.epoch}
     return UpdateOne(query, update)

@@ -8,7 +8,6 @@ single statement on a per-thread connection; SQLite serialises writers across pr
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import queue
 import sqlite3
@@ -197,7 +196,7 @@ def _complete_params(o: Outcome) -> dict[str, Any]:
         "next_due_at_ms": o.next_due_at_ms if o.state is State.PENDING else None,
         "status": o.status,
         "error": o.error,
-        "record": None if o.record is None else json.dumps(dataclasses.asdict(o.record)),
+        "record": None if o.record is None else json.dumps(o.record.as_dict()),
     }
 
 
