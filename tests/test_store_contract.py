@@ -917,6 +917,18 @@ def test_sqlite_processes_opening_a_new_file_at_once_all_start(tmp_path: Path) -
     assert [w.exitcode for w in workers] == [0] * 6
 
 
+def test_sqlite_api_writes_from_many_threads_never_race_for_the_lock(db_path: Path) -> None:
+    store = open_store(f"sqlite:///{db_path}?busy_timeout_ms=1")  # no patience at all
+    try:
+        timers = [inserted(store, NOW_MS + 60_000) for _ in range(64)]
+        work = [lambda t=t: store.cancel(t.id, NOW_MS).state for t in timers]
+        work += [lambda: store.insert(a_timer()).state for _ in range(64)]
+        states = run_together(work)
+    finally:
+        store.close()
+    assert states == [State.CANCELLED] * 64 + [State.PENDING] * 64
+
+
 def test_sqlite_timers_survive_closing_and_reopening(db_path: Path) -> None:
     with closing(open_store(f"sqlite:///{db_path}")) as store:
         timer = inserted(store)

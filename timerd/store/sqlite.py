@@ -1,8 +1,9 @@
 """The embedded store: one SQLite file in WAL mode, for a single host.
 
-Inserts from many threads share commits through one writer thread (group commit), so durable
-`synchronous=FULL` commits do not cap creates at one fsync each. Every other operation is a
-single statement on a per-thread connection; SQLite serialises writers across processes.
+The API's writes (creates, cancels, changes, replays) from many threads share commits through one
+writer thread (group commit), so durable `synchronous=FULL` commits do not cap them at one fsync
+each and they never race one another for SQLite's lock. Every other operation is a single
+statement on a per-thread connection; SQLite serialises writers across processes.
 """
 
 from __future__ import annotations
@@ -254,23 +255,24 @@ def _insert_one(conn: sqlite3.Connection, timer: Timer) -> Timer:
     return _to_timer(row)
 
 
-_Pending = tuple[Timer, "concurrent.futures.Future[Timer]"]
+Work = Callable[[sqlite3.Connection], Any]
+_Pending = tuple[Work, "concurrent.futures.Future[Any]"]
 
 
 class _GroupCommitter:
-    """One thread that commits every insert queued meanwhile in a single transaction."""
+    """One thread that runs every write queued meanwhile in a single transaction (one fsync),
+    and the only writer of its store's API writes, so they never race for SQLite's lock."""
 
     def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
         self._connect = connect
-        self._queue: queue.SimpleQueue[tuple[Timer, concurrent.futures.Future[Timer]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="timerd-sqlite-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, timer: Timer) -> concurrent.futures.Future[Timer]:
-        future: concurrent.futures.Future[Timer] = concurrent.futures.Future()
-        self._queue.put((timer, future))
+    def submit(self, work: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+        """Queue `work` (statements on the writer's connection) for the next transaction."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((work, future))
         return future
 
     def stop(self) -> None:
@@ -285,7 +287,7 @@ class _GroupCommitter:
         finally:
             conn.close()
 
-    def _next_batch(self) -> list[tuple[Timer, concurrent.futures.Future[Timer]]] | None:
+    def _next_batch(self) -> list[_Pending] | None:
         first = self._queue.get()
         if first is None:
             return None
@@ -303,15 +305,23 @@ class _GroupCommitter:
 
     @staticmethod
     def _commit(conn: sqlite3.Connection, batch: list[_Pending]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
         try:
             with _unavailable_on_operational_error(), _transaction(conn):
-                stored = [_insert_one(conn, timer) for timer, _ in batch]
+                for work, _ in batch:
+                    try:
+                        outcomes.append((True, work(conn)))
+                    except sqlite3.DatabaseError as exc:  # that statement alone was undone
+                        outcomes.append((False, exc))
         except Exception as exc:  # every waiter must hear about the failure, whatever it was
             for _, future in batch:
                 future.set_exception(exc)
             return
-        for (_, future), timer in zip(batch, stored, strict=True):
-            future.set_result(timer)
+        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
 
 
 class SqliteStore(Store):
@@ -367,12 +377,17 @@ class SqliteStore(Store):
 
     # timers
 
-    def insert(self, timer: Timer) -> Timer:
+    def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in the writer thread's next transaction and wait for its commit."""
         with self._writer_lock:
             if self._writer is None:
                 self._writer = _GroupCommitter(self._connect)
             writer = self._writer
-        return writer.submit(timer).result()
+        with _unavailable_on_operational_error():
+            return writer.submit(work).result()
+
+    def insert(self, timer: Timer) -> Timer:
+        return self._write(lambda conn: _insert_one(conn, timer))
 
     def find_by_idempotency_key(self, tenant: str, key: str) -> Timer | None:
         row = self._run(lambda c: c.execute(BY_IDEMPOTENCY_KEY_SQL, (tenant, key)).fetchone())
@@ -415,7 +430,7 @@ class SqliteStore(Store):
             f" RETURNING {COLUMNS}"
         )
         params = (*values.values(), timer_id, *states, tenant, tenant)
-        row = self._run(lambda c: c.execute(sql, params).fetchone())
+        row = self._write(lambda c: c.execute(sql, params).fetchone())
         if row is not None:
             return _to_timer(row)
         raise TimerStateConflict(timer_id, self.get(timer_id, tenant).state.value)
