@@ -495,3 +495,26 @@ def test_one_hosts_backlog_does_not_hide_another_hosts_timers(store: Store) -> N
             await settle(daemon)
 
     run(scenario)
+
+
+def test_a_timer_both_polled_and_announced_is_fired_once_and_frees_its_slot(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    timer_id = add_timer(store, START_MS + 100)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder, per_host_concurrency=1) as daemon:
+            await daemon.step()  # polled into the window
+            daemon.notify_insert(store.get(timer_id))  # and announced as well
+            await asyncio.sleep(0)
+            clock.advance(100)
+            await daemon.step()
+            await settle(daemon)
+            second = add_timer(store, START_MS + 200)  # the host's only slot must be free again
+            daemon._next_poll_s = 0.0
+            clock.advance(100)
+            await daemon.step()
+            await settle(daemon)
+            assert recorder.ids == [timer_id, second]
+
+    run(scenario)

@@ -215,12 +215,13 @@ class Daemon:
             now_ms=now_ms,
             until_ms=now_ms + self.settings.claim_ttl_ms,
         )
-        ids = [entry[1] for entry in entries]
+        unique = {entry[1]: entry for entry in entries}  # a poll and an announcement may agree
+        ids = list(unique)
         claimed = await asyncio.to_thread(self.store.claim_due, ids, claim) if ids else []
         claimed_ids = {timer.id for timer in claimed}
         for entry in entries:
-            if entry[1] not in claimed_ids:  # cancelled, moved, or claimed elsewhere
-                self._give_back(entry[2])
+            if entry[1] not in claimed_ids or unique[entry[1]] is not entry:
+                self._give_back(entry[2])  # not claimed (cancelled, moved, elsewhere) or twice
         if len(claimed) < len(ids):
             log.debug("claims_lost", wanted=len(ids), claimed=len(claimed))
         for timer in claimed:
