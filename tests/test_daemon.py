@@ -503,18 +503,22 @@ def test_a_timer_both_polled_and_announced_is_fired_once_and_frees_its_slot(stor
     timer_id = add_timer(store, START_MS + 100)
 
     async def scenario() -> None:
-        async with leading(store, clock, recorder, per_host_concurrency=1) as daemon:
+        async with leading(store, clock, recorder, per_host_concurrency=2) as daemon:
             await daemon.step()  # polled into the window
             daemon.notify_insert(store.get(timer_id))  # and announced as well
             await asyncio.sleep(0)
             clock.advance(100)
             await daemon.step()
             await settle(daemon)
-            second = add_timer(store, START_MS + 200)  # the host's only slot must be free again
+            assert recorder.ids == [timer_id]
+            recorder.gate = asyncio.Event()  # hold the next deliveries in flight
+            later = [add_timer(store, START_MS + 200) for _ in range(2)]
             daemon._next_poll_s = 0.0
             clock.advance(100)
             await daemon.step()
+            await asyncio.sleep(0)
+            assert sorted(recorder.ids[1:]) == sorted(later)  # both of the host's slots free
+            recorder.gate.set()
             await settle(daemon)
-            assert recorder.ids == [timer_id, second]
 
     run(scenario)
