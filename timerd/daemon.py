@@ -354,7 +354,13 @@ class Daemon:
     def _housekeeping(self) -> AsyncIOScheduler:
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         scheduler = AsyncIOScheduler()
-        every = {"trigger": "interval", "max_instances": 1, "coalesce": True}
+        # No misfire grace: a lease renewal that runs late must still run, never be skipped.
+        every = {
+            "trigger": "interval",
+            "max_instances": 1,
+            "coalesce": True,
+            "misfire_grace_time": None,
+        }
         tick_s = min(self.settings.lease_renew_s, self.settings.poll_interval_s)
         scheduler.add_job(self.lease.tick, seconds=tick_s, **every)
         watchdog_s = systemd.watchdog_interval_s()
