@@ -37,3 +37,17 @@ def test_parking_is_bounded_and_a_full_park_is_skipped_by_polls() -> None:
     assert slots.wanted(entry(7, host="b.test"))
     slots.clear_parked()
     assert slots.parked == 0 and slots.wanted(entry(1))
+
+
+def test_released_entries_hold_their_slots_until_taken() -> None:
+    slots = HostSlots(per_host=4, park_limit=100)
+    assert all(slots.take(entry(i)) for i in range(4))
+    for due in range(10, 20):
+        assert not slots.take(entry(due))
+    assert slots.give_back("a.test") == []
+    released = slots.give_back("a.test")
+    assert released == [entry(10), entry(11)]
+    assert slots.give_back("a.test") == []  # a third free slot, but two are promised already
+    assert slots.give_back("a.test") == [entry(12), entry(13)]  # four free, two promised
+    assert all(slots.take(e) for e in [*released, entry(12), entry(13)])
+    assert not slots.take(entry(30))  # all four slots in use again

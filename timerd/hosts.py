@@ -29,6 +29,7 @@ class HostSlots:
         self.park_limit = park_limit  # entries parked per host, and (times 4) in all
         self.release_batch = max(1, per_host // 2)
         self._inflight: Counter[str] = Counter()
+        self._released: Counter[str] = Counter()  # released to the window, not taken yet
         self._parked: dict[str, list[Entry]] = {}
         self._parked_ids: set[str] = set()
 
@@ -40,6 +41,8 @@ class HostSlots:
     def take(self, entry: Entry) -> bool:
         """Take a slot at the entry's host; when there is none, park the entry and say no."""
         host = entry[2]
+        if self._released[host] > 0:
+            self._released[host] -= 1
         if self._inflight[host] < self.per_host:
             self._inflight[host] += 1
             return True
@@ -54,10 +57,11 @@ class HostSlots:
         if self._inflight[host] <= 0:
             del self._inflight[host]
         heap = self._parked.get(host)
-        free = self.per_host - self._inflight[host]
+        free = self.per_host - self._inflight[host] - self._released[host]
         if not heap or free < min(self.release_batch, len(heap)):
             return []
         released = [heapq.heappop(heap) for _ in range(min(free, len(heap)))]
+        self._released[host] += len(released)
         self._parked_ids.difference_update(entry[1] for entry in released)
         if not heap:
             del self._parked[host]
@@ -74,6 +78,7 @@ class HostSlots:
         """Forget the parked entries (they are still pending in the store)."""
         self._parked.clear()
         self._parked_ids.clear()
+        self._released.clear()
 
     def _park(self, entry: Entry) -> None:
         parked_here = len(self._parked.get(entry[2], ()))
