@@ -268,8 +268,7 @@ class Daemon:
 
     @staticmethod
     def _observe(timer: Timer, attempt: Attempt, outcome: Outcome) -> None:
-        kind = {State.FIRED: "fired", State.PENDING: "retry"}.get(outcome.state, "failed")
-        metrics.DELIVERIES.labels(kind).inc()
+        metrics.DELIVERIES_BY_STATE[outcome.state].inc()
         metrics.DELIVERY_LATENCY.observe(attempt.latency_ms / 1000)
         metrics.LATENESS.observe(max(0, attempt.started_at_ms - timer.due_at_ms) / 1000)
 

@@ -29,6 +29,12 @@ API_REQUESTS = Counter(
 DELIVERIES = Counter(
     "timerd_deliveries", "Delivery attempts, by outcome (fired, retry, failed).", ["outcome"]
 )
+# The outcome an attempt's resulting state stands for, resolved once (labels() costs a lookup).
+DELIVERIES_BY_STATE = {
+    State.FIRED: DELIVERIES.labels("fired"),
+    State.PENDING: DELIVERIES.labels("retry"),
+    State.FAILED: DELIVERIES.labels("failed"),
+}
 DELIVERY_LATENCY = Histogram(
     "timerd_delivery_latency_seconds",
     "Time from sending a webhook to its answer.",
