@@ -16,7 +16,7 @@ import pytest
 from timerd.daemon import Daemon
 from timerd.delivery import Attempt
 from timerd.errors import StoreUnavailable
-from timerd.models import Claim, State, Timer, new_timer_id
+from timerd.models import Claim, State, Timer, TimerChanges, new_timer_id
 from timerd.settings import Settings
 from timerd.store import open_store
 from timerd.store.base import Store
@@ -520,5 +520,29 @@ def test_a_timer_both_polled_and_announced_is_fired_once_and_frees_its_slot(stor
             assert sorted(recorder.ids[1:]) == sorted(later)  # both of the host's slots free
             recorder.gate.set()
             await settle(daemon)
+
+    run(scenario)
+
+
+def test_a_url_changed_after_the_poll_gives_its_slot_back_to_the_host_it_took(
+    store: Store,
+) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    moved = add_timer(store, START_MS + 100)  # on 127.0.0.1:9
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder, per_host_concurrency=1) as daemon:
+            await daemon.step()  # read with its first host
+            store.update_pending(moved, TimerChanges(url="http://other.test/h"))
+            clock.advance(100)
+            await daemon.step()
+            await settle(daemon)
+            later = add_timer(store, START_MS + 200)  # the first host's one slot must be free
+            daemon._next_poll_s = 0.0
+            clock.advance(100)
+            await daemon.step()
+            await settle(daemon)
+            assert recorder.ids == [moved, later]
 
     run(scenario)

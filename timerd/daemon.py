@@ -227,7 +227,9 @@ class Daemon:
         for timer in claimed:
             task = asyncio.create_task(self._fire(timer))
             self._inflight.add(task)
-            task.add_done_callback(functools.partial(self._delivery_done, host_of(timer.url)))
+            # The slot is the entry's: a PATCH may have moved the url since it was read.
+            host = unique[timer.id][2]
+            task.add_done_callback(functools.partial(self._delivery_done, host))
 
     def _give_back(self, host: str) -> None:
         released = self._hosts.give_back(host)
