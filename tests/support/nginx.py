@@ -19,17 +19,13 @@ import pwd
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
-
-from tests.support.procs import HOST, free_port
+from tests.support.procs import HOST, free_port, wait_healthy
 
 READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
-_POLL_S = 0.02
 _BIND_ATTEMPTS = 3  # another process may take the free port before nginx binds it
 UPSTREAM_HEADER = "x-upstream"
 
@@ -158,19 +154,7 @@ class Nginx:
 
     def _wait_ready(self) -> None:
         assert self.popen is not None
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            try:
-                code = self.popen.wait(timeout=_POLL_S)  # doubles as the polling interval
-            except subprocess.TimeoutExpired:
-                continue
-            raise AssertionError(self.describe(f"exited with {code} before answering"))
-        raise AssertionError(self.describe(f"did not answer /healthz within {READY_TIMEOUT_S}s"))
+        wait_healthy(self.base_url, self.popen, self.describe, READY_TIMEOUT_S)
 
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None

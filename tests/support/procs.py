@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import httpx
@@ -67,6 +67,29 @@ def run_timerd(
     )
 
 
+def wait_healthy(
+    base_url: str,
+    popen: subprocess.Popen[bytes],
+    describe: Callable[[str], str],
+    timeout_s: float = READY_TIMEOUT_S,
+) -> None:
+    """Return once `GET <base_url>/healthz` answers 200; fail with `describe(...)` (which quotes
+    the process's output) if the process exits first or does not answer within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        try:
+            code = popen.wait(timeout=_POLL_S)  # doubles as the polling interval
+        except subprocess.TimeoutExpired:
+            continue
+        raise AssertionError(describe(f"exited with {code} before answering /healthz"))
+    raise AssertionError(describe(f"did not answer /healthz within {timeout_s}s"))
+
+
 class TimerdProcess:
     """One running `timerd` subprocess."""
 
@@ -92,24 +115,8 @@ class TimerdProcess:
         return self.popen.poll() is None
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Return once `GET /healthz` answers 200; fail with stderr if the process exits first
-        or does not answer within `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._healthy():
-                return
-            try:
-                code = self.popen.wait(timeout=_POLL_S)  # doubles as the polling interval
-            except subprocess.TimeoutExpired:
-                continue
-            raise AssertionError(self.describe(f"exited with {code} before answering /healthz"))
-        raise AssertionError(self.describe(f"did not answer /healthz within {timeout_s}s"))
-
-    def _healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.base_url}/healthz", timeout=1.0).status_code == 200
-        except httpx.TransportError:
-            return False
+        """Return once `GET /healthz` answers 200 (see `wait_healthy`)."""
+        wait_healthy(self.base_url, self.popen, self.describe, timeout_s)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM, then wait up to `timeout_s` for the exit code. A process that does not stop in
