@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.applications import Starlette
@@ -17,7 +20,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import Authenticator
-from api.errors import EXCEPTION_HANDLERS, ApiError
+from api.errors import EXCEPTION_HANDLERS, ApiError, log
 from api.openapi import openapi_json
 from api.validation import (
     MAX_BODY_BYTES,
@@ -31,7 +34,7 @@ from api.validation import (
 )
 from api.views import timer_view
 from timerd import metrics
-from timerd.clock import Clock, SystemClock
+from timerd.clock import Clock, StoreClock, SystemClock, read_store_clock
 from timerd.errors import StoreUnavailable
 from timerd.models import Timer, new_timer_id
 from timerd.settings import Settings
@@ -246,6 +249,40 @@ def metrics_page(_: Request) -> Response:
     return Response(generate_latest(REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST})
 
 
+CLOCK_READ_S = 10.0  # how often each replica reads the store's clock
+
+
+def store_clock_lifespan(
+    clock: StoreClock, store: Store
+) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+    """Keep `clock` corrected to the store's while the app runs, so that a replica whose clock
+    is off still computes due times (`"seconds": 10`) on the clock the daemons judge by."""
+
+    async def read_once() -> None:
+        try:
+            await read_store_clock(clock, lambda: run_in_threadpool(store.server_time_ms))
+        except StoreUnavailable as exc:
+            log.warning("store_clock_unavailable", error=str(exc))
+        if not clock.trusted and clock.synced:
+            log.error("clock_offset", offset_ms=clock.offset_ms)
+
+    async def read_forever() -> None:
+        while True:
+            await asyncio.sleep(CLOCK_READ_S)
+            await read_once()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await read_once()  # before the first request
+        reader = asyncio.create_task(read_forever())
+        try:
+            yield
+        finally:
+            reader.cancel()
+
+    return lifespan
+
+
 def create_app(
     settings: Settings,
     store: Store,
@@ -254,9 +291,15 @@ def create_app(
     on_insert: InsertListener | None = None,
 ) -> Starlette:
     """Build the API over an open store. `on_insert` hears of every created timer (the
-    in-process daemon of `timerd run` uses it to wake up for timers due soon)."""
-    routes = TimerRoutes(settings, store, clock or SystemClock(), on_insert)
+    in-process daemon of `timerd run` uses it to wake up for timers due soon). Without a
+    `clock` the app reads the store's clock and judges time by it."""
+    lifespan = None
+    if clock is None:
+        clock = StoreClock(SystemClock(), int(settings.max_clock_offset_s * 1000))
+        lifespan = store_clock_lifespan(clock, store)
+    routes = TimerRoutes(settings, store, clock, on_insert)
     return Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),

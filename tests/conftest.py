@@ -12,12 +12,11 @@ import secrets
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing
 from pathlib import Path
-from typing import Any
 
-import mongomock
 import pymongo
 import pytest
 
+from tests.support.mongomock_compat import mongomock_client
 from tests.support.procs import TimerdProcesses
 from timerd.store import open_store
 from timerd.store.base import Store
@@ -37,21 +36,8 @@ def _sqlite(tmp_path: Path, stack: ExitStack) -> StoreFactory:
     return lambda: stack.enter_context(closing(open_store(url)))
 
 
-_MongomockBulk = mongomock.collection.BulkOperationBuilder
-_mongomock_add_update = _MongomockBulk.add_update
-
-
-def _add_update_without_sort(self: object, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
-    """pymongo >= 4.11 hands every bulk update a `sort` (None unless asked for), which
-    mongomock 4.3 does not accept; the adapter never sorts a bulk update."""
-    assert sort is None
-    return _mongomock_add_update(self, *args, **kwargs)
-
-
 def _mongomock(stack: ExitStack) -> StoreFactory:
-    patch = stack.enter_context(pytest.MonkeyPatch.context())
-    patch.setattr(_MongomockBulk, "add_update", _add_update_without_sort)
-    client = mongomock.MongoClient()
+    client = mongomock_client()
     name = _database_name()
     stack.callback(client.drop_database, name)
     return lambda: stack.enter_context(closing(MongoStore(client, name)))

@@ -89,18 +89,29 @@ def settings(**overrides: Any) -> Settings:
 
 
 @asynccontextmanager
+async def supervised(daemon: Daemon) -> AsyncIterator[Daemon]:
+    """What `run` sets up around the hot path: a task group for deliveries, the store's clock
+    read, and the outcome writer running; the test then drives `step` by hand."""
+    async with asyncio.TaskGroup() as tasks:
+        daemon.attach(tasks)
+        await daemon.read_store_clock()
+        writer = tasks.create_task(daemon.outcomes.run())
+        try:
+            yield daemon
+        finally:
+            writer.cancel()
+
+
+@asynccontextmanager
 async def leading(
     store: Store, clock: FakeClock, recorder: Recorder, **overrides: Any
 ) -> AsyncIterator[Daemon]:
     """A daemon that holds the lease, with its outcome writer running."""
     daemon = Daemon(settings(**overrides), store, recorder, clock=clock, holder="daemon-a")
-    await daemon.lease.tick()
-    assert daemon.lease.is_leader()
-    writer = asyncio.create_task(daemon.outcomes.run())
-    try:
+    async with supervised(daemon):
+        await daemon.lease.tick()
+        assert daemon.lease.is_leader()
         yield daemon
-    finally:
-        writer.cancel()
 
 
 async def settle(daemon: Daemon) -> None:
@@ -207,9 +218,10 @@ def test_a_standby_never_claims(store: Store) -> None:
 
     async def scenario() -> None:
         daemon = Daemon(settings(), store, recorder, clock=clock, holder="daemon-b")
-        await daemon.lease.tick()
-        assert not daemon.lease.is_leader()
-        assert await daemon.step() == pytest.approx(1.0)
+        async with supervised(daemon):
+            await daemon.lease.tick()
+            assert not daemon.lease.is_leader()
+            assert await daemon.step() == pytest.approx(1.0)
 
     run(scenario)
     assert recorder.delivered == []
@@ -405,7 +417,7 @@ def test_expired_claims_of_a_dead_owner_are_recovered_and_fired(store: Store) ->
     clock = FakeClock()
     recorder = Recorder(clock)
     timer_id = add_timer(store, START_MS)
-    dead = Claim(owner="dead", epoch=1, now_ms=START_MS, until_ms=START_MS + 1_000)
+    dead = Claim("dead", epoch=1, now_ms=START_MS, until_ms=START_MS + 1_000, token="dead")
     assert [t.id for t in store.claim_due([timer_id], dead)] == [timer_id]
     clock.advance(1_001)
 
@@ -420,6 +432,7 @@ def test_expired_claims_of_a_dead_owner_are_recovered_and_fired(store: Store) ->
     assert recorder.ids == [timer_id]
     recovered = store.get(timer_id)
     assert (recovered.state, recovered.attempts) == (State.FIRED, 2)
+    assert [(r.attempt, r.error) for r in recovered.history] == [(1, "claim_expired"), (2, None)]
 
 
 class FlakyStore:
@@ -450,16 +463,15 @@ def test_store_outage_backs_off_then_resumes(store: Store) -> None:
 
     async def scenario() -> None:
         daemon = Daemon(settings(), flaky, recorder, clock=clock, holder="d")  # type: ignore[arg-type]
-        await daemon.lease.tick()
-        writer = asyncio.create_task(daemon.outcomes.run())
-        flaky.down = True
-        delays = [await daemon._safe_step() for _ in range(3)]
-        assert delays == sorted(delays) and delays[0] > 0  # backs off
-        flaky.down = False
-        await daemon._safe_step()
-        await daemon._safe_step()
-        await settle(daemon)
-        writer.cancel()
+        async with supervised(daemon):
+            await daemon.lease.tick()
+            flaky.down = True
+            delays = [await daemon._safe_step() for _ in range(3)]
+            assert all(delay > 0 for delay in delays)  # backs off
+            flaky.down = False
+            await daemon._safe_step()
+            await daemon._safe_step()
+            await settle(daemon)
 
     run(scenario)
     assert recorder.ids == [timer_id]

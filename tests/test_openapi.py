@@ -201,13 +201,13 @@ def seed_timers(server: TimerdProcess, db: Path) -> list[str]:
     now_ms = time.time_ns() // 1_000_000
     store = SqliteStore(str(db))
     try:
-        claim = Claim(owner="test", epoch=1, now_ms=now_ms, until_ms=now_ms + 10**9)
+        claim = Claim("test", 1, now_ms=now_ms, until_ms=now_ms + 10**9, token="test")
         assert len(store.claim_due(due, claim)) == 4
         record = AttemptRecord(attempt=1, at_ms=now_ms, latency_ms=12.5, status=500, response="x")
         outcomes = [
-            Outcome(due[0], "test", 1, State.FIRED, now_ms, status=200, record=record),
-            Outcome(due[1], "test", 1, State.FAILED, now_ms, error="refused", record=record),
-            Outcome(due[2], "test", 1, State.PENDING, now_ms, 500, None, now_ms + 10**8, record),
+            Outcome(due[0], "test", State.FIRED, now_ms, status=200, record=record),
+            Outcome(due[1], "test", State.FAILED, now_ms, error="refused", record=record),
+            Outcome(due[2], "test", State.PENDING, now_ms, 500, None, now_ms + 10**8, record),
         ]  # due[3] stays firing
         assert store.complete(outcomes) == 3
     finally:

@@ -33,10 +33,11 @@ from timerd.models import (
     State,
     Timer,
     TimerChanges,
+    new_claim_token,
     new_timer_id,
 )
 from timerd.store import open_store
-from timerd.store.base import Store
+from timerd.store.base import CLAIM_EXPIRED, Store
 from timerd.store.mongo import MongoStore
 from timerd.store.sqlite import PENDING_DUE_SQL, SqliteStore
 
@@ -60,7 +61,13 @@ def inserted(store: Store, due_at_ms: int = NOW_MS, **fields: object) -> Timer:
 
 
 def a_claim(owner: str = "leader-a", epoch: int = 1, now_ms: int = NOW_MS) -> Claim:
-    return Claim(owner=owner, epoch=epoch, now_ms=now_ms, until_ms=now_ms + CLAIM_MS)
+    return Claim(
+        owner=owner,
+        epoch=epoch,
+        now_ms=now_ms,
+        until_ms=now_ms + CLAIM_MS,
+        token=new_claim_token(),
+    )
 
 
 def claimed_as(timer: Timer, claim: Claim) -> Timer:
@@ -71,6 +78,7 @@ def claimed_as(timer: Timer, claim: Claim) -> Timer:
         claimed_by=claim.owner,
         epoch=claim.epoch,
         claimed_until_ms=claim.until_ms,
+        claim_token=claim.token,
         attempts=timer.attempts + 1,
     )
 
@@ -83,16 +91,15 @@ def claimed(store: Store, timer: Timer, claim: Claim | None = None) -> Timer:
 
 
 def outcome_for(timer: Timer, state: State, **fields: object) -> Outcome:
-    assert timer.claimed_by is not None
-    assert timer.epoch is not None
+    assert timer.claim_token is not None
     values: dict[str, object] = {"at_ms": NOW_MS + 250, "status": 200} | fields
-    return Outcome(
-        timer_id=timer.id,
-        owner=timer.claimed_by,
-        epoch=timer.epoch,
-        state=state,
-        **values,
-    )
+    return Outcome(timer_id=timer.id, claim_token=timer.claim_token, state=state, **values)
+
+
+def unclaimed(timer: Timer, **fields: object) -> Timer:
+    """`timer` with its claim cleared."""
+    values = {"claimed_by": None, "claimed_until_ms": None, "claim_token": None} | fields
+    return dataclasses.replace(timer, **values)
 
 
 def by_id(timers: Sequence[Timer]) -> list[Timer]:
@@ -109,6 +116,7 @@ def in_every_state(store: Store) -> dict[State, Timer]:
             claimed_by="leader-a" if state is State.FIRING else None,
             claimed_until_ms=NOW_MS + CLAIM_MS if state is State.FIRING else None,
             epoch=1 if state is State.FIRING else None,
+            claim_token=new_claim_token() if state is State.FIRING else None,
         )
         for state in State
     }
@@ -344,6 +352,7 @@ def test_complete_fired_records_the_delivery_and_clears_the_claim(store: Store) 
         last_error=None,
         claimed_by=None,
         claimed_until_ms=None,
+        claim_token=None,
     )
 
 
@@ -358,6 +367,7 @@ def test_complete_failed_ends_the_timer_and_clears_the_claim(store: Store) -> No
         last_error="410 Gone",
         claimed_by=None,
         claimed_until_ms=None,
+        claim_token=None,
     )
 
 
@@ -375,6 +385,7 @@ def test_complete_pending_reschedules_the_timer_for_another_attempt(store: Store
         last_error="connection refused",
         claimed_by=None,
         claimed_until_ms=None,
+        claim_token=None,
     )
     assert store.pending_due(NOW_MS + 901, 10) == [Due(firing.id, NOW_MS + 900, URL)]
 
@@ -384,8 +395,7 @@ def test_complete_applies_only_outcomes_of_the_current_claim(store: Store) -> No
     firing = everything[State.FIRING]
     applies = outcome_for(firing, State.FIRED)
     ignored = [
-        dataclasses.replace(applies, owner="leader-z"),
-        dataclasses.replace(applies, epoch=2),
+        dataclasses.replace(applies, claim_token=new_claim_token()),
         *(
             dataclasses.replace(applies, timer_id=t.id)
             for s, t in everything.items()
@@ -407,21 +417,75 @@ def test_complete_of_no_outcomes_applies_none(store: Store) -> None:
 def test_a_deposed_leader_cannot_overwrite_its_successors_claim(store: Store) -> None:
     timer = inserted(store)
     old = claimed(store, timer, a_claim(owner="leader-a", epoch=1))
-    assert store.recover_expired(NOW_MS + CLAIM_MS + 1, 10) == 1
+    assert store.recover_expired(NOW_MS + CLAIM_MS + 1, 10, 5) == 1
     new_claim = a_claim(owner="leader-b", epoch=2, now_ms=NOW_MS + CLAIM_MS + 1)
     new = claimed(store, store.get(timer.id), new_claim)
 
     assert store.complete([outcome_for(old, State.FIRED)]) == 0
-    assert store.complete([dataclasses.replace(outcome_for(new, State.FIRED), epoch=1)]) == 0
+    assert store.release_claim(old.claim_token or "") == 0
     assert store.get(timer.id) == new
     assert store.complete([outcome_for(new, State.FAILED, status=500)]) == 1
     assert store.get(timer.id).state is State.FAILED
 
 
+def test_a_late_outcome_never_lands_on_a_newer_claim_of_the_same_leader(store: Store) -> None:
+    first = claimed(store, inserted(store))
+    assert store.recover_expired(NOW_MS + CLAIM_MS + 1, 10, 5) == 1
+    second = claimed(store, store.get(first.id), a_claim(now_ms=NOW_MS + CLAIM_MS + 1))
+    assert (second.claimed_by, second.epoch) == (first.claimed_by, first.epoch)
+
+    assert store.complete([outcome_for(first, State.PENDING, next_due_at_ms=NOW_MS)]) == 0
+    assert store.get(first.id) == second
+
+
+def test_an_outcome_after_the_sweep_leaves_the_timer_pending(store: Store) -> None:
+    firing = claimed(store, inserted(store))
+    assert store.recover_expired(NOW_MS + CLAIM_MS + 1, 10, 5) == 1
+    swept = store.get(firing.id)
+    assert store.complete([outcome_for(firing, State.FIRED)]) == 0
+    assert store.get(firing.id) == swept
+
+
+# release_claim
+
+
+def test_release_claim_undoes_a_claim_that_was_never_delivered(store: Store) -> None:
+    timers = [inserted(store, NOW_MS - i) for i in range(3)]
+    claim = a_claim()
+    assert len(store.claim_due([t.id for t in timers], claim)) == 3
+    other = claimed(store, inserted(store))
+
+    assert store.release_claim(claim.token) == 3
+    released = [dataclasses.replace(t, epoch=claim.epoch) for t in timers]  # epochs are kept
+    assert by_id([store.get(t.id) for t in timers]) == by_id(released)
+    assert store.release_claim(claim.token) == 0
+    assert store.get(other.id) == other
+
+
+def test_release_claim_leaves_timers_whose_outcome_was_written(store: Store) -> None:
+    firing = claimed(store, inserted(store))
+    assert store.complete([outcome_for(firing, State.FIRED)]) == 1
+    fired = store.get(firing.id)
+    assert store.release_claim(firing.claim_token or "") == 0
+    assert store.get(firing.id) == fired
+
+
 # recover_expired
 
 
-def test_recover_expired_returns_only_expired_claims_to_pending(store: Store) -> None:
+def expired_as(timer: Timer, now_ms: int, state: State = State.PENDING) -> Timer:
+    """What the sweep must turn an expired claim into: a failed attempt on the record."""
+    record = AttemptRecord(timer.attempts, now_ms, 0, error=CLAIM_EXPIRED)
+    return unclaimed(
+        timer,
+        state=state,
+        last_status=None,
+        last_error=CLAIM_EXPIRED,
+        history=(*timer.history, record),
+    )
+
+
+def test_recover_expired_settles_only_expired_claims(store: Store) -> None:
     long_ago_ms = NOW_MS - 2 * CLAIM_MS
     expired = claimed(store, inserted(store, long_ago_ms), a_claim(now_ms=NOW_MS - CLAIM_MS - 1))
     at_deadline = claimed(store, inserted(store, long_ago_ms), a_claim(now_ms=NOW_MS - CLAIM_MS))
@@ -429,32 +493,42 @@ def test_recover_expired_returns_only_expired_claims_to_pending(store: Store) ->
     others = in_every_state(store)
     others.pop(State.FIRING)  # live until NOW_MS + CLAIM_MS
 
-    assert store.recover_expired(NOW_MS, 10) == 1
-    assert store.get(expired.id) == dataclasses.replace(
-        expired, state=State.PENDING, claimed_by=None, claimed_until_ms=None
-    )
+    assert store.recover_expired(NOW_MS, 10, 5) == 1
+    assert store.get(expired.id) == expired_as(expired, NOW_MS)
     assert [store.get(t.id) for t in (at_deadline, live, *others.values())] == [
         at_deadline,
         live,
         *others.values(),
     ]
-    assert store.recover_expired(NOW_MS, 10) == 0
+    assert store.recover_expired(NOW_MS, 10, 5) == 0
+
+
+def test_recover_expired_fails_a_timer_whose_attempts_are_spent(store: Store) -> None:
+    own_budget = claimed(store, inserted(store, max_attempts=1))
+    default_budget = claimed(store, inserted(store, attempts=2))
+    budget_left = claimed(store, inserted(store, max_attempts=5, attempts=2))
+    later_ms = NOW_MS + CLAIM_MS + 1
+
+    assert store.recover_expired(later_ms, 10, 3) == 3
+    assert store.get(own_budget.id) == expired_as(own_budget, later_ms, State.FAILED)
+    assert store.get(default_budget.id) == expired_as(default_budget, later_ms, State.FAILED)
+    assert store.get(budget_left.id) == expired_as(budget_left, later_ms)
 
 
 def test_recover_expired_recovers_at_most_limit_timers(store: Store) -> None:
     timers = [claimed(store, inserted(store, NOW_MS - 10 + i)) for i in range(5)]
     after_deadline_ms = NOW_MS + CLAIM_MS + 1
-    assert store.recover_expired(after_deadline_ms, 0) == 0
-    assert store.recover_expired(after_deadline_ms, 2) == 2
+    assert store.recover_expired(after_deadline_ms, 0, 5) == 0
+    assert store.recover_expired(after_deadline_ms, 2, 5) == 2
     assert sorted(store.get(t.id).state for t in timers).count(State.PENDING) == 2
-    assert store.recover_expired(after_deadline_ms, 10) == 3
+    assert store.recover_expired(after_deadline_ms, 10, 5) == 3
     assert {store.get(t.id).state for t in timers} == {State.PENDING}
 
 
 def test_a_recovered_timer_is_claimed_again_with_its_attempts_kept(store: Store) -> None:
     first = claimed(store, inserted(store))
     later_ms = NOW_MS + CLAIM_MS + 1
-    assert store.recover_expired(later_ms, 10) == 1
+    assert store.recover_expired(later_ms, 10, 5) == 1
     assert store.pending_due(later_ms, 10) == [Due(first.id, NOW_MS, URL)]
     second = claimed(store, store.get(first.id), a_claim("leader-b", 2, later_ms))
     assert (second.attempts, second.claimed_by, second.epoch) == (2, "leader-b", 2)
@@ -794,7 +868,8 @@ WRITES: dict[str, Callable[[Store, Timer], object]] = {
     "insert": lambda s, t: s.insert(a_timer()),
     "cancel": lambda s, t: s.cancel(t.id, NOW_MS),
     "claim_due": lambda s, t: s.claim_due([t.id], a_claim()),
-    "recover_expired": lambda s, t: s.recover_expired(NOW_MS, 10),
+    "recover_expired": lambda s, t: s.recover_expired(NOW_MS, 10, 5),
+    "release_claim": lambda s, t: s.release_claim("token"),
     "acquire_lease": lambda s, t: s.acquire_lease("a", TTL_MS, NOW_MS),
 }
 

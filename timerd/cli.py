@@ -31,7 +31,7 @@ from timerd.bench import add_bench_arguments, run_bench
 from timerd.clock import SystemClock
 from timerd.daemon import Daemon
 from timerd.delivery import Deliverer
-from timerd.errors import ConfigError, StoreUnavailable
+from timerd.errors import ConfigError, DaemonCrashed, StoreUnavailable
 from timerd.logs import configure_logging
 from timerd.metrics import watch_store
 from timerd.probes import start_probe_server
@@ -81,7 +81,7 @@ def _server(settings: Settings, app: Starlette) -> _Server:
 
 async def serve_api(settings: Settings) -> None:
     """`timerd api`: serve the API until SIGTERM or SIGINT."""
-    store = open_store(settings.store)
+    store = _open_store(settings)
     check_protected_mode(settings, store)
     watch_store(store, SystemClock())
     try:
@@ -95,9 +95,15 @@ async def serve_api(settings: Settings) -> None:
         raise SystemExit(1)  # could not bind; uvicorn has said why
 
 
+def _open_store(settings: Settings, *, for_daemon: bool = False) -> Store:
+    return open_store(
+        settings.store, for_daemon=for_daemon, allow_weak_writes=settings.allow_weak_writes
+    )
+
+
 async def run_daemon(settings: Settings) -> None:
     """`timerd daemon`: fire timers until SIGTERM or SIGINT, then drain and release the lease."""
-    store = open_store(settings.store, for_daemon=True)
+    store = _open_store(settings, for_daemon=True)
     watch_store(store, SystemClock())
     probes = None
     try:
@@ -123,8 +129,8 @@ async def _start_probes(store: Store, settings: Settings) -> web.AppRunner:
 
 async def run_all(settings: Settings) -> None:
     """`timerd run`: the API and the daemon in one process; a signal stops both."""
-    api_store = open_store(settings.store)
-    daemon_store = open_store(settings.store, for_daemon=True)
+    api_store = _open_store(settings)
+    daemon_store = _open_store(settings, for_daemon=True)
     check_protected_mode(settings, api_store)
     watch_store(api_store, SystemClock())
     try:
@@ -141,6 +147,7 @@ async def run_all(settings: Settings) -> None:
             _on_stop_signals(stop)
             log.info("api_starting", host=settings.host, port=settings.port, version=__version__)
             daemon_task = asyncio.create_task(daemon.run())
+            daemon_task.add_done_callback(lambda _: stop())  # a crashed daemon stops the API too
             await server.serve()
             daemon.stop()
             await daemon_task
@@ -153,7 +160,7 @@ async def run_all(settings: Settings) -> None:
 
 async def show_status(settings: Settings) -> None:
     """`timerd status`: print the store's leader, counts, backlog and recent lateness."""
-    store = open_store(settings.store)
+    store = _open_store(settings)
     try:
         report = await asyncio.to_thread(take_report, store, settings.store)
     finally:
@@ -201,7 +208,7 @@ def _add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 def manage_keys(args: argparse.Namespace, settings: Settings) -> None:
     """`timerd keys create|list|revoke`."""
-    store = open_store(settings.store)
+    store = _open_store(settings)
     now_ms = SystemClock().now_ms()
     try:
         if args.action == "create":
@@ -241,3 +248,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except StoreUnavailable as exc:
         print(f"timerd: the store is unavailable: {exc}", file=sys.stderr)
         raise SystemExit(3) from exc
+    except DaemonCrashed as exc:  # logged with its traceback already
+        print(f"timerd: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc

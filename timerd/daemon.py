@@ -3,32 +3,37 @@
 The leader reads the pending timers due within `lookahead_s` (never claiming them yet) into a
 small heap, sleeps until the earliest is due, a poll is due, or news arrives, then claims what
 is due in one conditional write and starts exactly those deliveries. Memory holds at most one
-batch of due times, whatever the backlog. Housekeeping (lease ticks, the recovery sweep) runs on
-an APScheduler schedule beside the hot path.
+batch of due times, whatever the backlog.
+
+Every task (the fire loop, deliveries, the outcome writer, lease renewal, the clock reading,
+the recovery sweep, the systemd watchdog) runs in one task group. Store errors are retried with
+backoff and never end a task; any other exception ends them all and `run` raises it, so the
+process exits non-zero and its supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import heapq
-import logging
-from collections.abc import Awaitable, Callable
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from timerd import metrics, systemd
-from timerd.clock import Clock, SystemClock
+from timerd.backoff import Backoff
+from timerd.clock import Clock, StoreClock, SystemClock, read_store_clock
 from timerd.delivery import Attempt
-from timerd.errors import StoreUnavailable
+from timerd.errors import DaemonCrashed, StoreUnavailable
 from timerd.hosts import Entry, HostSlots, host_of
 from timerd.lease import LeaseKeeper, daemon_identity
-from timerd.models import AttemptRecord, Claim, Outcome, State, Timer
-from timerd.outcomes import RETRY_DELAYS_S, OutcomeWriter
-from timerd.retry import RetryPolicy, Verdict, classify, parse_retry_after
+from timerd.models import Claim, Outcome, State, Timer, new_claim_token
+from timerd.offload import Offload, pool_offload, thread_pool
+from timerd.outcomes import OutcomeWriter, judge
+from timerd.retry import RetryPolicy
 from timerd.settings import Settings
 from timerd.store import Store
 
@@ -38,6 +43,19 @@ Deliver = Callable[[Timer], Awaitable[Attempt]]
 
 MAX_PAGES_PER_POLL = 4  # of the due index read past parked hosts' timers in one poll
 CLAIM_COALESCE_S = 0.002  # when few slots are free, wait this long for more before claiming
+CLOCK_READ_S = 10.0  # how often the store's clock is read
+STORE_THREADS = 4  # claims, polls, outcomes and the sweep never wait behind one another
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """What a daemon holds at a moment; all zero when it is idle."""
+
+    inflight: int  # deliveries under way
+    host_slots: int  # per-host slots taken, or promised to released entries
+    parked: int  # due entries waiting for a slot at their host
+    outcomes_queued: int  # outcomes not written yet
+    unsettled_claims: int  # claims that failed or came back late, not released yet
 
 
 class Daemon:
@@ -51,20 +69,26 @@ class Daemon:
         *,
         clock: Clock | None = None,
         holder: str | None = None,
+        offload: Offload | None = None,
     ) -> None:
+        """`offload` runs every store call; by default, thread pools of the daemon's own (one
+        for the lease alone). Tests and the simulator pass one that runs calls inline."""
         self.settings = settings
         self.store = store
-        self.clock = clock or SystemClock()
+        self.clock = StoreClock(clock or SystemClock(), int(settings.max_clock_offset_s * 1000))
+        self._pools: list[ThreadPoolExecutor] = []
+        self._offload = offload or self._pool("timerd-store", STORE_THREADS)
         self.lease = LeaseKeeper(
             store,
             self.clock,
             holder or daemon_identity(),
-            settings.lease_ttl_s,
-            settings.lease_renew_s,
+            ttl_s=settings.lease_ttl_s,
+            renew_s=settings.lease_renew_s,
+            offload=offload or self._pool("timerd-lease", 1),
         )
-        self.outcomes = OutcomeWriter(store)
-        self._deliver = deliver
+        self.outcomes = OutcomeWriter(store, self._offload)
         self.retry = RetryPolicy.from_setting(settings.retry_schedule)
+        self._deliver = deliver
         self._window: list[Entry] = []  # heap of (due_at_ms, id, host): the lookahead window
         self._window_full = False  # the last poll hit batch_size: more may be due behind it
         self._heard: list[Entry] = []  # inserts announced while a poll was under way
@@ -72,14 +96,21 @@ class Daemon:
         self._polling = False
         self._next_poll_s = 0.0
         self._inflight: set[asyncio.Task[None]] = set()
+        self._unsettled: list[str] = []  # tokens of claims to give back before claiming more
         self._wake = asyncio.Event()
         self._slots_wanted = 0
         self._stopping = False
-        self._store_failures = 0
+        self._store_backoff = Backoff()
+        self._tasks: asyncio.TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # set once running
         metrics.IN_FLIGHT.set_function(lambda: len(self._inflight))
         metrics.LEADER.set_function(lambda: int(self.lease.is_leader()))
         metrics.LEASE_EPOCH.set_function(lambda: self.lease.epoch)
+
+    def _pool(self, name: str, threads: int) -> Offload:
+        pool = thread_pool(name, threads)
+        self._pools.append(pool)
+        return pool_offload(pool)
 
     # public surface
 
@@ -96,42 +127,102 @@ class Daemon:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._consider, timer)
 
-    def _consider(self, timer: Timer) -> None:
-        if timer.due_at_ms < self.clock.now_ms() + self.settings.lookahead_s * 1000:
-            entry = (timer.due_at_ms, timer.id, host_of(timer.url))
-            heapq.heappush(self._window, entry)
-            if self._polling:
-                self._heard.append(entry)
-            self._wake.set()
-
-    @property
-    def inflight(self) -> int:
-        """Deliveries under way."""
-        return len(self._inflight)
+    def counters(self) -> Counters:
+        """What the daemon holds now (see `Counters`)."""
+        return Counters(
+            inflight=len(self._inflight),
+            host_slots=self._hosts.held,
+            parked=self._hosts.parked,
+            outcomes_queued=self.outcomes.queued,
+            unsettled_claims=len(self._unsettled),
+        )
 
     async def run(self) -> None:
-        """Run until `stop()`: keep the lease, fire due timers, then drain and release."""
-        scheduler = self._housekeeping()
-        writer = asyncio.create_task(self.outcomes.run(), name="timerd-outcomes")
-        scheduler.start()
+        """Run until `stop()`: keep the lease, fire due timers, then drain and release.
+        An unexpected error in any task ends them all: it is logged with its traceback and
+        `DaemonCrashed` raised from it."""
+        self._loop = asyncio.get_running_loop()
         log.info("daemon_started", holder=self.lease.holder)
         try:
-            await self.lease.tick()
-            systemd.notify("READY=1")
-            while not self._stopping:
-                await self._sleep(await self._safe_step())
+            async with asyncio.TaskGroup() as tasks:
+                self.attach(tasks)
+                await self._lead(tasks)
+        except Exception as exc:
+            log.exception("daemon_crashed", holder=self.lease.holder)
+            raise DaemonCrashed(f"daemon {self.lease.holder} crashed: {exc!r}") from exc
         finally:
-            scheduler.shutdown(wait=False)
-            await self._drain()
-            await self._flush_outcomes(writer)
+            self._tasks = None
             await self.lease.release()
-            log.info("daemon_stopped", holder=self.lease.holder)
+            for pool in self._pools:
+                pool.shutdown(wait=False)
+        log.info("daemon_stopped", holder=self.lease.holder)
+
+    def attach(self, tasks: asyncio.TaskGroup) -> None:
+        """Start deliveries in `tasks`: `run` does this; tests that drive `step` by hand
+        call it with a group of their own."""
+        self._loop = asyncio.get_running_loop()
+        self._tasks = tasks
+
+    async def _lead(self, tasks: asyncio.TaskGroup) -> None:
+        try:
+            await self.read_store_clock()
+        except StoreUnavailable as exc:  # the clock task tries again; until then, no leading
+            log.warning("store_unavailable", task="clock", error=str(exc))
+        await self.lease.tick()
+        helpers = [
+            tasks.create_task(self.outcomes.run(), name="timerd-outcomes"),
+            self._every(tasks, "lease", self._lease_tick_s(), self.lease.tick),
+            self._every(tasks, "clock", CLOCK_READ_S, self.read_store_clock),
+            self._every(tasks, "sweep", self.settings.lease_renew_s, self.recover_expired),
+        ]
+        watchdog_s = systemd.watchdog_interval_s()
+        if watchdog_s is not None:  # pinged from this event loop: a stuck loop stops the pings
+            helpers.append(self._every(tasks, "watchdog", watchdog_s, systemd.watchdog))
+        systemd.notify("READY=1")
+        while not self._stopping:
+            await self._sleep(await self._safe_step())
+        await self._drain()
+        await self._flush_outcomes()
+        for helper in helpers:
+            helper.cancel()
+
+    def _lease_tick_s(self) -> float:
+        return min(self.settings.lease_renew_s, self.settings.poll_interval_s)
+
+    def _every(
+        self,
+        tasks: asyncio.TaskGroup,
+        name: str,
+        interval_s: float,
+        work: Callable[[], Coroutine[Any, Any, None]],
+    ) -> asyncio.Task[None]:
+        """Run `work` every `interval_s` in the group, retrying store errors with backoff."""
+
+        async def forever() -> None:
+            backoff = Backoff()
+            while True:
+                try:
+                    await work()
+                    backoff.reset()
+                    delay_s = interval_s
+                except StoreUnavailable as exc:
+                    delay_s = min(interval_s, backoff.next_s())
+                    log.warning("store_unavailable", task=name, error=str(exc), retry_in_s=delay_s)
+                await asyncio.sleep(delay_s)
+
+        return tasks.create_task(forever(), name=f"timerd-{name}")
+
+    async def read_store_clock(self) -> None:
+        """Measure this host's clock against the store's (see `StoreClock`); until this has
+        succeeded once the daemon does not lead."""
+        if not await read_store_clock(self.clock, lambda: self._offload(self.store.server_time_ms)):
+            log.info("store_clock_reading_ignored", reason="slow round trip")
 
     # the hot path
 
     async def step(self) -> float:
         """Do what is due now; return how many seconds may pass before the next step."""
-        self._loop = asyncio.get_running_loop()
+        await self._settle_claims()
         if not self.lease.is_leader():
             self._forget_window()
             return self.settings.poll_interval_s
@@ -149,6 +240,14 @@ class Daemon:
 
     def _claim_min(self) -> int:
         return max(1, min(self.settings.concurrency // 4, 64))
+
+    def _consider(self, timer: Timer) -> None:
+        if timer.due_at_ms < self.clock.now_ms() + self.settings.lookahead_s * 1000:
+            entry = (timer.due_at_ms, timer.id, host_of(timer.url))
+            heapq.heappush(self._window, entry)
+            if self._polling:
+                self._heard.append(entry)
+            self._wake.set()
 
     def _poll_is_due(self) -> bool:
         drained = not self._window and self._window_full and not self._hosts.parked
@@ -180,7 +279,9 @@ class Daemon:
         entries: list[Entry] = []
         after: tuple[int, str] | None = None
         for _ in range(MAX_PAGES_PER_POLL):
-            page = await asyncio.to_thread(self.store.pending_due, horizon_ms, batch, after)
+            page = await self._offload(
+                functools.partial(self.store.pending_due, horizon_ms, batch, after)
+            )
             polled = ((d.due_at_ms, d.id, host_of(d.url)) for d in page)
             entries.extend(entry for entry in polled if self._hosts.wanted(entry))
             if len(page) < batch or len(entries) >= batch // 2:
@@ -205,31 +306,62 @@ class Daemon:
         return taken
 
     async def _claim_and_fire(self, entries: list[Entry], now_ms: int) -> None:
-        if not self.lease.is_leader():
+        """Claim the taken entries in one write and start their deliveries. Every slot taken
+        for an entry goes back unless a delivery now holds it, whatever the claim came to."""
+        unique = {entry[1]: entry for entry in entries}  # a poll and an announcement may agree
+        started: set[str] = set()
+        try:
+            if self.lease.is_leader() and unique:
+                started = await self._claim(list(unique), now_ms, unique)
+        finally:
             for entry in entries:
-                self._give_back(entry[2])
-            return
+                if entry[1] not in started or unique[entry[1]] is not entry:
+                    self._give_back(entry[2])  # not claimed (cancelled, moved, elsewhere), or twice
+
+    async def _claim(self, ids: list[str], now_ms: int, unique: dict[str, Entry]) -> set[str]:
+        """Claim `ids`; fire what came back in time, release the rest; return the ids fired."""
         claim = Claim(
             owner=self.lease.holder,
             epoch=self.lease.epoch,
             now_ms=now_ms,
             until_ms=now_ms + self.settings.claim_ttl_ms,
+            token=new_claim_token(),
         )
-        unique = {entry[1]: entry for entry in entries}  # a poll and an announcement may agree
-        ids = list(unique)
-        claimed = await asyncio.to_thread(self.store.claim_due, ids, claim) if ids else []
-        claimed_ids = {timer.id for timer in claimed}
-        for entry in entries:
-            if entry[1] not in claimed_ids or unique[entry[1]] is not entry:
-                self._give_back(entry[2])  # not claimed (cancelled, moved, elsewhere) or twice
+        self._unsettled.append(claim.token)  # until we know what the write did
+        claimed = await self._offload(functools.partial(self.store.claim_due, ids, claim))
         if len(claimed) < len(ids):
             log.debug("claims_lost", wanted=len(ids), claimed=len(claimed))
+        if claimed and not self._in_time(claim.until_ms):
+            log.warning("claim_too_late", count=len(claimed), token=claim.token)
+            return set()  # stays unsettled: released before the next claim
+        self._unsettled.remove(claim.token)
         for timer in claimed:
-            task = asyncio.create_task(self._fire(timer))
-            self._inflight.add(task)
-            # The slot is the entry's: a PATCH may have moved the url since it was read.
-            host = unique[timer.id][2]
-            task.add_done_callback(functools.partial(self._delivery_done, host))
+            self._start(timer, unique[timer.id][2])
+        return {timer.id for timer in claimed}
+
+    def _in_time(self, claimed_until_ms: int) -> bool:
+        """Whether a delivery started now ends, timeouts included, well inside its claim:
+        a claim that comes back later (a stall, a queued thread) is released, not fired."""
+        needed_ms = (self.settings.delivery_timeout_s + self.settings.connect_timeout_s) * 1000
+        return claimed_until_ms - self.clock.now_ms() >= needed_ms
+
+    async def _settle_claims(self) -> None:
+        """Give back the claims that failed (they may have been applied in part) or came back
+        too late; a store error leaves the rest for the next step."""
+        while self._unsettled:
+            token = self._unsettled[0]
+            released = await self._offload(functools.partial(self.store.release_claim, token))
+            self._unsettled.pop(0)
+            if released:
+                log.info("claim_released", token=token, count=released)
+                self._next_poll_s = 0.0
+
+    def _start(self, timer: Timer, host: str) -> None:
+        assert self._tasks is not None, "deliveries start only while the daemon runs"
+        task = self._tasks.create_task(self._fire(timer))
+        self._inflight.add(task)
+        # The slot is the entry's: a PATCH may have moved the url since it was read.
+        task.add_done_callback(functools.partial(self._delivery_done, host))
 
     def _give_back(self, host: str) -> None:
         released = self._hosts.give_back(host)
@@ -247,14 +379,23 @@ class Daemon:
             self._wake.set()
 
     async def _fire(self, timer: Timer) -> None:
+        """Deliver a claimed timer once and queue its outcome. Whatever the delivery raises
+        becomes a failed attempt, so no claim is ever left to expire unreported."""
+        assert timer.claimed_until_ms is not None
+        if not self._in_time(timer.claimed_until_ms):  # the loop stalled since the claim
+            self._release(timer, "claim too late to deliver")
+            return
         try:
             attempt = await self._deliver(timer)
         except asyncio.CancelledError:
-            self._release(timer)
+            self._release(timer, "released at shutdown")
             raise
-        outcome = self._judge(timer, attempt)
+        except Exception as exc:
+            log.warning("delivery_raised", timer_id=timer.id, exc_info=exc)
+            attempt = Attempt(self.clock.now_ms(), 0.0, error=type(exc).__name__)
+        outcome = judge(timer, attempt, self.retry, self.clock.now_ms())
         self.outcomes.put(outcome)
-        self._observe(timer, attempt, outcome)
+        _observe(timer, attempt, outcome)
         log.info(
             "delivery",
             timer_id=timer.id,
@@ -268,58 +409,17 @@ class Daemon:
             next_due_at_ms=outcome.next_due_at_ms,
         )
 
-    @staticmethod
-    def _observe(timer: Timer, attempt: Attempt, outcome: Outcome) -> None:
-        metrics.DELIVERIES_BY_STATE[outcome.state].inc()
-        metrics.DELIVERY_LATENCY.observe(attempt.latency_ms / 1000)
-        metrics.LATENESS.observe(max(0, attempt.started_at_ms - timer.due_at_ms) / 1000)
-
-    def _judge(self, timer: Timer, attempt: Attempt) -> Outcome:
-        """The outcome of an attempt: fired, retry later, or failed for good."""
-        assert timer.epoch is not None
-        verdict = classify(attempt.status, permanent=attempt.permanent)
-        next_due_ms = None
-        if verdict is Verdict.RETRY:
-            retry_after_s = parse_retry_after(attempt.retry_after, attempt.started_at_ms)
-            next_due_ms = self.retry.next_due_ms(
-                timer.attempts, timer.max_attempts, self.clock.now_ms(), retry_after_s
-            )
-        if verdict is Verdict.DELIVERED:
-            state = State.FIRED
-        else:
-            state = State.PENDING if next_due_ms is not None else State.FAILED
-        record = AttemptRecord(
-            attempt=timer.attempts,
-            at_ms=attempt.started_at_ms,
-            latency_ms=attempt.latency_ms,
-            status=attempt.status,
-            error=attempt.error,
-            response=attempt.response,
-        )
-        return Outcome(
-            timer_id=timer.id,
-            owner=self.lease.holder,
-            epoch=timer.epoch,
-            state=state,
-            at_ms=attempt.started_at_ms,
-            status=attempt.status,
-            error=attempt.error,
-            next_due_at_ms=next_due_ms,
-            record=record,
-        )
-
-    def _release(self, timer: Timer) -> None:
-        """Hand a claim whose delivery was cut short back to pending, to fire again now."""
-        assert timer.epoch is not None
-        now_ms = self.clock.now_ms()
+    def _release(self, timer: Timer, why: str) -> None:
+        """Hand a claim whose delivery was cut short (or never started) back to pending, to
+        fire again at once."""
+        assert timer.claim_token is not None
         self.outcomes.put(
             Outcome(
                 timer_id=timer.id,
-                owner=self.lease.holder,
-                epoch=timer.epoch,
+                claim_token=timer.claim_token,
                 state=State.PENDING,
-                at_ms=now_ms,
-                error="released at shutdown",
+                at_ms=self.clock.now_ms(),
+                error=why,
                 next_due_at_ms=timer.due_at_ms,
             )
         )
@@ -330,14 +430,13 @@ class Daemon:
         try:
             delay = await self.step()
         except StoreUnavailable as exc:
-            delay = RETRY_DELAYS_S[min(self._store_failures, len(RETRY_DELAYS_S) - 1)]
-            self._store_failures += 1
+            delay = self._store_backoff.next_s()
             self._forget_window()
-            log.warning("store_unavailable", error=str(exc), retry_in_s=delay)
+            log.warning("store_unavailable", task="fire", error=str(exc), retry_in_s=delay)
             return delay
-        if self._store_failures:
+        if self._store_backoff.failures:
             log.info("store_available_again")
-            self._store_failures = 0
+            self._store_backoff.reset()
         return delay
 
     async def _sleep(self, delay_s: float) -> None:
@@ -346,46 +445,24 @@ class Daemon:
             return
         self._wake.clear()
         self.lease.changed.clear()
-        wake = asyncio.create_task(self._wake.wait())
-        changed = asyncio.create_task(self.lease.changed.wait())
+        wake = asyncio.ensure_future(self._wake.wait())
+        changed = asyncio.ensure_future(self.lease.changed.wait())
         await asyncio.wait((wake, changed), timeout=delay_s, return_when=asyncio.FIRST_COMPLETED)
         wake.cancel()
         changed.cancel()
 
-    def _housekeeping(self) -> AsyncIOScheduler:
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
-        scheduler = AsyncIOScheduler()
-        # No misfire grace: a lease renewal that runs late must still run, never be skipped.
-        every = {
-            "trigger": "interval",
-            "max_instances": 1,
-            "coalesce": True,
-            "misfire_grace_time": None,
-        }
-        tick_s = min(self.settings.lease_renew_s, self.settings.poll_interval_s)
-        scheduler.add_job(self.lease.tick, seconds=tick_s, **every)
-        watchdog_s = systemd.watchdog_interval_s()
-        if watchdog_s is not None:  # pinged from this event loop: a stuck loop stops the pings
-            scheduler.add_job(systemd.notify, args=["WATCHDOG=1"], seconds=watchdog_s, **every)
-        scheduler.add_job(
-            self.recover_expired,
-            seconds=self.settings.lease_renew_s,
-            next_run_time=datetime.now(),
-            **every,
-        )
-        return scheduler
-
     async def recover_expired(self) -> None:
-        """Return to pending the claims whose owner died (leader only)."""
+        """Settle the claims whose owner died or stalled (leader only): each counts as a
+        failed attempt, so the attempt budget holds across crashes."""
         if not self.lease.is_leader():
             return
-        try:
-            n = await asyncio.to_thread(
-                self.store.recover_expired, self.clock.now_ms(), self.settings.batch_size
-            )
-        except StoreUnavailable as exc:
-            log.warning("recovery_store_unavailable", error=str(exc))
-            return
+        call = functools.partial(
+            self.store.recover_expired,
+            self.clock.now_ms(),
+            self.settings.batch_size,
+            self.retry.max_attempts,
+        )
+        n = await self._offload(call)
         if n:
             log.warning("claims_recovered", count=n)
             self._next_poll_s = 0.0
@@ -402,9 +479,14 @@ class Daemon:
             await asyncio.wait(late)
             log.warning("drain_cut_short", released=len(late))
 
-    async def _flush_outcomes(self, writer: asyncio.Task[None]) -> None:
-        with contextlib.suppress(TimeoutError):
+    async def _flush_outcomes(self) -> None:
+        try:
             await asyncio.wait_for(self.outcomes.drained(), self.settings.drain_grace_s)
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
+        except TimeoutError:
+            log.warning("outcomes_not_written", queued=self.outcomes.queued)
+
+
+def _observe(timer: Timer, attempt: Attempt, outcome: Outcome) -> None:
+    metrics.DELIVERIES_BY_STATE[outcome.state].inc()
+    metrics.DELIVERY_LATENCY.observe(attempt.latency_ms / 1000)
+    metrics.LATENESS.observe(max(0, attempt.started_at_ms - timer.due_at_ms) / 1000)

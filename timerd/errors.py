@@ -26,3 +26,8 @@ class StoreUnavailable(TimerdError):
 
 class ConfigError(TimerdError, ValueError):
     """A setting has a value timerd cannot use; the message names the setting."""
+
+
+class DaemonCrashed(TimerdError):
+    """A daemon task met an error that retrying cannot fix; the process must exit non-zero so
+    its supervisor (systemd, Kubernetes) restarts it. The cause holds the errors."""

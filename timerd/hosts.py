@@ -38,6 +38,11 @@ class HostSlots:
         """How many due entries wait for their host."""
         return len(self._parked_ids)
 
+    @property
+    def held(self) -> int:
+        """Slots taken by deliveries, or promised to entries released back to the window."""
+        return sum(self._inflight.values()) + sum(self._released.values())
+
     def take(self, entry: Entry) -> bool:
         """Take a slot at the entry's host; when there is none, park the entry and say no."""
         host = entry[2]

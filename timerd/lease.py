@@ -15,9 +15,10 @@ import uuid
 
 import structlog
 
-from timerd.clock import Clock
+from timerd.clock import StoreClock
 from timerd.errors import StoreUnavailable
 from timerd.models import Lease
+from timerd.offload import Offload
 from timerd.store import Store
 
 log = structlog.get_logger("timerd.lease")
@@ -34,10 +35,18 @@ class LeaseKeeper:
     """Holds (or waits for) the leader lease for one daemon."""
 
     def __init__(
-        self, store: Store, clock: Clock, holder: str, ttl_s: float, renew_s: float
+        self,
+        store: Store,
+        clock: StoreClock,
+        holder: str,
+        *,
+        ttl_s: float,
+        renew_s: float,
+        offload: Offload,
     ) -> None:
         self.store = store
         self.clock = clock
+        self._offload = offload
         self.holder = holder
         self.ttl_s = ttl_s
         self.renew_s = renew_s
@@ -51,19 +60,34 @@ class LeaseKeeper:
         return self.clock.monotonic_s() < self._valid_until_s
 
     async def tick(self) -> None:
-        """Renew when leading and a renewal is due; otherwise try to take the lease."""
+        """Renew when leading and a renewal is due; otherwise try to take the lease. A host
+        whose clock the store has not vouched for gives the lease up instead."""
         sent_at_s = self.clock.monotonic_s()
+        if not self.clock.trusted:
+            await self._refuse()
+            return
         if self.is_leader() and sent_at_s - self._renewed_at_s < self.renew_s:
             return
         was_leader = self.is_leader()
+        holder, ttl_ms, now_ms = self.holder, int(self.ttl_s * 1000), self.clock.now_ms()
         try:
-            lease = await asyncio.to_thread(
-                self.store.acquire_lease, self.holder, int(self.ttl_s * 1000), self.clock.now_ms()
-            )
+            lease = await self._offload(lambda: self.store.acquire_lease(holder, ttl_ms, now_ms))
         except StoreUnavailable as exc:
             log.warning("lease_store_unavailable", error=str(exc), leader=was_leader)
             lease = None
         self._record(lease, sent_at_s, was_leader)
+
+    async def _refuse(self) -> None:
+        if self.clock.synced:
+            log.error(
+                "clock_offset_refuses_leadership",
+                holder=self.holder,
+                offset_ms=self.clock.offset_ms,
+                max_offset_ms=self.clock.max_offset_ms,
+            )
+        if self.is_leader():
+            await self.release()
+            self.changed.set()
 
     def _record(self, lease: Lease | None, sent_at_s: float, was_leader: bool) -> None:
         if lease is not None:
@@ -82,8 +106,9 @@ class LeaseKeeper:
         if self.epoch == 0:
             return
         self._valid_until_s = 0.0
+        holder, epoch = self.holder, self.epoch
         try:
-            released = await asyncio.to_thread(self.store.release_lease, self.holder, self.epoch)
+            released = await self._offload(lambda: self.store.release_lease(holder, epoch))
         except StoreUnavailable as exc:
             log.warning("lease_release_failed", error=str(exc))
             return

@@ -19,9 +19,6 @@ class State(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
-FINAL_STATES = frozenset({State.FIRED, State.FAILED, State.CANCELLED})
-
-
 def new_timer_id() -> str:
     """A fresh 24-hex ObjectId string, the id format of the seed."""
     return str(bson.ObjectId())
@@ -84,6 +81,7 @@ class Timer:
     claimed_by: str | None = None
     claimed_until_ms: int | None = None
     epoch: int | None = None
+    claim_token: str | None = None  # of the claim the timer is firing under; None when not firing
     last_status: int | None = None
     last_error: str | None = None
     payload: str | None = None  # the client's JSON value, as canonical JSON text
@@ -110,27 +108,33 @@ class Due:
     url: str
 
 
+def new_claim_token() -> str:
+    """A token unique to one claim: its outcomes and its release name it."""
+    return new_timer_id()
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """Who claims due timers: the lease holder, under its lease epoch, until a deadline."""
+    """Who claims due timers: the lease holder, under its lease epoch, until a deadline, with a
+    token no other claim has (outcomes and releases apply only under it)."""
 
     owner: str
     epoch: int
     now_ms: int
     until_ms: int
+    token: str
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """The result of one delivery attempt, written back by the claim's owner.
+    """The result of one delivery attempt, written back under the claim it was made for.
 
     `state` is FIRED (delivered), FAILED (gave up) or PENDING (retry at `next_due_at_ms`).
     `record` is the attempt to add to the history; None when no attempt was made.
     """
 
     timer_id: str
-    owner: str
-    epoch: int
+    claim_token: str
     state: State
     at_ms: int
     status: int | None = None

@@ -1,4 +1,4 @@
-"""Writing delivery outcomes back to the store in batches.
+"""What a delivery attempt comes to (`judge`), and writing those outcomes back in batches.
 
 At thousands of deliveries a second one write per outcome would cost more than the deliveries;
 outcomes that arrive while a write is under way go together in the next one.
@@ -7,29 +7,72 @@ outcomes that arrive while a write is under way go together in the next one.
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import structlog
 
+from timerd.backoff import Backoff
+from timerd.delivery import Attempt
 from timerd.errors import StoreUnavailable
-from timerd.models import Outcome
+from timerd.models import AttemptRecord, Outcome, State, Timer
+from timerd.offload import Offload
+from timerd.retry import RetryPolicy, Verdict, classify, parse_retry_after
 from timerd.store import Store
 
 log = structlog.get_logger("timerd.outcomes")
 
 MAX_BATCH = 1000
 GATHER_S = 0.005
-RETRY_DELAYS_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def judge(timer: Timer, attempt: Attempt, policy: RetryPolicy, now_ms: int) -> Outcome:
+    """The outcome of an attempt on a claimed timer: fired, retry later, or failed for good."""
+    assert timer.claim_token is not None, "only a claimed timer is delivered"
+    verdict = classify(attempt.status, permanent=attempt.permanent)
+    next_due_ms = None
+    if verdict is Verdict.RETRY:
+        retry_after_s = parse_retry_after(attempt.retry_after, attempt.started_at_ms)
+        next_due_ms = policy.next_due_ms(timer.attempts, timer.max_attempts, now_ms, retry_after_s)
+    if verdict is Verdict.DELIVERED:
+        state = State.FIRED
+    else:
+        state = State.PENDING if next_due_ms is not None else State.FAILED
+    record = AttemptRecord(
+        attempt=timer.attempts,
+        at_ms=attempt.started_at_ms,
+        latency_ms=attempt.latency_ms,
+        status=attempt.status,
+        error=attempt.error,
+        response=attempt.response,
+    )
+    return Outcome(
+        timer_id=timer.id,
+        claim_token=timer.claim_token,
+        state=state,
+        at_ms=attempt.started_at_ms,
+        status=attempt.status,
+        error=attempt.error,
+        next_due_at_ms=next_due_ms,
+        record=record,
+    )
 
 
 class OutcomeWriter:
-    """Queues outcomes and writes them with `Store.complete`, retrying while the store is down."""
+    """Queues outcomes and writes them with `Store.complete`, retrying while the store is down
+    (every outcome is conditional on its claim, so writing one twice changes nothing)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, offload: Offload) -> None:
         self._store = store
+        self._offload = offload
         self._queue: list[Outcome] = []
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+
+    @property
+    def queued(self) -> int:
+        """Outcomes not written yet."""
+        return len(self._queue)
 
     def put(self, outcome: Outcome) -> None:
         """Queue one outcome for the next write."""
@@ -38,22 +81,21 @@ class OutcomeWriter:
         self._ready.set()
 
     async def run(self) -> None:
-        """Write queued outcomes until cancelled."""
-        failures = 0
+        """Write queued outcomes until cancelled; store errors are retried with backoff."""
+        backoff = Backoff()
         while True:
             await self._ready.wait()
             await asyncio.sleep(GATHER_S)  # let the outcomes of the next few ms join this write
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            batch = self._queue[:MAX_BATCH]
             try:
-                applied = await asyncio.to_thread(self._store.complete, batch)
+                applied = await self._offload(functools.partial(self._store.complete, batch))
             except StoreUnavailable as exc:
-                self._queue[:0] = batch  # keep them, in order, for the next try
-                delay = RETRY_DELAYS_S[min(failures, len(RETRY_DELAYS_S) - 1)]
-                failures += 1
-                log.warning("outcomes_store_unavailable", error=str(exc), queued=len(self._queue))
+                delay = backoff.next_s()
+                log.warning("outcomes_store_unavailable", error=str(exc), queued=self.queued)
                 await asyncio.sleep(delay)
                 continue
-            failures = 0
+            backoff.reset()
+            del self._queue[: len(batch)]
             if applied < len(batch):
                 log.debug("outcomes_superseded", ignored=len(batch) - applied)
             if not self._queue:

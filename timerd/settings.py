@@ -97,6 +97,14 @@ class Settings:
     drain_grace_s: float = field(
         default=20.0, metadata=_help("how long a stopping daemon waits for deliveries")
     )
+    max_clock_offset_s: float = field(
+        default=60.0,
+        metadata=_help("a daemon whose clock is further than this from the store's won't lead"),
+    )
+    allow_weak_writes: bool = field(
+        default=False,
+        metadata=_help("accept a MongoDB write concern below w=majority&journal=true"),
+    )
 
     def __post_init__(self) -> None:
         _check_settings(self)
@@ -124,6 +132,7 @@ def _check_settings(s: Settings) -> None:
         "max_headers_bytes",
         "connect_timeout_s",
         "delivery_timeout_s",
+        "max_clock_offset_s",
     )
     for name in positive:
         if not getattr(s, name) > 0:
@@ -171,7 +180,22 @@ def _parse_float(text: str) -> float:
     return value
 
 
-_PARSERS: dict[Any, Callable[[str], Any]] = {"str": str, "int": int, "float": _parse_float}
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _parse_bool(text: str) -> bool:
+    try:
+        return _BOOLEANS[text.strip().lower()]
+    except KeyError:
+        raise ValueError("not a boolean") from None
+
+
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    "str": str,
+    "int": int,
+    "float": _parse_float,
+    "bool": _parse_bool,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

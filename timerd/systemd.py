@@ -37,3 +37,8 @@ def watchdog_interval_s() -> float | None:
     if not usec.isdigit() or int(usec) == 0 or (pid.isdigit() and int(pid) != os.getpid()):
         return None
     return int(usec) / 2_000_000
+
+
+async def watchdog() -> None:
+    """Tell systemd the event loop is alive (run from the loop, so a stuck loop stops it)."""
+    notify("WATCHDOG=1")

@@ -19,6 +19,7 @@ def timer_for(url: str, **fields: Any) -> Timer:
         created_at_ms=1_799_999_999_000,
         attempts=1,
         epoch=1,
+        claim_token="test",
         **fields,
     )
 
@@ -29,11 +30,11 @@ def put_in_state(db: Path, timer_id: str, outcome: State | None) -> None:
     now_ms = time.time_ns() // 1_000_000
     store = SqliteStore(str(db))
     try:
-        claim = Claim(owner="test", epoch=1, now_ms=now_ms + 10**9, until_ms=now_ms + 10**10)
+        claim = Claim("test", 1, now_ms=now_ms + 10**9, until_ms=now_ms + 10**10, token="test")
         assert [t.id for t in store.claim_due([timer_id], claim)] == [timer_id]
         if outcome is not None:
             status = 200 if outcome is State.FIRED else 410
-            result = Outcome(timer_id, "test", 1, outcome, at_ms=now_ms, status=status)
+            result = Outcome(timer_id, "test", outcome, at_ms=now_ms, status=status)
             assert store.complete([result]) == 1
     finally:
         store.close()

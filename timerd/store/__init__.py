@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Mapping
 from typing import Any
 
 import pymongo
@@ -19,19 +20,20 @@ __all__ = ["Store", "open_store"]
 _SYNCHRONOUS = {"FULL", "NORMAL", "EXTRA"}
 
 
-def open_store(url: str, *, for_daemon: bool = False) -> Store:
+def open_store(url: str, *, for_daemon: bool = False, allow_weak_writes: bool = False) -> Store:
     """Open the store a `TIMERD_STORE` URL names, creating files, tables and indexes as needed.
 
     `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`, with optional query
     parameters `synchronous` (FULL by default; the daemon's own writes use NORMAL unless one is
     given) and `busy_timeout_ms` (1000). `mongodb://` and `mongodb+srv://` URLs name the database
-    in their path (default `timerd`) and accept every pymongo URI option.
+    in their path (default `timerd`) and accept every pymongo URI option; a write concern weaker
+    than majority and journaled is refused unless `allow_weak_writes`.
     """
     scheme = url.split(":", 1)[0].lower()
     if scheme == "sqlite":
         return _open_sqlite(url, for_daemon)
     if scheme in {"mongodb", "mongodb+srv"}:
-        return _open_mongo(url)
+        return _open_mongo(url, for_daemon, allow_weak_writes)
     raise ConfigError(f"TIMERD_STORE: unsupported store URL scheme {scheme!r}")
 
 
@@ -53,13 +55,40 @@ def _open_sqlite(url: str, for_daemon: bool) -> Store:
     return SqliteStore(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
 
 
-def _open_mongo(url: str) -> Store:
+# Every operation has a deadline (timeoutMS also bounds a majority write's wait). The daemon's
+# outlasts a primary election, so a failover is a pause; the API's is shorter, so clients get a
+# 503 they can retry instead of a hung request.
+MONGO_TIMEOUTS_MS = {"daemon": 30_000, "api": 5_000}
+
+
+def _open_mongo(url: str, for_daemon: bool, allow_weak_writes: bool) -> Store:
     try:
         parsed = parse_uri(url)
     except (pymongo.errors.InvalidURI, pymongo.errors.ConfigurationError, ValueError) as exc:
         raise ConfigError(f"TIMERD_STORE: invalid MongoDB URL ({exc})") from exc
-    defaults: dict[str, Any] = {"w": "majority", "journal": True, "serverSelectionTimeoutMS": 2000}
+    options = {name.lower(): value for name, value in parsed["options"].items()}
+    if not allow_weak_writes:
+        _refuse_weak_writes(options)
+    timeout_ms = MONGO_TIMEOUTS_MS["daemon" if for_daemon else "api"]
+    defaults: dict[str, Any] = {
+        "w": "majority",
+        "journal": True,
+        "serverSelectionTimeoutMS": timeout_ms,
+        "timeoutMS": timeout_ms,
+    }
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        url, **{k: v for k, v in defaults.items() if k not in parsed["options"]}
+        url, **{k: v for k, v in defaults.items() if k.lower() not in options}
     )
     return MongoStore(client, parsed.get("database") or "timerd")
+
+
+def _refuse_weak_writes(options: Mapping[str, Any]) -> None:
+    """A write acknowledged by fewer than a majority, or not journaled, can be rolled back by a
+    failover: claims (double deliveries) or acknowledged creates (lost timers)."""
+    w = options.get("w", "majority")
+    if w != "majority" or options.get("journal") is False:
+        raise ConfigError(
+            f"TIMERD_STORE: write concern w={w} journal={options.get('journal', True)} is weaker"
+            " than w=majority&journal=true, which a failover can roll back; set"
+            " TIMERD_ALLOW_WEAK_WRITES=true to accept that"
+        )

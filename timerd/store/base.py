@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from timerd.models import ApiKey, Claim, Due, Lease, Outcome, State, Timer, TimerChanges
 
 LEASE_NAME = "leader"
+CLAIM_EXPIRED = "claim_expired"  # the error of an attempt whose claim expired unreported
 
 
 class Store(abc.ABC):
@@ -89,23 +90,33 @@ class Store(abc.ABC):
     def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
         """Claim, in one conditional write, those of `timer_ids` that are still `pending` with
         `due_at_ms <= claim.now_ms`: they become `firing` with `claimed_by = claim.owner`,
-        `epoch = claim.epoch`, `claimed_until_ms = claim.until_ms`, and `attempts` one higher.
+        `epoch = claim.epoch`, `claimed_until_ms = claim.until_ms`, `claim_token = claim.token`,
+        and `attempts` one higher.
 
         Returns exactly the timers this call claimed, as they now are, in no particular order.
         A timer that was cancelled, moved later, or claimed by someone else is left out.
-        Two concurrent calls never both claim the same timer.
+        Two concurrent calls never both claim the same timer. A call that raises may have
+        claimed some of them all the same (MongoDB applies a batch document by document): the
+        caller gives them back with `release_claim(claim.token)`.
         """
+
+    @abc.abstractmethod
+    def release_claim(self, token: str) -> int:
+        """Undo a claim that was never delivered (it failed, or came back too late to fire):
+        every timer still `firing` under `token` returns to `pending` with its claim cleared and
+        `attempts` one lower. Idempotent. Returns how many were released."""
 
     @abc.abstractmethod
     def complete(self, outcomes: Sequence[Outcome]) -> int:
         """Record delivery outcomes; each applies only if the timer is still `firing` under the
-        outcome's owner and epoch (a deposed leader cannot overwrite its successor's work).
+        outcome's `claim_token`, so a late outcome never lands on a newer claim of the same
+        timer, nor on a timer the sweep has returned to pending.
 
         FIRED sets `fired_at_ms = at_ms`; FAILED ends the timer; PENDING reschedules it to
         `next_due_at_ms` for another attempt. All clear the claim, set `last_status` and
         `last_error`, and append `record` (when given) to the history, which keeps only the
         newest `HISTORY_MAX` attempts. Returns how many outcomes were applied; the others are
-        ignored.
+        ignored. Applying the same outcomes twice changes nothing the second time.
         """
 
     @abc.abstractmethod
@@ -125,9 +136,12 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def recover_expired(self, now_ms: int, limit: int) -> int:
-        """Return up to `limit` `firing` timers whose `claimed_until_ms < now_ms` (their owner
-        died or stalled) to `pending`, keeping `due_at_ms` and `attempts`. Returns how many."""
+    def recover_expired(self, now_ms: int, limit: int, max_attempts: int) -> int:
+        """Settle up to `limit` `firing` timers whose `claimed_until_ms < now_ms` (their owner
+        died or stalled): each counts as an attempt that failed with `last_error`
+        `claim_expired` (appended to the history), and returns to `pending` keeping `due_at_ms`,
+        or ends `failed` when its attempts reached its `max_attempts` (`max_attempts` when the
+        timer has none). Returns how many were settled."""
 
     @abc.abstractmethod
     def acquire_lease(self, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
@@ -162,6 +176,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def revoke_key(self, key_id: str, now_ms: int) -> bool:
         """Mark a live key revoked at `now_ms`; returns whether it was live."""
+
+    @abc.abstractmethod
+    def server_time_ms(self) -> int | None:
+        """The store's own clock (UTC epoch milliseconds), which every daemon and API host
+        judges time by; None when the store shares this host's clock (SQLite)."""
 
     @abc.abstractmethod
     def ping(self) -> None:

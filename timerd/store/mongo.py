@@ -7,8 +7,9 @@ majority and journaled.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import pymongo
@@ -20,6 +21,7 @@ from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
 from timerd.models import (
     HISTORY_MAX,
     ApiKey,
+    AttemptRecord,
     Claim,
     Due,
     Lease,
@@ -30,9 +32,8 @@ from timerd.models import (
     history_from_dicts,
     history_to_dicts,
     is_timer_id,
-    new_timer_id,
 )
-from timerd.store.base import LEASE_NAME, Store
+from timerd.store.base import CLAIM_EXPIRED, LEASE_NAME, Store
 
 Doc = dict[str, Any]
 
@@ -52,7 +53,7 @@ _TIMER_FIELDS = (
     "max_attempts",
     "tenant",
 )
-_OPTIONAL_FIELDS = ("idempotency_key", "request_hash")  # absent, not null, when unset
+_OPTIONAL_FIELDS = ("idempotency_key", "request_hash", "claim_token")  # absent when unset
 
 
 def _to_doc(t: Timer) -> Doc:
@@ -110,20 +111,91 @@ def _complete_op(o: Outcome) -> UpdateOne:
         changes["fired_at_ms"] = o.at_ms
     if o.state is State.PENDING and o.next_due_at_ms is not None:
         changes["due_at_ms"] = o.next_due_at_ms
-    update: Doc = {"$set": changes}
+    update: Doc = {"$set": changes, "$unset": {"claim_token": ""}}
     if o.record is not None:
-        entry = o.record.as_dict()
-        update["$push"] = {"history": {"$each": [entry], "$slice": -HISTORY_MAX}}
-    query = {"_id": o.timer_id, "state": "firing", "claimed_by": o.owner, "epoch": o.epoch}
-    return UpdateOne(query, update)
+        update["$push"] = _history_push(o.record.as_dict())
+    return UpdateOne({"_id": o.timer_id, "state": "firing", "claim_token": o.claim_token}, update)
+
+
+def _expired(now_ms: int) -> Doc:
+    """The filter of claims whose deadline passed before `now_ms`."""
+    return {"state": "firing", "claimed_until_ms": {"$lt": now_ms}}
+
+
+def _history_push(entry: Doc) -> Doc:
+    return {"history": {"$each": [entry], "$slice": -HISTORY_MAX}}
+
+
+# Server error codes that mean "the same operation may succeed if tried again": elections and
+# step-downs, shutdowns, network trouble seen by the server, and operation deadlines.
+RETRYABLE_CODES = frozenset(
+    {
+        6,  # HostUnreachable
+        7,  # HostNotFound
+        50,  # MaxTimeMSExpired
+        64,  # WriteConcernFailed
+        89,  # NetworkTimeout
+        91,  # ShutdownInProgress
+        112,  # WriteConflict
+        134,  # ReadConcernMajorityNotAvailableYet
+        189,  # PrimarySteppedDown
+        262,  # ExceededTimeLimit
+        9001,  # SocketException
+        10107,  # NotWritablePrimary
+        11600,  # InterruptedAtShutdown
+        11602,  # InterruptedDueToReplStateChange
+        13435,  # NotPrimaryNoSecondaryOk
+        13436,  # NotPrimaryOrSecondary
+    }
+)
+RETRYABLE_LABELS = ("RetryableWriteError", "TransientTransactionError")
+
+
+def is_retryable(exc: pymongo.errors.PyMongoError) -> bool:
+    """Whether a driver error means "the store is unavailable for now; try again"."""
+    if isinstance(
+        exc,
+        pymongo.errors.ConnectionFailure  # AutoReconnect, NotPrimaryError, NetworkTimeout, …
+        | pymongo.errors.WTimeoutError
+        | pymongo.errors.WriteConcernError
+        | pymongo.errors.ExecutionTimeout,
+    ):
+        return True
+    if getattr(exc, "timeout", False):  # any error that a client-side deadline (timeoutMS) cut
+        return True
+    if any(exc.has_error_label(label) for label in RETRYABLE_LABELS):
+        return True
+    if isinstance(exc, pymongo.errors.BulkWriteError):
+        return _bulk_is_retryable(exc.details)
+    return isinstance(exc, pymongo.errors.OperationFailure) and exc.code in RETRYABLE_CODES
+
+
+def _bulk_is_retryable(details: Mapping[str, Any]) -> bool:
+    """A batch that failed only for write-concern or retryable reasons: trying the whole batch
+    again is safe, because every write timerd batches is conditional and idempotent."""
+    write_errors = details.get("writeErrors") or []
+    if not write_errors and not details.get("writeConcernErrors"):
+        return False
+    return all(error.get("code") in RETRYABLE_CODES for error in write_errors)
 
 
 @contextmanager
-def _unavailable_on_connection_error() -> Iterator[None]:
+def translate_errors() -> Iterator[None]:
+    """The one place driver errors that mean "try again" become `StoreUnavailable`; any other
+    driver error is a bug or a misconfiguration and propagates as it is."""
     try:
         yield
-    except (pymongo.errors.ConnectionFailure, pymongo.errors.WTimeoutError) as exc:
-        raise StoreUnavailable(f"mongodb: {type(exc).__name__}") from exc
+    except pymongo.errors.DuplicateKeyError:
+        raise  # callers that expect it handle it; elsewhere it is a bug
+    except pymongo.errors.PyMongoError as exc:
+        if is_retryable(exc):
+            raise StoreUnavailable(f"mongodb: {type(exc).__name__}: {exc}") from exc
+        raise
+
+
+def _hello_time_ms(client: pymongo.MongoClient[Doc]) -> int | None:
+    local_time: datetime = client.admin.command("hello")["localTime"]
+    return round(local_time.timestamp() * 1000)
 
 
 class MongoStore(Store):
@@ -133,13 +205,22 @@ class MongoStore(Store):
     real one with majority writes and a short server-selection timeout.
     """
 
-    def __init__(self, client: pymongo.MongoClient[Doc], database: str) -> None:
+    def __init__(
+        self,
+        client: pymongo.MongoClient[Doc],
+        database: str,
+        *,
+        server_time: Callable[[], int | None] | None = None,
+    ) -> None:
+        """`server_time` reads the store's clock; by default the primary's `hello.localTime`
+        (mongomock, which has no such command, is given one in tests)."""
         self._client = client
+        self._server_time = server_time or (lambda: _hello_time_ms(client))
         db = client[database]
         self._timers: Collection[Doc] = db["timers"]
         self._leases: Collection[Doc] = db["leases"]
         self._keys: Collection[Doc] = db["api_keys"]
-        with _unavailable_on_connection_error():
+        with translate_errors():
             self._create_indexes()
 
     def _create_indexes(self) -> None:
@@ -163,11 +244,16 @@ class MongoStore(Store):
             unique=True,
             partialFilterExpression={"idempotency_key": {"$exists": True}},
         )
+        self._timers.create_index(
+            [("claim_token", 1)],
+            name="firing_token",
+            partialFilterExpression={"state": "firing"},
+        )
 
     # timers
 
     def insert(self, timer: Timer) -> Timer:
-        with _unavailable_on_connection_error():
+        with translate_errors():
             try:
                 self._timers.insert_one(_to_doc(timer))
             except pymongo.errors.DuplicateKeyError:
@@ -180,14 +266,14 @@ class MongoStore(Store):
         return timer
 
     def find_by_idempotency_key(self, tenant: str, key: str) -> Timer | None:
-        with _unavailable_on_connection_error():
+        with translate_errors():
             doc = self._timers.find_one({"tenant": tenant, "idempotency_key": key})
         return None if doc is None else _to_timer(doc)
 
     def get(self, timer_id: str, tenant: str | None = None) -> Timer:
         if not is_timer_id(timer_id):
             raise TimerNotFound(timer_id)
-        with _unavailable_on_connection_error():
+        with translate_errors():
             doc = self._timers.find_one(_mine(timer_id, tenant))
         if doc is None:
             raise TimerNotFound(timer_id)
@@ -214,7 +300,7 @@ class MongoStore(Store):
         if not is_timer_id(timer_id):
             raise TimerNotFound(timer_id)
         query = {**_mine(timer_id, tenant), "state": {"$in": states}}
-        with _unavailable_on_connection_error():
+        with translate_errors():
             doc = self._timers.find_one_and_update(
                 query,
                 {"$set": values or {"state": states[0]}},
@@ -225,7 +311,7 @@ class MongoStore(Store):
         raise TimerStateConflict(timer_id, self.get(timer_id, tenant).state.value)
 
     def count_pending(self, tenant: str) -> int:
-        with _unavailable_on_connection_error():
+        with translate_errors():
             return self._timers.count_documents({"tenant": tenant, "state": "pending"})
 
     def pending_due(
@@ -240,7 +326,7 @@ class MongoStore(Store):
                 {"due_at_ms": {"$gt": after_due}},
                 {"due_at_ms": after_due, "_id": {"$gt": after_id}},
             ]
-        with _unavailable_on_connection_error():
+        with translate_errors():
             cursor = (
                 self._timers.find(query, {"due_at_ms": 1, "url": 1})
                 .sort([("due_at_ms", 1), ("_id", 1)])
@@ -249,7 +335,7 @@ class MongoStore(Store):
             return [Due(id=d["_id"], due_at_ms=d["due_at_ms"], url=d["url"]) for d in cursor]
 
     def next_due_at_ms(self) -> int | None:
-        with _unavailable_on_connection_error():
+        with translate_errors():
             docs = list(
                 self._timers.find({"state": "pending"}, {"due_at_ms": 1})
                 .sort([("due_at_ms", 1), ("_id", 1)])
@@ -258,7 +344,7 @@ class MongoStore(Store):
         return docs[0]["due_at_ms"] if docs else None
 
     def count_by_state(self) -> dict[State, int]:
-        with _unavailable_on_connection_error():
+        with translate_errors():
             groups = self._timers.aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
             return {State(g["_id"]): g["n"] for g in groups}
 
@@ -266,8 +352,7 @@ class MongoStore(Store):
         if not timer_ids:
             return []
         ids = list(timer_ids)
-        token = new_timer_id()  # marks this call's claims so they can be read back exactly
-        with _unavailable_on_connection_error():
+        with translate_errors():
             self._timers.update_many(
                 {"_id": {"$in": ids}, "state": "pending", "due_at_ms": {"$lte": claim.now_ms}},
                 {
@@ -276,18 +361,30 @@ class MongoStore(Store):
                         "claimed_by": claim.owner,
                         "epoch": claim.epoch,
                         "claimed_until_ms": claim.until_ms,
-                        "claim_token": token,
+                        "claim_token": claim.token,
                     },
                     "$inc": {"attempts": 1},
                 },
             )
-            docs = self._timers.find({"_id": {"$in": ids}, "claim_token": token})
+            docs = self._timers.find({"_id": {"$in": ids}, "claim_token": claim.token})
             return [_to_timer(d) for d in docs]
+
+    def release_claim(self, token: str) -> int:
+        with translate_errors():
+            result = self._timers.update_many(
+                {"claim_token": token, "state": "firing"},
+                {
+                    "$set": {"state": "pending", "claimed_by": None, "claimed_until_ms": None},
+                    "$unset": {"claim_token": ""},
+                    "$inc": {"attempts": -1},
+                },
+            )
+        return result.modified_count
 
     def complete(self, outcomes: Sequence[Outcome]) -> int:
         if not outcomes:
             return 0
-        with _unavailable_on_connection_error():
+        with translate_errors():
             result = self._timers.bulk_write([_complete_op(o) for o in outcomes], ordered=False)
         return result.modified_count
 
@@ -302,7 +399,7 @@ class MongoStore(Store):
             "_id": None if before_id is None else {"$lt": before_id},
         }
         query = {name: value for name, value in conditions.items() if value is not None}
-        with _unavailable_on_connection_error():
+        with translate_errors():
             docs = self._timers.find(query).sort("_id", -1).limit(limit)
             return [_to_timer(d) for d in docs]
 
@@ -310,25 +407,40 @@ class MongoStore(Store):
         values = {"state": "pending", "due_at_ms": now_ms, "attempts": 0}
         return self._update_in_state(timer_id, tenant, ["failed", "fired"], values)
 
-    def recover_expired(self, now_ms: int, limit: int) -> int:
+    def recover_expired(self, now_ms: int, limit: int, max_attempts: int) -> int:
         if limit <= 0:  # MongoDB reads limit(0) as "no limit"
             return 0
-        expired = {"state": "firing", "claimed_until_ms": {"$lt": now_ms}}
-        with _unavailable_on_connection_error():
-            ids = [d["_id"] for d in self._timers.find(expired, {"_id": 1}).limit(limit)]
-            if not ids:
-                return 0
-            result = self._timers.update_many(
-                {"_id": {"$in": ids}, **expired},
-                {"$set": {"state": "pending", "claimed_by": None, "claimed_until_ms": None}},
-            )
+        fields = {"attempts": 1, "max_attempts": 1, "claim_token": 1}
+        with translate_errors():
+            docs = list(self._timers.find(_expired(now_ms), fields).limit(limit))
+            return sum(self._settle_expired(doc, now_ms, max_attempts) for doc in docs)
+
+    def _settle_expired(self, doc: Doc, now_ms: int, max_attempts: int) -> int:
+        """One expired claim as a failed attempt, conditional on that very claim."""
+        spent = doc["attempts"] >= (doc.get("max_attempts") or max_attempts)
+        record = AttemptRecord(doc["attempts"], now_ms, latency_ms=0, error=CLAIM_EXPIRED)
+        changes = {
+            "state": "failed" if spent else "pending",
+            "last_status": None,
+            "last_error": CLAIM_EXPIRED,
+            "claimed_by": None,
+            "claimed_until_ms": None,
+        }
+        result = self._timers.update_one(
+            {"_id": doc["_id"], "claim_token": doc.get("claim_token"), **_expired(now_ms)},
+            {
+                "$set": changes,
+                "$unset": {"claim_token": ""},
+                "$push": _history_push(record.as_dict()),
+            },
+        )
         return result.modified_count
 
     # lease
 
     def acquire_lease(self, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
         expires = now_ms + ttl_ms
-        with _unavailable_on_connection_error():
+        with translate_errors():
             doc = self._leases.find_one_and_update(
                 {"_id": LEASE_NAME, "holder": holder},
                 {"$set": {"expires_at_ms": expires}},
@@ -350,7 +462,7 @@ class MongoStore(Store):
             return None
 
     def release_lease(self, holder: str, epoch: int) -> bool:
-        with _unavailable_on_connection_error():
+        with translate_errors():
             result = self._leases.update_one(
                 {"_id": LEASE_NAME, "holder": holder, "epoch": epoch},
                 {"$set": {"expires_at_ms": 0}},
@@ -358,7 +470,7 @@ class MongoStore(Store):
         return result.modified_count == 1
 
     def get_lease(self) -> Lease | None:
-        with _unavailable_on_connection_error():
+        with translate_errors():
             doc = self._leases.find_one({"_id": LEASE_NAME})
         return None if doc is None else _to_lease(doc)
 
@@ -373,20 +485,20 @@ class MongoStore(Store):
             "created_at_ms": key.created_at_ms,
             "revoked_at_ms": key.revoked_at_ms,
         }
-        with _unavailable_on_connection_error():
+        with translate_errors():
             self._keys.insert_one(doc)
 
     def get_key(self, key_id: str) -> ApiKey | None:
-        with _unavailable_on_connection_error():
+        with translate_errors():
             doc = self._keys.find_one({"_id": key_id})
         return None if doc is None else _to_key(doc)
 
     def list_keys(self) -> list[ApiKey]:
-        with _unavailable_on_connection_error():
+        with translate_errors():
             return [_to_key(d) for d in self._keys.find().sort([("created_at_ms", 1), ("_id", 1)])]
 
     def revoke_key(self, key_id: str, now_ms: int) -> bool:
-        with _unavailable_on_connection_error():
+        with translate_errors():
             result = self._keys.update_one(
                 {"_id": key_id, "revoked_at_ms": None}, {"$set": {"revoked_at_ms": now_ms}}
             )
@@ -394,8 +506,12 @@ class MongoStore(Store):
 
     # lifecycle
 
+    def server_time_ms(self) -> int | None:
+        with translate_errors():
+            return self._server_time()
+
     def ping(self) -> None:
-        with _unavailable_on_connection_error():
+        with translate_errors():
             self._timers.find_one({}, {"_id": 1})
 
     def close(self) -> None:

@@ -33,17 +33,17 @@ from timerd.models import (
     history_to_dicts,
     is_timer_id,
 )
-from timerd.store.base import LEASE_NAME, Store
+from timerd.store.base import CLAIM_EXPIRED, LEASE_NAME, Store
 
 T = TypeVar("T")
 
 COLUMNS = (
     "id, url, due_at_ms, created_at_ms, state, attempts, fired_at_ms, claimed_by,"
     " claimed_until_ms, epoch, last_status, last_error, payload, headers, max_attempts, history,"
-    " tenant, idempotency_key, request_hash"
+    " tenant, idempotency_key, request_hash, claim_token"
 )
 # OR IGNORE: a second timer with a tenant's idempotency key is not inserted (see `insert`).
-INSERT_SQL = f"INSERT OR IGNORE INTO timers ({COLUMNS}) VALUES ({', '.join('?' * 19)})"
+INSERT_SQL = f"INSERT OR IGNORE INTO timers ({COLUMNS}) VALUES ({', '.join('?' * 20)})"
 BY_IDEMPOTENCY_KEY_SQL = f"SELECT {COLUMNS} FROM timers WHERE tenant = ? AND idempotency_key = ?"
 
 # Columns added after the first schema, created on files that predate them.
@@ -55,12 +55,14 @@ ADDED_COLUMNS = {
     "tenant": "TEXT NOT NULL DEFAULT ''",
     "idempotency_key": "TEXT",
     "request_hash": "TEXT",
+    "claim_token": "TEXT",
 }
 # Indexes on added columns, created once the columns exist.
 LATER_INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS timers_idempotency ON timers (tenant, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS timers_tenant_state_id ON timers (tenant, state, id);
+CREATE INDEX IF NOT EXISTS timers_firing_token ON timers (claim_token) WHERE state = 'firing';
 """
 
 SCHEMA = """
@@ -123,15 +125,40 @@ RETURNING holder, epoch, expires_at_ms
 """
 
 # The history grows by one entry per attempt and drops its oldest past HISTORY_MAX.
+_APPEND_HISTORY = f"""(
+    SELECT CASE WHEN json_array_length(h) > {HISTORY_MAX} THEN json_remove(h, '$[0]') ELSE h END
+    FROM (SELECT json_insert(COALESCE(history, '[]'), '$[#]', json({{record}})) AS h)
+)"""
+_EXPIRED_RECORD = (
+    "json_object('attempt', attempts, 'at_ms', :now, 'latency_ms', 0, 'status', NULL,"
+    f" 'error', '{CLAIM_EXPIRED}', 'response', NULL)"
+)
 COMPLETE_SQL = f"""
 UPDATE timers SET state = :state, fired_at_ms = COALESCE(:fired_at_ms, fired_at_ms),
     due_at_ms = COALESCE(:next_due_at_ms, due_at_ms), last_status = :status,
-    last_error = :error, claimed_by = NULL, claimed_until_ms = NULL,
-    history = CASE WHEN :record IS NULL THEN history ELSE (
-        SELECT CASE WHEN json_array_length(h) > {HISTORY_MAX} THEN json_remove(h, '$[0]') ELSE h END
-        FROM (SELECT json_insert(COALESCE(history, '[]'), '$[#]', json(:record)) AS h)
-    ) END
-WHERE id = :id AND state = 'firing' AND claimed_by = :owner AND epoch = :epoch
+    last_error = :error, claimed_by = NULL, claimed_until_ms = NULL, claim_token = NULL,
+    history = CASE WHEN :record IS NULL THEN history
+        ELSE {_APPEND_HISTORY.format(record=":record")} END
+WHERE id = :id AND state = 'firing' AND claim_token = :token
+"""
+
+RELEASE_CLAIM_SQL = """
+UPDATE timers SET state = 'pending', attempts = attempts - 1, claimed_by = NULL,
+    claimed_until_ms = NULL, claim_token = NULL
+WHERE claim_token = ? AND state = 'firing'
+"""
+
+# An expired claim counts as a failed attempt: failed once the budget is spent, else pending.
+RECOVER_EXPIRED_SQL = f"""
+UPDATE timers SET
+    state = CASE WHEN attempts >= COALESCE(max_attempts, :max_attempts)
+        THEN 'failed' ELSE 'pending' END,
+    claimed_by = NULL, claimed_until_ms = NULL, claim_token = NULL,
+    last_status = NULL, last_error = '{CLAIM_EXPIRED}',
+    history = {_APPEND_HISTORY.format(record=_EXPIRED_RECORD)}
+WHERE id IN (
+    SELECT id FROM timers WHERE state = 'firing' AND claimed_until_ms < :now LIMIT :limit
+)
 """
 
 KEY_COLUMNS = "key_id, name, tenant, secret_hash, created_at_ms, revoked_at_ms"
@@ -160,6 +187,7 @@ def _to_timer(row: Sequence[Any]) -> Timer:
         tenant=row[16],
         idempotency_key=row[17],
         request_hash=row[18],
+        claim_token=row[19],
     )
 
 
@@ -184,14 +212,14 @@ def _insert_params(t: Timer) -> tuple[Any, ...]:
         t.tenant,
         t.idempotency_key,
         t.request_hash,
+        t.claim_token,
     )
 
 
 def _complete_params(o: Outcome) -> dict[str, Any]:
     return {
         "id": o.timer_id,
-        "owner": o.owner,
-        "epoch": o.epoch,
+        "token": o.claim_token,
         "state": o.state.value,
         "fired_at_ms": o.at_ms if o.state is State.FIRED else None,
         "next_due_at_ms": o.next_due_at_ms if o.state is State.PENDING else None,
@@ -202,7 +230,8 @@ def _complete_params(o: Outcome) -> dict[str, Any]:
 
 
 @contextmanager
-def _unavailable_on_operational_error() -> Iterator[None]:
+def translate_errors() -> Iterator[None]:
+    """The one place SQLite errors that mean "try again" become `StoreUnavailable`."""
     try:
         yield
     except sqlite3.OperationalError as exc:  # locked past busy_timeout, unreadable file, disk full
@@ -307,7 +336,7 @@ class _GroupCommitter:
     def _commit(conn: sqlite3.Connection, batch: list[_Pending]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         try:
-            with _unavailable_on_operational_error(), _transaction(conn):
+            with translate_errors(), _transaction(conn):
                 for work, _ in batch:
                     try:
                         outcomes.append((True, work(conn)))
@@ -343,7 +372,7 @@ class SqliteStore(Store):
         self._conns_lock = threading.Lock()
         self._writer: _GroupCommitter | None = None
         self._writer_lock = threading.Lock()
-        with _unavailable_on_operational_error():
+        with translate_errors():
             conn = self._conn()
             _use_wal(conn, busy_timeout_ms / 1000)
             conn.executescript(SCHEMA)
@@ -372,7 +401,7 @@ class SqliteStore(Store):
         return conn
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        with _unavailable_on_operational_error():
+        with translate_errors():
             return work(self._conn())
 
     # timers
@@ -383,7 +412,7 @@ class SqliteStore(Store):
             if self._writer is None:
                 self._writer = _GroupCommitter(self._connect)
             writer = self._writer
-        with _unavailable_on_operational_error():
+        with translate_errors():
             return writer.submit(work).result()
 
     def insert(self, timer: Timer) -> Timer:
@@ -464,10 +493,10 @@ class SqliteStore(Store):
         marks = ", ".join("?" * len(timer_ids))
         sql = (
             "UPDATE timers SET state = 'firing', claimed_by = ?, epoch = ?, claimed_until_ms = ?,"
-            f" attempts = attempts + 1 WHERE id IN ({marks}) AND state = 'pending'"
-            f" AND due_at_ms <= ? RETURNING {COLUMNS}"
+            f" claim_token = ?, attempts = attempts + 1 WHERE id IN ({marks})"
+            f" AND state = 'pending' AND due_at_ms <= ? RETURNING {COLUMNS}"
         )
-        params = (claim.owner, claim.epoch, claim.until_ms, *timer_ids, claim.now_ms)
+        params = (claim.owner, claim.epoch, claim.until_ms, claim.token, *timer_ids, claim.now_ms)
         rows = self._run(lambda c: c.execute(sql, params).fetchall())
         return [_to_timer(r) for r in rows]
 
@@ -493,13 +522,12 @@ class SqliteStore(Store):
         values = {"state": "pending", "due_at_ms": now_ms, "attempts": 0}
         return self._update_in_state(timer_id, tenant, ("failed", "fired"), values)
 
-    def recover_expired(self, now_ms: int, limit: int) -> int:
-        sql = (
-            "UPDATE timers SET state = 'pending', claimed_by = NULL, claimed_until_ms = NULL"
-            " WHERE id IN (SELECT id FROM timers WHERE state = 'firing' AND claimed_until_ms < ?"
-            " LIMIT ?)"
-        )
-        return self._run(lambda c: c.execute(sql, (now_ms, limit)).rowcount)
+    def release_claim(self, token: str) -> int:
+        return self._run(lambda c: c.execute(RELEASE_CLAIM_SQL, (token,)).rowcount)
+
+    def recover_expired(self, now_ms: int, limit: int, max_attempts: int) -> int:
+        params = {"now": now_ms, "limit": limit, "max_attempts": max_attempts}
+        return self._run(lambda c: c.execute(RECOVER_EXPIRED_SQL, params).rowcount)
 
     # lease
 
@@ -548,6 +576,9 @@ class SqliteStore(Store):
         return self._run(lambda c: c.execute(sql, (now_ms, key_id)).rowcount) == 1
 
     # lifecycle
+
+    def server_time_ms(self) -> None:
+        return None  # the file lives on this host: every process shares its clock
 
     def ping(self) -> None:
         self._run(lambda c: c.execute("SELECT 1 FROM timers LIMIT 1").fetchall())
