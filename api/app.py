@@ -221,7 +221,7 @@ class PendingCap:
         with self._lock:
             count, at = self._counts.get(tenant, (0, -math.inf))
         if now - at > self.REFRESH_S:
-            count, at = self._store.count_pending(tenant), now
+            count, at = self._store.count_pending(tenant, self._limit), now
             with self._lock:
                 self._counts[tenant] = (count, at)
         if count >= self._limit:

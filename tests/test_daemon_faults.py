@@ -28,9 +28,10 @@ from tests.test_daemon import (
 )
 from timerd.daemon import Counters, Daemon
 from timerd.delivery import Attempt
-from timerd.errors import DaemonCrashed, StoreUnavailable
+from timerd.errors import DaemonCrashed, StoreUnavailable, TimerNotFound
 from timerd.models import Claim, State, Timer, new_claim_token, new_timer_id
 from timerd.outcomes import judge
+from timerd.retry import RetryPolicy
 from timerd.settings import Settings
 from timerd.store import open_store
 from timerd.store.base import Store
@@ -370,3 +371,44 @@ def test_an_api_replica_computes_due_times_on_the_stores_clock(skew_ms: int) -> 
     assert answer.status_code == 201, answer.text
     due_at_ms = mongo.get(answer.json()["id"]).due_at_ms
     assert before_ms + 10_000 - 5 <= due_at_ms <= after_ms + 10_000 + 5
+
+
+def finished_long_ago(store: Store, finished_ms: int) -> str:
+    timer_id = add_timer(store, finished_ms)
+    claim = Claim("old", 1, finished_ms, finished_ms + 1_000, new_claim_token())
+    [claimed] = store.claim_due([timer_id], claim)
+    delivered = Attempt(finished_ms, 1.0, status=200)
+    assert store.complete([judge(claimed, delivered, RetryPolicy((1.0,)), finished_ms)]) == 1
+    return timer_id
+
+
+def test_the_leader_deletes_finished_timers_once_their_retention_is_over(store: Store) -> None:
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    day_ms = 86_400_000
+    old = [finished_long_ago(store, START_MS - day_ms - 1_000 - i) for i in range(3)]
+    recent = finished_long_ago(store, START_MS - day_ms + 1_000)
+    pending = add_timer(store, START_MS + 60_000)
+
+    async def scenario() -> None:
+        async with leading(store, clock, recorder, retention="1d") as daemon:
+            await daemon.purge_finished()
+
+    run(scenario)
+    for timer_id in old:
+        with pytest.raises(TimerNotFound):
+            store.get(timer_id)
+    assert store.get(recent).state is State.FIRED
+    assert store.get(pending).state is State.PENDING
+
+
+def test_retention_forever_keeps_every_timer(store: Store) -> None:
+    clock = FakeClock()
+    old = finished_long_ago(store, START_MS - 10 * 365 * 86_400_000)
+
+    async def scenario() -> None:
+        async with leading(store, clock, Recorder(clock), retention="forever") as daemon:
+            await daemon.purge_finished()
+
+    run(scenario)
+    assert store.get(old).state is State.FIRED

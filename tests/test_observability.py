@@ -76,7 +76,9 @@ def test_the_daemon_serves_its_own_metrics_and_probes(
     assert seen[("timerd_lateness_seconds_count", ())] == 4
     assert seen[("timerd_delivery_latency_seconds_count", ())] == 4
     assert seen[("timerd_deliveries_in_flight", ())] == 0
-    assert seen[("timerd_timers", (("state", "fired"),))] == 4
+    assert seen[("timerd_timers", (("state", "pending"),))] == 0  # finished ones are not counted
+    assert seen[("timerd_timers", (("state", "firing"),))] == 0
+    assert ("timerd_timers", (("state", "fired"),)) not in seen
     assert httpx.get(f"{daemon.base_url}/healthz").status_code == 200
     assert httpx.get(f"{daemon.base_url}/readyz").status_code == 200
 

@@ -195,7 +195,7 @@ def test_get_of_a_malformed_id_raises_timer_not_found(store: Store, timer_id: st
 
 def test_cancel_moves_a_pending_timer_to_cancelled_and_returns_it(store: Store) -> None:
     timer = inserted(store)
-    expected = dataclasses.replace(timer, state=State.CANCELLED)
+    expected = dataclasses.replace(timer, state=State.CANCELLED, finished_at_ms=NOW_MS)
     assert store.cancel(timer.id, NOW_MS) == expected
     assert store.get(timer.id) == expected
 
@@ -348,6 +348,7 @@ def test_complete_fired_records_the_delivery_and_clears_the_claim(store: Store) 
         firing,
         state=State.FIRED,
         fired_at_ms=NOW_MS + 7,
+        finished_at_ms=NOW_MS + 7,
         last_status=200,
         last_error=None,
         claimed_by=None,
@@ -363,6 +364,7 @@ def test_complete_failed_ends_the_timer_and_clears_the_claim(store: Store) -> No
     assert store.get(firing.id) == dataclasses.replace(
         firing,
         state=State.FAILED,
+        finished_at_ms=NOW_MS + 250,
         last_status=410,
         last_error="410 Gone",
         claimed_by=None,
@@ -479,6 +481,7 @@ def expired_as(timer: Timer, now_ms: int, state: State = State.PENDING) -> Timer
     return unclaimed(
         timer,
         state=state,
+        finished_at_ms=now_ms if state is State.FAILED else None,
         last_status=None,
         last_error=CLAIM_EXPIRED,
         history=(*timer.history, record),
@@ -599,6 +602,75 @@ def test_count_by_state_counts_every_state(store: Store) -> None:
     inserted(store)
     expected = dict.fromkeys(State, 1) | {State.PENDING: 2}
     assert store.count_by_state() == expected
+
+
+def test_count_active_counts_pending_and_firing_only(store: Store) -> None:
+    assert store.count_active() == {State.PENDING: 0, State.FIRING: 0}
+    in_every_state(store)
+    inserted(store)
+    assert store.count_active() == {State.PENDING: 2, State.FIRING: 1}
+
+
+# finishing and retention
+
+
+def test_every_way_to_finish_records_when_and_replay_clears_it(store: Store) -> None:
+    fired = claimed(store, inserted(store))
+    failed = claimed(store, inserted(store))
+    retried = claimed(store, inserted(store))
+    expired = claimed(store, inserted(store, max_attempts=1))
+    cancelled = inserted(store)
+    store.complete(
+        [
+            outcome_for(fired, State.FIRED, at_ms=NOW_MS + 1),
+            outcome_for(failed, State.FAILED, at_ms=NOW_MS + 2),
+            outcome_for(retried, State.PENDING, at_ms=NOW_MS + 3, next_due_at_ms=NOW_MS + 10),
+        ]
+    )
+    store.cancel(cancelled.id, NOW_MS + 4)
+    store.recover_expired(NOW_MS + CLAIM_MS + 1, 10, 5)
+
+    finished = {t.id: store.get(t.id).finished_at_ms for t in (fired, failed, retried, expired)}
+    finished[cancelled.id] = store.get(cancelled.id).finished_at_ms
+    assert finished == {
+        fired.id: NOW_MS + 1,
+        failed.id: NOW_MS + 2,
+        retried.id: None,
+        expired.id: NOW_MS + CLAIM_MS + 1,
+        cancelled.id: NOW_MS + 4,
+    }
+    assert store.replay(fired.id, NOW_MS + 5).finished_at_ms is None
+
+
+def finished_at(store: Store, at_ms: int, **fields: object) -> Timer:
+    timer = claimed(store, inserted(store, **fields))
+    assert store.complete([outcome_for(timer, State.FIRED, at_ms=at_ms)]) == 1
+    return store.get(timer.id)
+
+
+def test_purge_finished_deletes_what_finished_before_the_moment(store: Store) -> None:
+    old = [finished_at(store, NOW_MS + i) for i in range(5)]
+    recent = finished_at(store, NOW_MS + 100)
+    unfinished = [inserted(store), claimed(store, inserted(store))]
+
+    assert store.purge_finished(NOW_MS + 100, 0) == 0
+    assert store.purge_finished(NOW_MS + 100, 3) == 3
+    assert store.purge_finished(NOW_MS + 100, 10) == 2
+    assert store.purge_finished(NOW_MS + 100, 10) == 0
+    for timer in old:
+        with pytest.raises(TimerNotFound):
+            store.get(timer.id)
+    assert [store.get(t.id) for t in (recent, *unfinished)] == [recent, *unfinished]
+
+
+def test_a_purged_timers_idempotency_key_can_be_used_again(store: Store) -> None:
+    first = finished_at(store, NOW_MS, tenant="acme", idempotency_key="k", request_hash="h")
+    assert store.purge_finished(NOW_MS + 1, 10) == 1
+    assert store.find_by_idempotency_key("acme", "k") is None
+    again = a_timer()
+    again = dataclasses.replace(again, tenant="acme", idempotency_key="k", request_hash="h2")
+    assert store.insert(again) == again
+    assert first.id != again.id
 
 
 def test_ping_answers(store: Store) -> None:
@@ -744,7 +816,9 @@ def test_count_pending_counts_one_tenants_pending_timers(store: Store) -> None:
         inserted(store, tenant="acme")
     inserted(store, tenant="acme", state=State.FIRED)
     inserted(store, tenant="globex")
-    assert (store.count_pending("acme"), store.count_pending("nobody")) == (3, 0)
+    counts = [store.count_pending("acme", 10), store.count_pending("nobody", 10)]
+    assert counts == [3, 0]
+    assert [store.count_pending("acme", limit) for limit in (0, 1, 2, 3, 4)] == [0, 1, 2, 3, 3]
 
 
 def test_api_keys_are_added_listed_and_revoked(store: Store) -> None:

@@ -27,6 +27,7 @@ from timerd import metrics, systemd
 from timerd.backoff import Backoff
 from timerd.clock import Clock, StoreClock, SystemClock, read_store_clock
 from timerd.delivery import Attempt
+from timerd.durations import parse_retention_s
 from timerd.errors import DaemonCrashed, StoreUnavailable
 from timerd.hosts import Entry, HostSlots, host_of
 from timerd.lease import LeaseKeeper, daemon_identity
@@ -44,6 +45,8 @@ Deliver = Callable[[Timer], Awaitable[Attempt]]
 MAX_PAGES_PER_POLL = 4  # of the due index read past parked hosts' timers in one poll
 CLAIM_COALESCE_S = 0.002  # when few slots are free, wait this long for more before claiming
 CLOCK_READ_S = 10.0  # how often the store's clock is read
+PURGE_EVERY_S = 10.0  # finished timers go within this (and a few batches) of their moment
+PURGE_BATCH = 500  # deleted per statement, so API writes interleave with a long purge
 STORE_THREADS = 4  # claims, polls, outcomes and the sweep never wait behind one another
 
 
@@ -88,6 +91,8 @@ class Daemon:
         )
         self.outcomes = OutcomeWriter(store, self._offload)
         self.retry = RetryPolicy.from_setting(settings.retry_schedule)
+        retention_s = parse_retention_s(settings.retention)
+        self._retention_ms = None if retention_s is None else int(retention_s * 1000)
         self._deliver = deliver
         self._window: list[Entry] = []  # heap of (due_at_ms, id, host): the lookahead window
         self._window_full = False  # the last poll hit batch_size: more may be due behind it
@@ -175,6 +180,8 @@ class Daemon:
             self._every(tasks, "clock", CLOCK_READ_S, self.read_store_clock),
             self._every(tasks, "sweep", self.settings.lease_renew_s, self.recover_expired),
         ]
+        if self._retention_ms is not None:
+            helpers.append(self._every(tasks, "purge", PURGE_EVERY_S, self.purge_finished))
         watchdog_s = systemd.watchdog_interval_s()
         if watchdog_s is not None:  # pinged from this event loop: a stuck loop stops the pings
             helpers.append(self._every(tasks, "watchdog", watchdog_s, systemd.watchdog))
@@ -467,6 +474,19 @@ class Daemon:
             log.warning("claims_recovered", count=n)
             self._next_poll_s = 0.0
             self._wake.set()
+
+    async def purge_finished(self) -> None:
+        """Delete the timers that finished more than `TIMERD_RETENTION` ago, a batch at a time
+        (leader only, so daemons never contend for the same rows)."""
+        if self._retention_ms is None or not self.lease.is_leader():
+            return
+        before_ms = self.clock.now_ms() - self._retention_ms
+        purge = functools.partial(self.store.purge_finished, before_ms, PURGE_BATCH)
+        deleted = PURGE_BATCH
+        while deleted == PURGE_BATCH and self.lease.is_leader():
+            deleted = await self._offload(purge)
+            if deleted:
+                log.info("finished_timers_deleted", count=deleted)
 
     async def _drain(self) -> None:
         if not self._inflight:

@@ -59,15 +59,17 @@ class StoreCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            counts = self.store.count_by_state()
+            counts = self.store.count_active()
             next_due_ms = self.store.next_due_at_ms()
         except StoreUnavailable:
             return  # the scrape still answers; `up`-style alerts see the missing series
         timers = GaugeMetricFamily(
-            "timerd_timers", "Timers in the store, by state.", labels=["state"]
+            "timerd_timers",
+            "Timers in the store that are pending or firing (finished ones are not counted).",
+            labels=["state"],
         )
-        for state in State:
-            timers.add_metric([state.value], counts.get(state, 0))
+        for state, count in counts.items():
+            timers.add_metric([state.value], count)
         yield timers
         overdue_s = 0.0 if next_due_ms is None else max(0, self.clock.now_ms() - next_due_ms) / 1000
         yield GaugeMetricFamily(

@@ -91,6 +91,7 @@ class Timer:
     tenant: str = ""  # who owns it: the tenant of the API key that created it ("" without keys)
     idempotency_key: str | None = None  # unique per tenant when given
     request_hash: str | None = None  # of the create request, to tell a retry from a conflict
+    finished_at_ms: int | None = None  # when it became fired, failed or cancelled (retention)
 
     def time_left_s(self, now_ms: int) -> int:
         """Whole seconds until the timer fires, rounded up; 0 once due or no longer pending."""

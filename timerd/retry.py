@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import enum
 import random
-import re
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-from timerd.errors import ConfigError
+from timerd.durations import parse_duration_s
 
 DEFAULT_SCHEDULE = "5s,5m,30m,2h,5h,10h,10h"
 RETRY_AFTER_BOUNDS_S = (1.0, 24 * 3600.0)
 JITTER = 0.1
 RETRYABLE_4XX = frozenset({408, 425, 429})
-
-_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
 class Verdict(enum.Enum):
@@ -50,16 +46,7 @@ def classify(status: int | None, *, permanent: bool = False) -> Verdict:
 
 def parse_schedule(text: str) -> tuple[float, ...]:
     """`"1s,500ms,5m"` → seconds per retry; raises `ConfigError` naming TIMERD_RETRY_SCHEDULE."""
-    delays: list[float] = []
-    for part in text.split(","):
-        match = _DURATION.fullmatch(part.strip())
-        if match is None:
-            raise ConfigError(
-                f"TIMERD_RETRY_SCHEDULE: {part.strip()!r} is not a duration such as 500ms, 5s, "
-                "5m, 2h or 1d"
-            )
-        delays.append(float(match[1]) * _UNITS_S[match[2]])
-    return tuple(delays)
+    return tuple(parse_duration_s(part, "TIMERD_RETRY_SCHEDULE") for part in text.split(","))
 
 
 def parse_retry_after(value: str | None, now_ms: int) -> float | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from timerd.durations import parse_retention_s
 from timerd.errors import ConfigError
 from timerd.retry import DEFAULT_SCHEDULE, parse_schedule
 from timerd.signing import Signer
@@ -97,6 +98,10 @@ class Settings:
     drain_grace_s: float = field(
         default=20.0, metadata=_help("how long a stopping daemon waits for deliveries")
     )
+    retention: str = field(
+        default="7d",
+        metadata=_help("how long finished timers are kept before deletion (e.g. 7d; forever)"),
+    )
     max_clock_offset_s: float = field(
         default=60.0,
         metadata=_help("a daemon whose clock is further than this from the store's won't lead"),
@@ -152,6 +157,7 @@ def _check_settings(s: Settings) -> None:
     if s.log_format not in {"auto", "json", "console"}:
         raise ConfigError("TIMERD_LOG_FORMAT must be auto, json or console")
     parse_schedule(s.retry_schedule)
+    parse_retention_s(s.retention)
     Signer.from_setting(s.signing_secret)
     parse_allowed_networks(s.allowed_networks)
     if s.drain_grace_s < 0:

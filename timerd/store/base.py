@@ -48,7 +48,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        """Move a `pending` timer to `cancelled` and return it as it now is.
+        """Move a `pending` timer to `cancelled` (finished at `now_ms`) and return it as it
+        now is.
 
         Raises `TimerNotFound` for an unknown id, and `TimerStateConflict` (changing nothing)
         when the timer is in any other state.
@@ -66,8 +67,9 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def count_pending(self, tenant: str) -> int:
-        """How many `pending` timers `tenant` has (for the per-tenant cap)."""
+    def count_pending(self, tenant: str, limit: int) -> int:
+        """How many `pending` timers `tenant` has, counting no further than `limit` (the
+        per-tenant cap: the cost stays bounded by the cap, whatever the tenant has)."""
 
     @abc.abstractmethod
     def pending_due(
@@ -84,7 +86,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def count_by_state(self) -> dict[State, int]:
-        """How many timers are in each state; states with none may be left out."""
+        """How many timers are in each state; states with none may be left out. Reads every
+        timer: for `timerd status`, never a hot path (see `count_active`)."""
+
+    @abc.abstractmethod
+    def count_active(self) -> dict[State, int]:
+        """How many timers are `pending` and `firing`, from the indexes over those states
+        alone, so the cost does not grow with finished timers (for metrics scrapes)."""
 
     @abc.abstractmethod
     def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
@@ -112,7 +120,8 @@ class Store(abc.ABC):
         outcome's `claim_token`, so a late outcome never lands on a newer claim of the same
         timer, nor on a timer the sweep has returned to pending.
 
-        FIRED sets `fired_at_ms = at_ms`; FAILED ends the timer; PENDING reschedules it to
+        FIRED sets `fired_at_ms = at_ms`; FAILED ends the timer; both set `finished_at_ms =
+        at_ms`; PENDING reschedules it to
         `next_due_at_ms` for another attempt. All clear the claim, set `last_status` and
         `last_error`, and append `record` (when given) to the history, which keeps only the
         newest `HISTORY_MAX` attempts. Returns how many outcomes were applied; the others are
@@ -129,7 +138,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def replay(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
         """Put a `failed` or `fired` timer back to `pending`, due at `now_ms`, with `attempts`
-        reset to 0 (a fresh retry budget) and its history kept; return it as it now is.
+        reset to 0 (a fresh retry budget), no longer finished, and its history kept; return it
+        as it now is.
 
         Raises `TimerNotFound` for an unknown id, and `TimerStateConflict` (changing nothing)
         when the timer is pending, firing or cancelled.
@@ -140,8 +150,14 @@ class Store(abc.ABC):
         """Settle up to `limit` `firing` timers whose `claimed_until_ms < now_ms` (their owner
         died or stalled): each counts as an attempt that failed with `last_error`
         `claim_expired` (appended to the history), and returns to `pending` keeping `due_at_ms`,
-        or ends `failed` when its attempts reached its `max_attempts` (`max_attempts` when the
-        timer has none). Returns how many were settled."""
+        or ends `failed` (finished at `now_ms`) when its attempts reached its `max_attempts`
+        (`max_attempts` when the timer has none). Returns how many were settled."""
+
+    @abc.abstractmethod
+    def purge_finished(self, before_ms: int, limit: int) -> int:
+        """Delete up to `limit` timers that finished (fired, failed, cancelled) before
+        `before_ms`, idempotency keys and history with them, through the index over finished
+        timers. Returns how many were deleted."""
 
     @abc.abstractmethod
     def acquire_lease(self, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:

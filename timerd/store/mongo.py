@@ -52,6 +52,7 @@ _TIMER_FIELDS = (
     "payload",
     "max_attempts",
     "tenant",
+    "finished_at_ms",
 )
 _OPTIONAL_FIELDS = ("idempotency_key", "request_hash", "claim_token")  # absent when unset
 
@@ -111,6 +112,7 @@ def _complete_op(o: Outcome) -> UpdateOne:
         changes["fired_at_ms"] = o.at_ms
     if o.state is State.PENDING and o.next_due_at_ms is not None:
         changes["due_at_ms"] = o.next_due_at_ms
+    changes["finished_at_ms"] = None if o.state is State.PENDING else o.at_ms
     update: Doc = {"$set": changes, "$unset": {"claim_token": ""}}
     if o.record is not None:
         update["$push"] = _history_push(o.record.as_dict())
@@ -245,6 +247,12 @@ class MongoStore(Store):
             partialFilterExpression={"idempotency_key": {"$exists": True}},
         )
         self._timers.create_index(
+            [("finished_at_ms", 1)],
+            name="finished",
+            partialFilterExpression={"finished_at_ms": {"$gt": 0}},
+        )
+        self._timers.create_index([("tenant", 1), ("_id", -1)], name="tenant_id")
+        self._timers.create_index(
             [("claim_token", 1)],
             name="firing_token",
             partialFilterExpression={"state": "firing"},
@@ -280,7 +288,8 @@ class MongoStore(Store):
         return _to_timer(doc)
 
     def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        return self._update_in_state(timer_id, tenant, ["pending"], {"state": "cancelled"})
+        values = {"state": "cancelled", "finished_at_ms": now_ms}
+        return self._update_in_state(timer_id, tenant, ["pending"], values)
 
     def update_pending(
         self, timer_id: str, changes: TimerChanges, tenant: str | None = None
@@ -310,9 +319,11 @@ class MongoStore(Store):
             return _to_timer(doc)
         raise TimerStateConflict(timer_id, self.get(timer_id, tenant).state.value)
 
-    def count_pending(self, tenant: str) -> int:
+    def count_pending(self, tenant: str, limit: int) -> int:
+        if limit <= 0:  # MongoDB reads limit 0 as no limit at all
+            return 0
         with translate_errors():
-            return self._timers.count_documents({"tenant": tenant, "state": "pending"})
+            return self._timers.count_documents({"tenant": tenant, "state": "pending"}, limit=limit)
 
     def pending_due(
         self, before_ms: int, limit: int, after: tuple[int, str] | None = None
@@ -347,6 +358,14 @@ class MongoStore(Store):
         with translate_errors():
             groups = self._timers.aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
             return {State(g["_id"]): g["n"] for g in groups}
+
+    def count_active(self) -> dict[State, int]:
+        # Each count matches its partial index's filter exactly, so the index alone answers.
+        with translate_errors():
+            return {
+                state: self._timers.count_documents({"state": state.value}, hint=index)
+                for state, index in ((State.PENDING, "pending_due"), (State.FIRING, "firing_claim"))
+            }
 
     def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
         if not timer_ids:
@@ -404,7 +423,7 @@ class MongoStore(Store):
             return [_to_timer(d) for d in docs]
 
     def replay(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        values = {"state": "pending", "due_at_ms": now_ms, "attempts": 0}
+        values = {"state": "pending", "due_at_ms": now_ms, "attempts": 0, "finished_at_ms": None}
         return self._update_in_state(timer_id, tenant, ["failed", "fired"], values)
 
     def recover_expired(self, now_ms: int, limit: int, max_attempts: int) -> int:
@@ -421,6 +440,7 @@ class MongoStore(Store):
         record = AttemptRecord(doc["attempts"], now_ms, latency_ms=0, error=CLAIM_EXPIRED)
         changes = {
             "state": "failed" if spent else "pending",
+            "finished_at_ms": now_ms if spent else None,
             "last_status": None,
             "last_error": CLAIM_EXPIRED,
             "claimed_by": None,
@@ -435,6 +455,16 @@ class MongoStore(Store):
             },
         )
         return result.modified_count
+
+    def purge_finished(self, before_ms: int, limit: int) -> int:
+        if limit <= 0:
+            return 0
+        finished = {"finished_at_ms": {"$gt": 0, "$lt": before_ms}}  # within the partial index
+        with translate_errors():
+            ids = [d["_id"] for d in self._timers.find(finished, {"_id": 1}).limit(limit)]
+            if not ids:
+                return 0
+            return self._timers.delete_many({"_id": {"$in": ids}, **finished}).deleted_count
 
     # lease
 

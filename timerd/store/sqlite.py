@@ -13,7 +13,6 @@ import json
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -34,71 +33,18 @@ from timerd.models import (
     is_timer_id,
 )
 from timerd.store.base import CLAIM_EXPIRED, LEASE_NAME, Store
+from timerd.store.sqlite_schema import migrate, transaction, use_wal
 
 T = TypeVar("T")
 
 COLUMNS = (
     "id, url, due_at_ms, created_at_ms, state, attempts, fired_at_ms, claimed_by,"
     " claimed_until_ms, epoch, last_status, last_error, payload, headers, max_attempts, history,"
-    " tenant, idempotency_key, request_hash, claim_token"
+    " tenant, idempotency_key, request_hash, claim_token, finished_at_ms"
 )
 # OR IGNORE: a second timer with a tenant's idempotency key is not inserted (see `insert`).
-INSERT_SQL = f"INSERT OR IGNORE INTO timers ({COLUMNS}) VALUES ({', '.join('?' * 20)})"
+INSERT_SQL = f"INSERT OR IGNORE INTO timers ({COLUMNS}) VALUES ({', '.join('?' * 21)})"
 BY_IDEMPOTENCY_KEY_SQL = f"SELECT {COLUMNS} FROM timers WHERE tenant = ? AND idempotency_key = ?"
-
-# Columns added after the first schema, created on files that predate them.
-ADDED_COLUMNS = {
-    "payload": "TEXT",
-    "headers": "TEXT",
-    "max_attempts": "INTEGER",
-    "history": "TEXT",
-    "tenant": "TEXT NOT NULL DEFAULT ''",
-    "idempotency_key": "TEXT",
-    "request_hash": "TEXT",
-    "claim_token": "TEXT",
-}
-# Indexes on added columns, created once the columns exist.
-LATER_INDEXES = """
-CREATE UNIQUE INDEX IF NOT EXISTS timers_idempotency ON timers (tenant, idempotency_key)
-    WHERE idempotency_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS timers_tenant_state_id ON timers (tenant, state, id);
-CREATE INDEX IF NOT EXISTS timers_firing_token ON timers (claim_token) WHERE state = 'firing';
-"""
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS timers (
-    id TEXT PRIMARY KEY,
-    url TEXT NOT NULL,
-    due_at_ms INTEGER NOT NULL,
-    created_at_ms INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    fired_at_ms INTEGER,
-    claimed_by TEXT,
-    claimed_until_ms INTEGER,
-    epoch INTEGER,
-    last_status INTEGER,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS timers_pending_due ON timers (due_at_ms, id) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS timers_firing_claim ON timers (claimed_until_ms)
-    WHERE state = 'firing';
-CREATE INDEX IF NOT EXISTS timers_state_id ON timers (state, id);
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    secret_hash TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL,
-    revoked_at_ms INTEGER
-);
-CREATE TABLE IF NOT EXISTS leases (
-    name TEXT PRIMARY KEY,
-    holder TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    expires_at_ms INTEGER NOT NULL
-);
-"""
 
 # INDEXED BY: the planner would otherwise take timers_state_id (state = ?) and sort.
 PENDING_DUE_SQL = (
@@ -112,6 +58,17 @@ PENDING_DUE_AFTER_SQL = (
 )
 NEXT_DUE_SQL = (
     "SELECT MIN(due_at_ms) FROM timers INDEXED BY timers_pending_due WHERE state = 'pending'"
+)
+
+COUNT_PENDING_SQL = (
+    "SELECT count(*) FROM timers INDEXED BY timers_pending_due WHERE state = 'pending'"
+)
+COUNT_FIRING_SQL = (
+    "SELECT count(*) FROM timers INDEXED BY timers_firing_claim WHERE state = 'firing'"
+)
+PURGE_FINISHED_SQL = (
+    "DELETE FROM timers WHERE id IN (SELECT id FROM timers INDEXED BY timers_finished"
+    " WHERE finished_at_ms < ? LIMIT ?)"
 )
 
 ACQUIRE_LEASE_SQL = """
@@ -135,6 +92,7 @@ _EXPIRED_RECORD = (
 )
 COMPLETE_SQL = f"""
 UPDATE timers SET state = :state, fired_at_ms = COALESCE(:fired_at_ms, fired_at_ms),
+    finished_at_ms = CASE WHEN :state = 'pending' THEN NULL ELSE :at_ms END,
     due_at_ms = COALESCE(:next_due_at_ms, due_at_ms), last_status = :status,
     last_error = :error, claimed_by = NULL, claimed_until_ms = NULL, claim_token = NULL,
     history = CASE WHEN :record IS NULL THEN history
@@ -153,6 +111,8 @@ RECOVER_EXPIRED_SQL = f"""
 UPDATE timers SET
     state = CASE WHEN attempts >= COALESCE(max_attempts, :max_attempts)
         THEN 'failed' ELSE 'pending' END,
+    finished_at_ms = CASE WHEN attempts >= COALESCE(max_attempts, :max_attempts)
+        THEN :now ELSE NULL END,
     claimed_by = NULL, claimed_until_ms = NULL, claim_token = NULL,
     last_status = NULL, last_error = '{CLAIM_EXPIRED}',
     history = {_APPEND_HISTORY.format(record=_EXPIRED_RECORD)}
@@ -188,6 +148,7 @@ def _to_timer(row: Sequence[Any]) -> Timer:
         idempotency_key=row[17],
         request_hash=row[18],
         claim_token=row[19],
+        finished_at_ms=row[20],
     )
 
 
@@ -213,6 +174,7 @@ def _insert_params(t: Timer) -> tuple[Any, ...]:
         t.idempotency_key,
         t.request_hash,
         t.claim_token,
+        t.finished_at_ms,
     )
 
 
@@ -222,6 +184,7 @@ def _complete_params(o: Outcome) -> dict[str, Any]:
         "token": o.claim_token,
         "state": o.state.value,
         "fired_at_ms": o.at_ms if o.state is State.FIRED else None,
+        "at_ms": o.at_ms,
         "next_due_at_ms": o.next_due_at_ms if o.state is State.PENDING else None,
         "status": o.status,
         "error": o.error,
@@ -236,42 +199,6 @@ def translate_errors() -> Iterator[None]:
         yield
     except sqlite3.OperationalError as exc:  # locked past busy_timeout, unreadable file, disk full
         raise StoreUnavailable(f"sqlite: {exc}") from exc
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def _use_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
-    """Put the file in WAL mode. Processes opening a new file at once race for the lock this
-    takes, and SQLite answers the losers "locked" at once instead of calling its busy handler;
-    once the winner has switched, the PRAGMA is a no-op. So retry, within the busy timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.005)
-
-
-def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    # Look and add under the write lock: two processes opening the file at once would otherwise
-    # both see a column missing and the second ALTER would fail ("duplicate column name").
-    with _transaction(conn):
-        present = {row[1] for row in conn.execute("PRAGMA table_info(timers)")}
-        for name, kind in ADDED_COLUMNS.items():
-            if name not in present:
-                conn.execute(f"ALTER TABLE timers ADD COLUMN {name} {kind}")
 
 
 def _insert_one(conn: sqlite3.Connection, timer: Timer) -> Timer:
@@ -336,7 +263,7 @@ class _GroupCommitter:
     def _commit(conn: sqlite3.Connection, batch: list[_Pending]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         try:
-            with translate_errors(), _transaction(conn):
+            with translate_errors(), transaction(conn):
                 for work, _ in batch:
                     try:
                         outcomes.append((True, work(conn)))
@@ -374,10 +301,8 @@ class SqliteStore(Store):
         self._writer_lock = threading.Lock()
         with translate_errors():
             conn = self._conn()
-            _use_wal(conn, busy_timeout_ms / 1000)
-            conn.executescript(SCHEMA)
-            _add_missing_columns(conn)
-            conn.executescript(LATER_INDEXES)
+            use_wal(conn, busy_timeout_ms / 1000)
+            migrate(conn)
 
     # connections
 
@@ -432,7 +357,8 @@ class SqliteStore(Store):
         return _to_timer(row)
 
     def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        return self._update_in_state(timer_id, tenant, ("pending",), {"state": "cancelled"})
+        values = {"state": "cancelled", "finished_at_ms": now_ms}
+        return self._update_in_state(timer_id, tenant, ("pending",), values)
 
     def update_pending(
         self, timer_id: str, changes: TimerChanges, tenant: str | None = None
@@ -464,9 +390,12 @@ class SqliteStore(Store):
             return _to_timer(row)
         raise TimerStateConflict(timer_id, self.get(timer_id, tenant).state.value)
 
-    def count_pending(self, tenant: str) -> int:
-        sql = "SELECT count(*) FROM timers WHERE tenant = ? AND state = 'pending'"
-        count: int = self._run(lambda c: c.execute(sql, (tenant,)).fetchone()[0])
+    def count_pending(self, tenant: str, limit: int) -> int:
+        sql = (
+            "SELECT count(*) FROM (SELECT 1 FROM timers INDEXED BY timers_tenant_state_id"
+            " WHERE tenant = ? AND state = 'pending' LIMIT ?)"
+        )
+        count: int = self._run(lambda c: c.execute(sql, (tenant, limit)).fetchone()[0])
         return count
 
     def pending_due(
@@ -487,6 +416,11 @@ class SqliteStore(Store):
         sql = "SELECT state, count(*) FROM timers GROUP BY state"
         return {State(state): n for state, n in self._run(lambda c: c.execute(sql).fetchall())}
 
+    def count_active(self) -> dict[State, int]:
+        pending = self._run(lambda c: c.execute(COUNT_PENDING_SQL).fetchone()[0])
+        firing = self._run(lambda c: c.execute(COUNT_FIRING_SQL).fetchone()[0])
+        return {State.PENDING: pending, State.FIRING: firing}
+
     def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
         if not timer_ids:
             return []
@@ -502,7 +436,7 @@ class SqliteStore(Store):
 
     def complete(self, outcomes: Sequence[Outcome]) -> int:
         def work(conn: sqlite3.Connection) -> int:
-            with _transaction(conn):
+            with transaction(conn):
                 params = [_complete_params(o) for o in outcomes]
                 return conn.executemany(COMPLETE_SQL, params).rowcount  # the rows changed in all
 
@@ -519,7 +453,7 @@ class SqliteStore(Store):
         return [_to_timer(r) for r in self._run(lambda c: c.execute(sql, params).fetchall())]
 
     def replay(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        values = {"state": "pending", "due_at_ms": now_ms, "attempts": 0}
+        values = {"state": "pending", "due_at_ms": now_ms, "attempts": 0, "finished_at_ms": None}
         return self._update_in_state(timer_id, tenant, ("failed", "fired"), values)
 
     def release_claim(self, token: str) -> int:
@@ -528,6 +462,9 @@ class SqliteStore(Store):
     def recover_expired(self, now_ms: int, limit: int, max_attempts: int) -> int:
         params = {"now": now_ms, "limit": limit, "max_attempts": max_attempts}
         return self._run(lambda c: c.execute(RECOVER_EXPIRED_SQL, params).rowcount)
+
+    def purge_finished(self, before_ms: int, limit: int) -> int:
+        return self._run(lambda c: c.execute(PURGE_FINISHED_SQL, (before_ms, limit)).rowcount)
 
     # lease
 

@@ -1,0 +1,101 @@
+"""The SQLite file upgrades in place: a store written by the previous release opens and works,
+every migration runs once, and a file from a newer timerd is refused."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from timerd.errors import ConfigError
+from timerd.models import Claim, State, Timer, new_claim_token, new_timer_id
+from timerd.store.sqlite import SqliteStore
+from timerd.store.sqlite_schema import VERSION
+
+RELEASE_0_1_0 = Path(__file__).parent / "fixtures" / "release-0.1.0.sql"
+NOW_MS = 1_795_000_000_000  # the fixture's "now"
+
+
+@pytest.fixture
+def old_file(tmp_path: Path) -> Path:
+    path = tmp_path / "timerd.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.executescript(RELEASE_0_1_0.read_text())
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+    return path
+
+
+@pytest.fixture
+def upgraded(old_file: Path) -> Iterator[SqliteStore]:
+    store = SqliteStore(str(old_file))
+    yield store
+    store.close()
+
+
+def user_version(path: Path) -> int:
+    with closing(sqlite3.connect(path)) as conn:
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+        return version
+
+
+def test_a_file_of_the_first_release_is_upgraded_and_keeps_every_timer(
+    old_file: Path, upgraded: SqliteStore
+) -> None:
+    assert user_version(old_file) == VERSION
+    pending = upgraded.get("6b0c912909a000c549ae2f01")
+    assert (pending.state, pending.payload, pending.headers, pending.max_attempts) == (
+        State.PENDING,
+        '{"order":1}',
+        (("x-k", "v"),),
+        3,
+    )
+    fired = upgraded.get("6b0c912909a000c549ae2f02", tenant="tenant-a")
+    assert fired.history[0].response == "ok"
+    assert fired.finished_at_ms == fired.fired_at_ms
+    assert upgraded.find_by_idempotency_key("tenant-a", "key-1") == fired
+    cancelled = upgraded.get("6b0c912909a000c549ae2f05")
+    assert cancelled.finished_at_ms is not None  # counted from the upgrade
+    assert [k.key_id for k in upgraded.list_keys()] == ["k1"]
+    assert upgraded.get_lease() is not None
+
+
+def test_an_upgraded_file_works_for_the_daemon(upgraded: SqliteStore) -> None:
+    # the 0.1.0 claim, without a token, is swept like any expired claim
+    assert upgraded.recover_expired(NOW_MS + 60_000, 10, 8) == 1
+    assert upgraded.get("6b0c912909a000c549ae2f04").state is State.PENDING
+    timer = Timer(id=new_timer_id(), url="https://r.example/h", due_at_ms=NOW_MS, created_at_ms=0)
+    upgraded.insert(timer)
+    claim = Claim("d", 3, NOW_MS + 60_000, NOW_MS + 90_000, new_claim_token())
+    ids = ["6b0c912909a000c549ae2f04", timer.id]
+    assert sorted(t.id for t in upgraded.claim_due(ids, claim)) == sorted(ids)
+    assert upgraded.purge_finished(NOW_MS, 10) == 1  # the fired one, finished long before
+
+
+def test_processes_opening_an_old_file_at_once_migrate_it_once(old_file: Path) -> None:
+    def open_close(_: int) -> int:
+        with closing(SqliteStore(str(old_file), busy_timeout_ms=5_000)):
+            return user_version(old_file)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        assert set(pool.map(open_close, range(6))) == {VERSION}
+
+
+def test_a_file_of_a_newer_timerd_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "timerd.db"
+    with closing(SqliteStore(str(path))):
+        pass
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute(f"PRAGMA user_version = {VERSION + 1}")
+    with pytest.raises(ConfigError, match="newer timerd"):
+        SqliteStore(str(path))
+
+
+def test_a_new_file_starts_at_the_latest_version(tmp_path: Path) -> None:
+    path = tmp_path / "timerd.db"
+    with closing(SqliteStore(str(path))):
+        pass
+    assert user_version(path) == VERSION
