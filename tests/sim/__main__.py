@@ -30,6 +30,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--store", choices=(*STORES, "both"), default="both")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes")
     parser.add_argument("--early-tolerance-ms", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="violations containing TEXT do not count (to look past a known defect)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print the whole trace")
     return parser.parse_args(argv)
 
@@ -44,6 +51,7 @@ def _configs(args: argparse.Namespace) -> Iterator[SimConfig]:
                 store=store,
                 verbose=args.verbose,
                 early_tolerance_ms=args.early_tolerance_ms,
+                ignore=tuple(args.ignore),
             )
 
 

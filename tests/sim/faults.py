@@ -9,8 +9,10 @@ exception raised *through the adapter's own translator*, so the mapping of drive
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import enum
+import inspect
 import random
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +23,6 @@ from typing import Any, TypeVar
 import mongomock.collection
 import pymongo.errors
 
-from timerd.models import ApiKey, Claim, Due, Lease, Outcome, State, Timer, TimerChanges
 from timerd.store import mongo as mongo_adapter
 from timerd.store import sqlite as sqlite_adapter
 from timerd.store.base import Store
@@ -107,6 +108,19 @@ class DriverErrors:
         return cls(kind, SQLITE_RETRYABLE, SQLITE_DEAD, _sqlite_duplicate)
 
 
+class StallFirst(Exception):
+    """Raised by a view, before applying anything, to have its process stall first."""
+
+
+@dataclass(slots=True)
+class StallRequest:
+    """Stop the process around its next call of `op` ("*": any), before or after applying."""
+
+    op: str
+    where: str  # "before" or "after"
+    duration_s: float
+
+
 class Fault(enum.Enum):
     NONE = "none"
     BEFORE = "fail-before"
@@ -130,9 +144,13 @@ class ViewStats:
     faults: dict[str, int] = field(default_factory=dict)
 
 
+INSERTS = frozenset({"insert", "insert_many"})
 WRITES = frozenset(
     {
         "insert",
+        "insert_many",
+        "renew_leases",
+        "delete_leases",
         "cancel",
         "update_pending",
         "claim_due",
@@ -149,8 +167,24 @@ WRITES = frozenset(
 )
 
 
+# The batch argument of each batch write: a fault may apply only part of it (a random subset of
+# a sequence, or a smaller limit), as MongoDB applies a batch document by document.
+PARTIAL_ARGUMENT = {
+    "claim_due": "timer_ids",
+    "complete": "outcomes",
+    "insert_many": "timers",
+    "renew_leases": "names",
+    "recover_expired": "limit",
+    "purge_finished": "limit",
+}
+
+
 class FaultyStore(Store):
-    """One process's view of the shared store, with faults; `dead` once its process is killed."""
+    """One process's view of the shared store, with faults; `dead` once its process is killed.
+
+    Every abstract method of `Store` is delegated (generated below the class, so a method the
+    contract gains is faulted too without a change here) except the few defined here.
+    """
 
     def __init__(
         self,
@@ -170,6 +204,8 @@ class FaultyStore(Store):
         self.rng = rng
         self.plan = plan
         self.dead = False
+        self.stall: StallRequest | None = None  # armed by the chaos, taken by `_call`
+        self.stall_after: StallRequest | None = None  # taken: the offload stalls after the call
         self.stats = ViewStats()
         self._errors = DriverErrors.of(kind)
         self._translate = translator(kind)
@@ -187,7 +223,7 @@ class FaultyStore(Store):
             return Fault.BEFORE
         if op in WRITES and r < self.plan.p_before + self.plan.p_after:
             return Fault.AFTER
-        if op == "insert" and self.rng.random() < self.plan.p_duplicate:
+        if op in INSERTS and self.rng.random() < self.plan.p_duplicate:
             return Fault.DUPLICATE
         return Fault.NONE
 
@@ -201,27 +237,50 @@ class FaultyStore(Store):
     def _call(
         self,
         op: str,
-        args: tuple[Any, ...],
-        apply: Callable[[], T],
-        partial: Callable[[], object] | None = None,
-    ) -> T:
+        method: Callable[..., Any],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """Call `method` (the inner store's `op`), or fail the way the driver would."""
+        kwargs = kwargs or {}
         self.stats.calls += 1
         if self.dead:
             self._fail(op, "dead", self._errors.dead())
+        if self.stall is not None and self.stall.op in {op, "*"}:
+            request, self.stall = self.stall, None
+            if request.where == "before":  # stopped between deciding to write and writing
+                self.stall_after = None
+                raise StallFirst(request)
+            self.stall_after = request  # the write lands; its answer waits for the process
         fault = self._draw(op)
         if fault is Fault.BEFORE:
             self._fail(op, fault.value, self.rng.choice(self._errors.retryable)())
         if fault is Fault.AFTER:
-            landed = (partial or apply)()
+            landed = self._apply_part(op, method, args, kwargs)
             self._observe(op, args, landed)
             self._fail(op, fault.value, self.rng.choice(self._errors.retryable)())
         if fault is Fault.DUPLICATE:  # the driver retried a write that had landed after all
-            landed = apply()
+            landed = method(*args, **kwargs)
             self._observe(op, args, landed)
             self._fail(op, fault.value, self._errors.duplicate())
-        result = apply()
+        result = method(*args, **kwargs)
         self._observe(op, args, result)
         return result
+
+    def _apply_part(
+        self, op: str, method: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Apply all of the call, or for a batch write a random part of it."""
+        name = PARTIAL_ARGUMENT.get(op)
+        if name is None:
+            return method(*args, **kwargs)
+        bound = inspect.signature(getattr(Store, op)).bind(self, *args, **kwargs)
+        value = bound.arguments[name]
+        if isinstance(value, int):
+            bound.arguments[name] = self.rng.randint(0, value)
+        else:
+            bound.arguments[name] = self._subset(list(value))
+        return method(*bound.args[1:], **bound.kwargs)
 
     def _observe(self, op: str, args: tuple[Any, ...], result: Any) -> None:
         if self._observer is not None:
@@ -232,125 +291,7 @@ class FaultyStore(Store):
         keep = sorted(self.rng.sample(range(len(items)), self.rng.randint(0, len(items))))
         return [items[i] for i in keep]
 
-    # the contract, delegated
-
-    def insert(self, timer: Timer) -> Timer:
-        return self._call("insert", (timer,), lambda: self.inner.insert(timer))
-
-    def find_by_idempotency_key(self, tenant: str, key: str) -> Timer | None:
-        args = (tenant, key)
-        return self._call(
-            "find_by_idempotency_key", args, lambda: self.inner.find_by_idempotency_key(*args)
-        )
-
-    def get(self, timer_id: str, tenant: str | None = None) -> Timer:
-        return self._call("get", (timer_id,), lambda: self.inner.get(timer_id, tenant))
-
-    def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        return self._call(
-            "cancel", (timer_id, now_ms), lambda: self.inner.cancel(timer_id, now_ms, tenant)
-        )
-
-    def update_pending(
-        self, timer_id: str, changes: TimerChanges, tenant: str | None = None
-    ) -> Timer:
-        return self._call(
-            "update_pending",
-            (timer_id, changes),
-            lambda: self.inner.update_pending(timer_id, changes, tenant),
-        )
-
-    def count_pending(self, tenant: str, limit: int) -> int:
-        args = (tenant, limit)
-        return self._call("count_pending", args, lambda: self.inner.count_pending(*args))
-
-    def pending_due(
-        self, before_ms: int, limit: int, after: tuple[int, str] | None = None
-    ) -> list[Due]:
-        args = (before_ms, limit, after)
-        return self._call("pending_due", args, lambda: self.inner.pending_due(*args))
-
-    def next_due_at_ms(self) -> int | None:
-        return self._call("next_due_at_ms", (), self.inner.next_due_at_ms)
-
-    def count_by_state(self) -> dict[State, int]:
-        return self._call("count_by_state", (), self.inner.count_by_state)
-
-    def count_active(self) -> dict[State, int]:
-        return self._call("count_active", (), self.inner.count_active)
-
-    def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
-        ids = list(timer_ids)
-        return self._call(
-            "claim_due",
-            (ids, claim),
-            lambda: self.inner.claim_due(ids, claim),
-            lambda: self.inner.claim_due(self._subset(ids), claim),
-        )
-
-    def release_claim(self, token: str) -> int:
-        return self._call("release_claim", (token,), lambda: self.inner.release_claim(token))
-
-    def complete(self, outcomes: Sequence[Outcome]) -> int:
-        batch = list(outcomes)
-        return self._call(
-            "complete",
-            (batch,),
-            lambda: self.inner.complete(batch),
-            lambda: self.inner.complete(self._subset(batch)),
-        )
-
-    def list_timers(
-        self, state: State | None, before_id: str | None, limit: int, tenant: str | None = None
-    ) -> list[Timer]:
-        args = (state, before_id, limit, tenant)
-        return self._call("list_timers", args, lambda: self.inner.list_timers(*args))
-
-    def replay(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        args = (timer_id, now_ms, tenant)
-        return self._call("replay", args, lambda: self.inner.replay(*args))
-
-    def recover_expired(self, now_ms: int, limit: int, max_attempts: int) -> int:
-        args = (now_ms, limit, max_attempts)
-        return self._call(
-            "recover_expired",
-            args,
-            lambda: self.inner.recover_expired(*args),
-            lambda: self.inner.recover_expired(now_ms, self.rng.randint(0, limit), max_attempts),
-        )
-
-    def purge_finished(self, before_ms: int, limit: int) -> int:
-        args = (before_ms, limit)
-        return self._call(
-            "purge_finished",
-            args,
-            lambda: self.inner.purge_finished(*args),
-            lambda: self.inner.purge_finished(before_ms, self.rng.randint(0, limit)),
-        )
-
-    def acquire_lease(self, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
-        args = (holder, ttl_ms, now_ms)
-        return self._call("acquire_lease", args, lambda: self.inner.acquire_lease(*args))
-
-    def release_lease(self, holder: str, epoch: int) -> bool:
-        args = (holder, epoch)
-        return self._call("release_lease", args, lambda: self.inner.release_lease(*args))
-
-    def get_lease(self) -> Lease | None:
-        return self._call("get_lease", (), self.inner.get_lease)
-
-    def add_key(self, key: ApiKey) -> None:
-        return self._call("add_key", (key,), lambda: self.inner.add_key(key))
-
-    def get_key(self, key_id: str) -> ApiKey | None:
-        return self._call("get_key", (key_id,), lambda: self.inner.get_key(key_id))
-
-    def list_keys(self) -> list[ApiKey]:
-        return self._call("list_keys", (), self.inner.list_keys)
-
-    def revoke_key(self, key_id: str, now_ms: int) -> bool:
-        args = (key_id, now_ms)
-        return self._call("revoke_key", args, lambda: self.inner.revoke_key(*args))
+    # what is not simply delegated
 
     def server_time_ms(self) -> int | None:
         """The true time of the simulated world, whichever backend: every host judges by it."""
@@ -359,13 +300,26 @@ class FaultyStore(Store):
             stored = self.inner.server_time_ms()
             return self._true_ms() if stored is None else stored
 
-        return self._call("server_time_ms", (), read)
-
-    def ping(self) -> None:
-        return self._call("ping", (), self.inner.ping)
+        result: int = self._call("server_time_ms", read)
+        return result
 
     def close(self) -> None:
         pass  # the inner store is shared by every view; the world closes it once
+
+
+def _delegate(op: str) -> Callable[..., Any]:
+    def method(self: FaultyStore, *args: Any, **kwargs: Any) -> Any:
+        return self._call(op, getattr(self.inner, op), args, kwargs)
+
+    method.__name__ = method.__qualname__ = op
+    method.__doc__ = getattr(Store, op).__doc__
+    return method
+
+
+for _op in sorted(Store.__abstractmethods__):
+    if _op not in vars(FaultyStore):
+        setattr(FaultyStore, _op, _delegate(_op))
+abc.update_abstractmethods(FaultyStore)
 
 
 @contextlib.contextmanager

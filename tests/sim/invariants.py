@@ -12,11 +12,15 @@ from typing import TYPE_CHECKING
 
 from tests.sim.receivers import MARKER, Delivery
 from timerd.models import HISTORY_MAX, State, Timer
+from timerd.store.base import CLAIM_EXPIRED
 
 if TYPE_CHECKING:
     from tests.sim.world import Disruption, World
 
 FINAL = frozenset({State.FIRED, State.FAILED, State.CANCELLED})
+STAMP_TOLERANCE_MS = 1000  # how far an attempt's recorded time may be from the true one
+RETRY_AFTER_TOLERANCE_MS = 1000  # HTTP dates have whole seconds
+QUIET_LATENESS_S = 2.0  # beyond a poll interval, once the quiet world has one stable leader
 
 
 def check_final(world: World) -> None:
@@ -28,7 +32,9 @@ def check_final(world: World) -> None:
     for timer in timers.values():
         for problem in _timer(world, timer, now_ms):
             world.violate(problem)
-    for problem in _overlaps(world, now_ms):
+    for problem in _duplicates(world, now_ms):
+        world.violate(problem)
+    for problem in _quiet_lateness(world):
         world.violate(problem)
     for actor in world.actors:
         if actor.alive and any(vars_of(actor.daemon.counters()).values()):
@@ -88,7 +94,87 @@ def _timer(world: World, timer: Timer, now_ms: int) -> list[str]:
             if d.start_ms > cancelled_at
         ]
     problems += _history(world, timer, deliveries)
+    problems += _expired_claims(world, timer)
+    problems += _stamps(timer, deliveries)
+    problems += _retry_after(world, timer, deliveries)
     return problems
+
+
+def _expired_claims(world: World, timer: Timer) -> list[str]:
+    """A claim expires only when its owner died or stalled (or crashed): the sweep counts it
+    as a failed attempt, so an expiry nobody caused would spend a live claim's budget."""
+    s = world.settings
+    lookback_ms = s.claim_ttl_ms + int(3 * s.lease_ttl_s * 1000)
+    problems = []
+    for record in timer.history:
+        window = (record.at_ms - lookback_ms, record.at_ms)
+        if record.error == CLAIM_EXPIRED and not any(
+            _intersects(d, window) for d in world.disruptions
+        ):
+            problems.append(
+                f"{_name(timer)}: claim expired at {record.at_ms} with no daemon killed or"
+                f" stalled in the {lookback_ms} ms before"
+            )
+    return problems
+
+
+def _stamps(timer: Timer, deliveries: list[Delivery]) -> list[str]:
+    """Recorded attempt times and `fired_at_ms` are true times (the store's clock), not a
+    skewed host's: `fired_at_ms - due_at_ms` is the lateness users read."""
+    by_marker = {d.marker: d for d in deliveries}
+    problems = []
+    for record in timer.history:
+        d = by_marker.get(record.response or "")
+        if d is not None and abs(record.at_ms - d.start_ms) > STAMP_TOLERANCE_MS:
+            problems.append(
+                f"{_name(timer)}: attempt {record.attempt} recorded at {record.at_ms}, but"
+                f" {d.describe()} started {record.at_ms - d.start_ms:+} ms from that"
+            )
+    fired_at = timer.fired_at_ms
+    if fired_at is not None and not any(
+        d.delivered and abs(fired_at - d.start_ms) <= STAMP_TOLERANCE_MS for d in deliveries
+    ):
+        problems.append(
+            f"{_name(timer)}: fired_at_ms {fired_at} matches no 2xx delivery ({_list(deliveries)})"
+        )
+    return problems
+
+
+def _retry_after(world: World, timer: Timer, deliveries: list[Delivery]) -> list[str]:
+    """A valid Retry-After is honoured: the next attempt starts no sooner, unless the timer
+    was moved meanwhile or its daemon was disturbed."""
+    assert world.api is not None
+    moves = world.api.log.moves_applied.get(timer.id, [])
+    problems = []
+    for d in deliveries:
+        if d.not_before_ms is None or d.end_ms is None or _disrupted(world, d):
+            continue
+        later = [n for n in deliveries if n.start_ms > d.end_ms]
+        if not later:
+            continue
+        after = min(later, key=lambda n: n.start_ms)
+        moved = any(d.end_ms <= m <= after.start_ms for m in moves)
+        if not moved and after.start_ms + RETRY_AFTER_TOLERANCE_MS < d.not_before_ms:
+            problems.append(
+                f"{_name(timer)}: retried {d.not_before_ms - after.start_ms} ms before the"
+                f" Retry-After of {d.describe()}: {after.describe()}"
+            )
+    return problems
+
+
+def _quiet_lateness(world: World) -> list[str]:
+    """Once the quiet world has had time to settle on its leaders and sweep what the dead
+    left, a timer due fires within about a poll interval of its due time."""
+    if world.quiet_since_ms is None:
+        return []
+    s = world.settings
+    stable_ms = world.quiet_since_ms + int((2 * s.lease_ttl_s + s.claim_ttl_ms / 1000) * 1000)
+    bound_ms = int((s.poll_interval_s + QUIET_LATENESS_S) * 1000)
+    return [
+        f"late by {d.start_ms - d.due_at_ms} ms in the quiet phase: {d.describe()}"
+        for d in world.ledger.deliveries
+        if d.due_at_ms >= stable_ms and d.start_ms - d.due_at_ms > bound_ms
+    ]
 
 
 def _history(world: World, timer: Timer, deliveries: list[Delivery]) -> list[str]:
@@ -129,24 +215,31 @@ def _history(world: World, timer: Timer, deliveries: list[Delivery]) -> list[str
     return problems
 
 
-def _overlaps(world: World, now_ms: int) -> list[str]:
+def _duplicates(world: World, now_ms: int) -> list[str]:
+    """A timer is delivered again, after a 2xx or while a delivery of it is in flight, only when
+    the first delivery's daemon was killed or stalled while that delivery was in flight (from
+    the moment it learnt of its claim until its outcome could have been written)."""
     problems = []
-    claim_ms = world.settings.claim_ttl_ms
     for deliveries in world.ledger.by_timer.values():
-        for i, first in enumerate(deliveries):
-            for second in deliveries[i + 1 :]:
-                if not first.overlaps(second, now_ms):
+        ordered = sorted(deliveries, key=lambda d: (d.start_ms, d.seq))
+        for i, first in enumerate(ordered):
+            for second in ordered[i + 1 :]:
+                overlapping = first.overlaps(second, now_ms)
+                if not (overlapping or first.delivered) or _in_flight_disruption(world, first):
                     continue
-                window = (
-                    first.start_ms - claim_ms,
-                    max(second.end_ms or now_ms, first.end_ms or now_ms),
+                what = "overlapping deliveries" if overlapping else "delivered again after 2xx"
+                problems.append(
+                    f"{what} without a kill or stall in flight: {first.describe()}"
+                    f" and {second.describe()}"
                 )
-                if not any(_hit(world, d.actor, window) for d in (first, second)):
-                    problems.append(
-                        f"overlapping deliveries without a kill or stall: {first.describe()}"
-                        f" and {second.describe()}"
-                    )
     return problems
+
+
+def _in_flight_disruption(world: World, d: Delivery) -> bool:
+    seen_ms = world.claims_seen.get((d.timer_id, d.attempt, d.actor))
+    since_ms = seen_ms if seen_ms is not None and seen_ms <= d.start_ms else d.start_ms
+    until_ms = (d.end_ms or world.true.now_ms()) + world.settings.claim_ttl_ms
+    return _hit(world, d.actor, (since_ms, until_ms))
 
 
 def _hit(world: World, actor: str, window: tuple[int, int]) -> bool:

@@ -42,6 +42,7 @@ class Delivery:
     status: int | None = None
     error: str | None = None
     raised: str | None = None
+    not_before_ms: int | None = None  # a valid Retry-After asked for no retry before this
 
     @property
     def marker(self) -> str:
@@ -112,6 +113,7 @@ class Answer:
     error: str | None = None
     retry_after: str | None = None
     raises: type[Exception] | None = None
+    not_before_s: float | None = None  # true seconds (epoch) before which a retry is unwelcome
 
 
 class Receivers:
@@ -150,7 +152,7 @@ class Receivers:
         return [
             (50, lambda: Answer("2xx", rng.uniform(0.001, 0.2), status=rng.choice((200, 204)))),
             (10, lambda: Answer("5xx", rng.uniform(0.001, 0.3), status=rng.choice((500, 503)))),
-            (8, lambda: Answer("429", rng.uniform(0.001, 0.1), 429, None, self._retry_after())),
+            (8, lambda: self._too_many(rng.uniform(0.001, 0.1))),
             (4, lambda: Answer("4xx", rng.uniform(0.001, 0.1), status=rng.choice((400, 410)))),
             (8, lambda: Answer("reset", rng.uniform(0, 0.05), error="ClientConnectionError")),
             (5, lambda: Answer("hang", timeout_s, error="timeout")),
@@ -158,31 +160,35 @@ class Receivers:
             (8, lambda: Answer("raise", rng.uniform(0, 0.1), raises=rng.choice(UNEXPECTED))),
         ]
 
-    def _retry_after(self) -> str:
+    def _too_many(self, delay_s: float) -> Answer:
+        """429 with a Retry-After of seconds, an HTTP date, or garbage (which asks nothing)."""
         pick = self.rng.random()
+        answered_s = self.true.now_ms() / 1000 + delay_s
         if pick < 0.4:
-            return str(self.rng.randint(0, 6))
+            seconds = self.rng.randint(0, 6)
+            return Answer("429", delay_s, 429, None, str(seconds), None, answered_s + seconds)
         if pick < 0.7:
-            moment = self.true.now_ms() / 1000 + self.rng.randint(-5, 8)
-            return format_datetime(datetime.fromtimestamp(moment, tz=UTC), usegmt=True)
-        return self.rng.choice(GARBAGE_RETRY_AFTER)
+            moment_s = int(answered_s) + self.rng.randint(-5, 8)
+            header = format_datetime(datetime.fromtimestamp(moment_s, tz=UTC), usegmt=True)
+            return Answer("429", delay_s, 429, None, header, None, moment_s)
+        return Answer("429", delay_s, 429, None, self.rng.choice(GARBAGE_RETRY_AFTER))
 
     def deliver_for(
         self,
         actor: str,
-        clock: Clock,
+        stamping_clock: Callable[[], Clock],
         gate: Callable[[], Awaitable[None]],
         judging_clock: Callable[[], Clock],
     ) -> Deliver:
-        """The `deliver` callable of one daemon: `clock` is its host's (attempts are stamped
-        with it, as `Deliverer` stamps them with the host's), `gate` waits while its process
-        is stopped, `judging_clock` is the clock the daemon judges due times by."""
+        """The `deliver` callable of one daemon: `stamping_clock` gives the clock attempts are
+        stamped with, `gate` waits while its process is stopped, `judging_clock` gives the
+        clock the daemon judges due times by."""
 
         async def deliver(timer: Timer) -> Attempt:
             await gate()
             loop = asyncio.get_running_loop()
             started_s = loop.time()
-            started_ms = clock.now_ms()
+            started_ms = stamping_clock().now_ms()
             error_ms = judging_clock().now_ms() - self.true.now_ms()
             d = self.ledger.open(timer, actor, error_ms)
             a = self.answer()
@@ -198,6 +204,8 @@ class Receivers:
             self.ledger.close(d, a.kind, a.status, error=a.error or "")
             if d.error == "":
                 d.error = None
+            if a.not_before_s is not None:
+                d.not_before_ms = int(a.not_before_s * 1000)
             await gate()  # a stopped process reads the answer only once it runs again
             return Attempt(
                 started_at_ms=started_ms,

@@ -20,12 +20,14 @@ from typing import Any, TypeVar
 
 import mongomock
 
-from tests.sim.faults import FaultPlan, FaultyStore
+from tests.sim.faults import FaultPlan, FaultyStore, StallFirst, StallRequest
 from tests.sim.invariants import check_final
 from tests.sim.loop import ACTOR, SkewedClock, TrueClock, VirtualLoop
 from tests.sim.receivers import Ledger, Receivers
 from tests.sim.trace import Trace
+from timerd.clock import Clock
 from timerd.daemon import Daemon
+from timerd.delivery import Deliverer
 from timerd.errors import TimerStateConflict
 from timerd.models import State, Timer, TimerChanges
 from timerd.retry import parse_schedule
@@ -38,6 +40,18 @@ T = TypeVar("T")
 
 FINAL_STATES = frozenset({State.FIRED, State.FAILED, State.CANCELLED})
 MAX_SKEW_MS = 30_000
+STAMPS_WITH_DAEMON_CLOCK = "clock" in inspect.signature(Deliverer).parameters
+STALL_TARGETS = (
+    "claim_due",
+    "complete",
+    "release_claim",
+    "recover_expired",
+    "acquire_lease",
+    "renew_leases",
+    "server_time_ms",
+    "pending_due",
+    "*",
+)
 QUIET_HORIZON_MS = 30_000  # a pending timer due later than this after the run is a future attempt
 
 
@@ -48,9 +62,10 @@ class SimConfig:
     seed: int
     store: str = "sqlite"  # sqlite or mongo (mongomock)
     verbose: bool = False
-    active_s: float = 40.0  # how long timers are created and faults injected
+    active_s: float = 25.0  # how long timers are created and faults injected
     quiet_max_s: float = 120.0  # longest quiet phase before the world must have settled
     early_tolerance_ms: int = 0  # how early a delivery may start before it counts as early
+    ignore: tuple[str, ...] = ()  # violations containing one of these do not count (triage)
 
     @property
     def replay(self) -> str:
@@ -79,15 +94,21 @@ class DaemonActor:
         self.view = world.view(name)
         self.alive = True
         self.stalled_until_s = 0.0
-        self.stall_armed_s = 0.0
         self.task: asyncio.Task[None] | None = None
         deliver = world.receivers.deliver_for(
-            name, self.clock, self.gate, lambda: self.daemon.clock
+            name, self._stamping_clock, self.gate, lambda: self.daemon.clock
         )
         kwargs: dict[str, Any] = {"clock": self.clock, "holder": self.holder}
         if "offload" in inspect.signature(Daemon).parameters:
             kwargs["offload"] = self.offload
         self.daemon = Daemon(world.settings, self.view, deliver, **kwargs)
+
+    def _stamping_clock(self) -> Clock:
+        """The clock attempts are stamped with, as production's `Deliverer` stamps them: the
+        daemon's (store-corrected) clock once `Deliverer` takes one, else the host's own."""
+        if STAMPS_WITH_DAEMON_CLOCK:
+            return self.daemon.clock
+        return self.clock
 
     def start(self) -> None:
         context = contextvars.copy_context()
@@ -101,11 +122,12 @@ class DaemonActor:
         while loop.time() < self.stalled_until_s:  # noqa: ASYNC110
             await asyncio.sleep(self.stalled_until_s - loop.time())
 
-    def _stall_now(self, where: str) -> None:
-        duration_s, self.stall_armed_s = self.stall_armed_s, 0.0
-        self.stalled_until_s = self.world.loop.time() + duration_s
-        end_ms = self.world.true.now_ms() + int(duration_s * 1000) + 1
-        self.world.disrupt(self, f"stall-{where}", end_ms)
+    async def _stall(self, request: StallRequest) -> None:
+        """Stop the whole process (every store call and delivery waits) for a while."""
+        self.stalled_until_s = self.world.loop.time() + request.duration_s
+        end_ms = self.world.true.now_ms() + int(request.duration_s * 1000) + 1
+        self.world.disrupt(self, f"stall-{request.where}-{request.op}", end_ms)
+        await self.gate()
 
     def _latency_s(self) -> float:
         if not self.world.plan.on:
@@ -120,20 +142,39 @@ class DaemonActor:
     async def offload(self, call: Callable[[], T]) -> T:
         """Run one store call inline, with the latency, stalls and freezes of this process."""
         await self.gate()
-        stall_where = self.rng.choice(("before", "after")) if self.stall_armed_s else ""
-        if stall_where == "before":  # stopped between deciding to write and writing
-            self._stall_now("before")
+        if delay := self._latency_s():
+            await asyncio.sleep(delay)
+        while True:
+            await self.gate()
+            try:
+                result = call()
+            except StallFirst as stall:
+                await self._stall(stall.args[0])
+                continue
+            except BaseException:
+                await self._answered()
+                raise
+            await self._answered()
+            self._note_claims(result)
+            return result
+
+    async def _answered(self) -> None:
+        """The answer travels back (latency), to a process that may be stopped."""
+        if (request := self.view.stall_after) is not None:
+            self.view.stall_after = None
+            await self._stall(request)
         if delay := self._latency_s():
             await asyncio.sleep(delay)
         await self.gate()
-        try:
-            return call()
-        finally:
-            if stall_where == "after":  # the write landed; its answer waits for the process
-                self._stall_now("after")
-            if delay := self._latency_s():
-                await asyncio.sleep(delay)
-            await self.gate()
+
+    def _note_claims(self, result: object) -> None:
+        """When this process learnt of each claim it made (for the invariants)."""
+        if not isinstance(result, list):
+            return
+        now_ms = self.world.true.now_ms()
+        for timer in result:
+            if isinstance(timer, Timer) and timer.claim_token and timer.state is State.FIRING:
+                self.world.claims_seen[(timer.id, timer.attempts, self.name)] = now_ms
 
 
 @dataclass(slots=True)
@@ -144,6 +185,7 @@ class ApiLog:
     unknown: set[str] = field(default_factory=set)  # inserts that failed: may or may not exist
     cancel_acked: dict[str, int] = field(default_factory=dict)  # id -> true ms of the answer
     cancel_applied: dict[str, int] = field(default_factory=dict)  # id -> true ms it landed
+    moves_applied: dict[str, list[int]] = field(default_factory=dict)  # id -> true ms of each
 
 
 class ApiActor:
@@ -161,6 +203,8 @@ class ApiActor:
     def _observe(self, op: str, args: tuple[Any, ...], result: Any) -> None:
         if op == "cancel" and isinstance(result, Timer):
             self.log.cancel_applied.setdefault(result.id, self.world.true.now_ms())
+        if op == "update_pending" and isinstance(result, Timer):
+            self.log.moves_applied.setdefault(result.id, []).append(self.world.true.now_ms())
 
     async def run(self, until_s: float) -> None:
         loop = self.world.loop
@@ -185,7 +229,7 @@ class ApiActor:
         timer = Timer(
             id=f"{self._seq + 1:06x}{self.rng.getrandbits(72):018x}",
             url=self._url(),
-            due_at_ms=now_ms + self.rng.randint(0, 60_000),
+            due_at_ms=now_ms + self._delay_ms(),
             created_at_ms=now_ms,
             max_attempts=self.rng.choice((None, None, None, None, 1, 2, 3)),
         )
@@ -198,6 +242,10 @@ class ApiActor:
         self.log.acked[stored.id] = stored
         self.world.trace(f"api insert {timer.id[-6:]} due +{timer.due_at_ms - now_ms} ms")
         self._announce(stored)
+
+    def _delay_ms(self) -> int:
+        """0-60 s ahead, mostly within 20 s (the run lasts as long as its last timer)."""
+        return self.rng.randint(0, self.rng.choice((20_000, 20_000, 20_000, 60_000)))
 
     def _announce(self, timer: Timer) -> None:
         """The API shares a process with one daemon (`timerd run`) now and then."""
@@ -224,7 +272,7 @@ class ApiActor:
         timer_id = self._pick()
         now_ms = self.world.true.now_ms()
         url = self._url() if self.rng.random() < 0.3 else None
-        changes = TimerChanges(due_at_ms=now_ms + self.rng.randint(0, 30_000), url=url)
+        changes = TimerChanges(due_at_ms=now_ms + self._delay_ms(), url=url)
         try:
             moved = self.view.update_pending(timer_id, changes)
         except TimerStateConflict:
@@ -269,6 +317,8 @@ class World:
         self._views = 0
         self.api: ApiActor | None = None
         self._early_seen = 0
+        self.quiet_since_ms: int | None = None
+        self.claims_seen: dict[tuple[str, int, str], int] = {}  # (id, attempts, actor) -> ms
 
     # construction
 
@@ -282,7 +332,7 @@ class World:
             metrics_port=0,
             lease_ttl_s=6.0,
             lease_renew_s=2.0,
-            poll_interval_s=shape.choice((0.5, 1.0, 2.0)),
+            poll_interval_s=shape.choice((1.0, 2.0)),
             lookahead_s=5.0,
             batch_size=shape.choice((4, 16, 64)),
             concurrency=shape.choice((4, 8, 32)),
@@ -354,20 +404,31 @@ class World:
 
     async def run_chaos(self, until_s: float) -> None:
         rng = self.chaos
-        moments = sorted(rng.uniform(1.0, until_s) for _ in range(rng.randint(0, 4)))
+        moments = sorted(rng.uniform(1.0, until_s) for _ in range(rng.randint(0, 6)))
         for moment in moments:
             await asyncio.sleep(max(0.0, moment - self.loop.time()))
             alive = [a for a in self.actors if a.alive]
             if not alive:
                 continue
             victim = rng.choice(alive)
-            if rng.random() < 0.5:
-                victim.stall_armed_s = rng.uniform(2.0, 3.0) * self.settings.lease_ttl_s
-                self.trace(f"arm stall {victim.name} {victim.stall_armed_s:.1f} s")
+            if rng.random() < 0.6:
+                self.arm_stall(victim)
                 continue
             await self.kill(victim)
             if rng.random() < 0.7:
                 self.loop.call_later(rng.uniform(0.5, 15.0), self._restart_if_active, until_s)
+
+    def arm_stall(self, victim: DaemonActor) -> None:
+        """Stop `victim` for 2-3 lease TTLs (now and then less) around one of its store calls."""
+        rng = self.chaos
+        ttls = rng.uniform(2.0, 3.0) if rng.random() < 0.8 else rng.uniform(0.3, 1.5)
+        request = StallRequest(
+            op=rng.choice(STALL_TARGETS),
+            where=rng.choice(("before", "after")),
+            duration_s=ttls * self.settings.lease_ttl_s,
+        )
+        victim.view.stall = request
+        self.trace(f"arm stall {victim.name} {request}")
 
     def _restart_if_active(self, until_s: float) -> None:
         if self.loop.time() < until_s:
@@ -376,6 +437,9 @@ class World:
     # invariants along the way
 
     def violate(self, what: str) -> None:
+        if any(pattern in what for pattern in self.config.ignore):
+            self.trace(f"violation (ignored) {what}")
+            return
         self.trace(f"VIOLATION {what}")
         self.violations.append(what)
 
@@ -391,9 +455,10 @@ class World:
                 continue
             task = actor.task
             if task is not None and task.done():
-                actor.alive = False  # reported once
+                actor.alive = False  # reported once; what follows from it is excused
                 exc = None if task.cancelled() else task.exception()
                 self.violate(f"{actor.name}: run() ended while it should run: {exc!r}")
+                self.disrupt(actor, "crash", None)
             counters = actor.daemon.counters()
             if min(vars_of(counters).values()) < 0:
                 self.violate(f"{actor.name}: negative counters {counters}")
@@ -424,10 +489,11 @@ class World:
     async def quiet(self) -> None:
         """Faults off, every daemon alive, receivers answering: wait until all settles."""
         self.trace("quiet phase")
+        self.quiet_since_ms = self.true.now_ms()
         self.plan.on = False
         self.receivers.quiet = True
         for actor in self.actors:
-            actor.stall_armed_s = 0.0
+            actor.view.stall = None
         while sum(a.alive for a in self.actors) < self.n_daemons:
             self.restart()
         deadline_s = self.loop.time() + self.config.quiet_max_s
