@@ -214,7 +214,9 @@ def test_a_standby_never_claims(store: Store) -> None:
     clock = FakeClock()
     recorder = Recorder(clock)
     add_timer(store, START_MS)
-    assert store.acquire_lease("someone-else", 10_000, clock.now_ms()) is not None
+    for partition in range(store.partitions()):  # another daemon holds every partition
+        lease = store.acquire_lease(f"p{partition}", "someone-else", 10_000, clock.now_ms())
+        assert lease is not None
 
     async def scenario() -> None:
         daemon = Daemon(settings(), store, recorder, clock=clock, holder="daemon-b")
@@ -417,7 +419,7 @@ def test_expired_claims_of_a_dead_owner_are_recovered_and_fired(store: Store) ->
     clock = FakeClock()
     recorder = Recorder(clock)
     timer_id = add_timer(store, START_MS)
-    dead = Claim("dead", epoch=1, now_ms=START_MS, until_ms=START_MS + 1_000, token="dead")
+    dead = Claim("dead", now_ms=START_MS, until_ms=START_MS + 1_000, token="dead")
     assert [t.id for t in store.claim_due([timer_id], dead)] == [timer_id]
     clock.advance(1_001)
 

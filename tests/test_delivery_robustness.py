@@ -540,7 +540,7 @@ def start_api_and_daemon(
 def lease_holder_pid(db_url: str) -> int | None:
     store = open_store(db_url)
     try:
-        lease = store.get_lease()
+        lease = store.get_lease("p0")
     finally:
         store.close()
     if lease is None or lease.expires_at_ms <= now_ms():

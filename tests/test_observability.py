@@ -15,6 +15,7 @@ from tests.support.procs import TimerdProcesses, free_port, run_timerd
 from tests.support.receiver import Receiver
 from tests.support.waiting import wait_until
 from timerd.errors import StoreUnavailable
+from timerd.models import PARTITIONS
 from timerd.settings import Settings
 from timerd.status import redact_url
 from timerd.store import Store, open_store
@@ -72,7 +73,7 @@ def test_the_daemon_serves_its_own_metrics_and_probes(
         )
     seen = samples(daemon.base_url)
     assert seen[("timerd_leader", ())] == 1
-    assert seen[("timerd_lease_epoch", ())] >= 1
+    assert seen[("timerd_partitions_held", ())] == PARTITIONS  # alone, it holds them all
     assert seen[("timerd_lateness_seconds_count", ())] == 4
     assert seen[("timerd_delivery_latency_seconds_count", ())] == 4
     assert seen[("timerd_deliveries_in_flight", ())] == 0
@@ -122,7 +123,7 @@ def test_readyz_is_503_while_the_store_is_down_and_healthz_stays_200(tmp_path: P
         store.inner.close()
 
 
-def test_status_shows_leader_counts_backlog_and_lateness(
+def test_status_shows_daemons_partitions_counts_backlog_and_lateness(
     procs: TimerdProcesses, tmp_path: Path
 ) -> None:
     store_url = f"sqlite:///{tmp_path / 'timerd.db'}"
@@ -140,9 +141,12 @@ def test_status_shows_leader_counts_backlog_and_lateness(
         )
     shown = run_timerd(["status", "--store", store_url])
     assert shown.returncode == 0, shown.stderr
-    lines = dict(line.split(":", 1) for line in shown.stdout.splitlines())
+    daemon_lines = [line for line in shown.stdout.splitlines() if line.startswith("  ")]
+    lines = dict(line.split(":", 1) for line in shown.stdout.splitlines() if line[0] != " ")
     assert lines["store"].strip() == store_url
-    assert f":{daemon.pid}:" in lines["leader"] and "epoch 1" in lines["leader"]
+    assert lines["daemons"].strip() == f"1 live, {PARTITIONS} of {PARTITIONS} partitions held"
+    assert len(daemon_lines) == 1 and f":{daemon.pid}:" in daemon_lines[0]
+    assert f"holds {PARTITIONS} partitions (0-{PARTITIONS - 1}); fired 3 of" in daemon_lines[0]
     assert lines["timers"].strip() == "pending 1, firing 0, fired 3, failed 0, cancelled 0"
     assert lines["next due"].strip().startswith("in ")
     assert lines["lateness"].strip().startswith("last 3 fired: p50 ")

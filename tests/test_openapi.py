@@ -201,7 +201,7 @@ def seed_timers(server: TimerdProcess, db: Path) -> list[str]:
     now_ms = time.time_ns() // 1_000_000
     store = SqliteStore(str(db))
     try:
-        claim = Claim("test", 1, now_ms=now_ms, until_ms=now_ms + 10**9, token="test")
+        claim = Claim("test", now_ms=now_ms, until_ms=now_ms + 10**9, token="test")
         assert len(store.claim_due(due, claim)) == 4
         record = AttemptRecord(attempt=1, at_ms=now_ms, latency_ms=12.5, status=500, response="x")
         outcomes = [

@@ -60,7 +60,7 @@ def test_a_file_of_the_first_release_is_upgraded_and_keeps_every_timer(
     cancelled = upgraded.get("6b0c912909a000c549ae2f05")
     assert cancelled.finished_at_ms is not None  # counted from the upgrade
     assert [k.key_id for k in upgraded.list_keys()] == ["k1"]
-    assert upgraded.get_lease() is not None
+    assert upgraded.leases() == []  # the one leader lease of 0.1.0 is gone
 
 
 def test_an_upgraded_file_works_for_the_daemon(upgraded: SqliteStore) -> None:
@@ -69,7 +69,7 @@ def test_an_upgraded_file_works_for_the_daemon(upgraded: SqliteStore) -> None:
     assert upgraded.get("6b0c912909a000c549ae2f04").state is State.PENDING
     timer = Timer(id=new_timer_id(), url="https://r.example/h", due_at_ms=NOW_MS, created_at_ms=0)
     upgraded.insert(timer)
-    claim = Claim("d", 3, NOW_MS + 60_000, NOW_MS + 90_000, new_claim_token())
+    claim = Claim("d", NOW_MS + 60_000, NOW_MS + 90_000, new_claim_token())
     ids = ["6b0c912909a000c549ae2f04", timer.id]
     assert sorted(t.id for t in upgraded.claim_due(ids, claim)) == sorted(ids)
     assert upgraded.purge_finished(NOW_MS, 10) == 1  # the fired one, finished long before

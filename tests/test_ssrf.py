@@ -451,7 +451,7 @@ def guard(monkeypatch: pytest.MonkeyPatch) -> Guard:
 
 
 def timer_for(url: str) -> Timer:
-    return Timer(id=new_timer_id(), url=url, due_at_ms=0, created_at_ms=0, attempts=1, epoch=1)
+    return Timer(id=new_timer_id(), url=url, due_at_ms=0, created_at_ms=0, attempts=1)
 
 
 async def deliver_with(

@@ -24,6 +24,7 @@ import pytest
 from timerd.errors import ConfigError, StoreUnavailable, TimerNotFound, TimerStateConflict
 from timerd.models import (
     HISTORY_MAX,
+    PARTITIONS,
     ApiKey,
     AttemptRecord,
     Claim,
@@ -35,10 +36,11 @@ from timerd.models import (
     TimerChanges,
     new_claim_token,
     new_timer_id,
+    partition_of,
 )
 from timerd.store import open_store
 from timerd.store.base import CLAIM_EXPIRED, Store
-from timerd.store.mongo import MongoStore
+from timerd.store.mongo import PENDING_DUE_INDEX, MongoStore
 from timerd.store.sqlite import PENDING_DUE_SQL, SqliteStore
 
 T = TypeVar("T")
@@ -60,10 +62,9 @@ def inserted(store: Store, due_at_ms: int = NOW_MS, **fields: object) -> Timer:
     return timer
 
 
-def a_claim(owner: str = "leader-a", epoch: int = 1, now_ms: int = NOW_MS) -> Claim:
+def a_claim(owner: str = "leader-a", now_ms: int = NOW_MS) -> Claim:
     return Claim(
         owner=owner,
-        epoch=epoch,
         now_ms=now_ms,
         until_ms=now_ms + CLAIM_MS,
         token=new_claim_token(),
@@ -76,7 +77,6 @@ def claimed_as(timer: Timer, claim: Claim) -> Timer:
         timer,
         state=State.FIRING,
         claimed_by=claim.owner,
-        epoch=claim.epoch,
         claimed_until_ms=claim.until_ms,
         claim_token=claim.token,
         attempts=timer.attempts + 1,
@@ -115,7 +115,6 @@ def in_every_state(store: Store) -> dict[State, Timer]:
             state=state,
             claimed_by="leader-a" if state is State.FIRING else None,
             claimed_until_ms=NOW_MS + CLAIM_MS if state is State.FIRING else None,
-            epoch=1 if state is State.FIRING else None,
             claim_token=new_claim_token() if state is State.FIRING else None,
         )
         for state in State
@@ -155,13 +154,18 @@ def test_insert_and_get_round_trip_every_field(store: Store) -> None:
         fired_at_ms=NOW_MS + 1,
         claimed_by="leader-ü",
         claimed_until_ms=NOW_MS + 2,
-        epoch=41,
+        claim_token="token-ü",
         last_status=503,
         last_error="connect timeout: 'receiver.example' ✗",
         payload='{"order":42,"note":"ü ✗","nested":[1,2.5,null,true]}',
         headers=(("x-tenant", "acme"), ("authorization", "Bearer ü")),
         max_attempts=3,
         history=(AttemptRecord(attempt=1, at_ms=NOW_MS, latency_ms=1.5, error="timeout"),),
+        tenant="acme",
+        idempotency_key="key-ü",
+        request_hash="hash",
+        finished_at_ms=NOW_MS + 3,
+        fired_by="daemon-ü",
     )
     store.insert(timer)
     assert store.get(timer.id) == timer
@@ -304,7 +308,7 @@ def test_claim_due_leaves_out_what_it_cannot_claim_and_changes_it_not(store: Sto
     everything = in_every_state(store)
     not_yet_due = inserted(store, NOW_MS + 1)
     ids = [t.id for t in everything.values()] + [not_yet_due.id, new_timer_id(), "bogus"]
-    claim = a_claim(owner="leader-b", epoch=2)
+    claim = a_claim(owner="leader-b")
 
     assert store.claim_due(ids, claim) == [claimed_as(everything[State.PENDING], claim)]
     for state, timer in everything.items():
@@ -321,7 +325,7 @@ def test_claim_due_of_no_ids_claims_nothing(store: Store) -> None:
 
 def test_a_timer_claimed_by_someone_else_is_not_claimed_again(store: Store) -> None:
     timer = claimed(store, inserted(store), a_claim(owner="leader-a"))
-    assert store.claim_due([timer.id], a_claim(owner="leader-b", epoch=2)) == []
+    assert store.claim_due([timer.id], a_claim(owner="leader-b")) == []
     assert store.get(timer.id) == timer
 
 
@@ -418,9 +422,9 @@ def test_complete_of_no_outcomes_applies_none(store: Store) -> None:
 
 def test_a_deposed_leader_cannot_overwrite_its_successors_claim(store: Store) -> None:
     timer = inserted(store)
-    old = claimed(store, timer, a_claim(owner="leader-a", epoch=1))
+    old = claimed(store, timer, a_claim(owner="leader-a"))
     assert store.recover_expired(NOW_MS + CLAIM_MS + 1, 10, 5) == 1
-    new_claim = a_claim(owner="leader-b", epoch=2, now_ms=NOW_MS + CLAIM_MS + 1)
+    new_claim = a_claim(owner="leader-b", now_ms=NOW_MS + CLAIM_MS + 1)
     new = claimed(store, store.get(timer.id), new_claim)
 
     assert store.complete([outcome_for(old, State.FIRED)]) == 0
@@ -434,7 +438,7 @@ def test_a_late_outcome_never_lands_on_a_newer_claim_of_the_same_leader(store: S
     first = claimed(store, inserted(store))
     assert store.recover_expired(NOW_MS + CLAIM_MS + 1, 10, 5) == 1
     second = claimed(store, store.get(first.id), a_claim(now_ms=NOW_MS + CLAIM_MS + 1))
-    assert (second.claimed_by, second.epoch) == (first.claimed_by, first.epoch)
+    assert second.claimed_by == first.claimed_by
 
     assert store.complete([outcome_for(first, State.PENDING, next_due_at_ms=NOW_MS)]) == 0
     assert store.get(first.id) == second
@@ -458,8 +462,7 @@ def test_release_claim_undoes_a_claim_that_was_never_delivered(store: Store) -> 
     other = claimed(store, inserted(store))
 
     assert store.release_claim(claim.token) == 3
-    released = [dataclasses.replace(t, epoch=claim.epoch) for t in timers]  # epochs are kept
-    assert by_id([store.get(t.id) for t in timers]) == by_id(released)
+    assert by_id([store.get(t.id) for t in timers]) == by_id(timers)
     assert store.release_claim(claim.token) == 0
     assert store.get(other.id) == other
 
@@ -533,67 +536,146 @@ def test_a_recovered_timer_is_claimed_again_with_its_attempts_kept(store: Store)
     later_ms = NOW_MS + CLAIM_MS + 1
     assert store.recover_expired(later_ms, 10, 5) == 1
     assert store.pending_due(later_ms, 10) == [Due(first.id, NOW_MS, URL)]
-    second = claimed(store, store.get(first.id), a_claim("leader-b", 2, later_ms))
-    assert (second.attempts, second.claimed_by, second.epoch) == (2, "leader-b", 2)
+    second = claimed(store, store.get(first.id), a_claim("leader-b", later_ms))
+    assert (second.attempts, second.claimed_by) == (2, "leader-b")
 
 
-# lease
+# leases
+
+P0 = "p0"
 
 
 def test_there_is_no_lease_before_anyone_takes_it(store: Store) -> None:
-    assert store.get_lease() is None
+    assert store.get_lease(P0) is None
+    assert store.leases() == []
 
 
 def test_the_first_holder_gets_epoch_one(store: Store) -> None:
-    lease = Lease(holder="a", epoch=1, expires_at_ms=NOW_MS + TTL_MS)
-    assert store.acquire_lease("a", TTL_MS, NOW_MS) == lease
-    assert store.get_lease() == lease
+    lease = Lease(P0, holder="a", epoch=1, expires_at_ms=NOW_MS + TTL_MS)
+    assert store.acquire_lease(P0, "a", TTL_MS, NOW_MS) == lease
+    assert store.get_lease(P0) == lease
 
 
 def test_the_holder_renews_under_the_same_epoch_live_or_expired(store: Store) -> None:
-    store.acquire_lease("a", TTL_MS, NOW_MS)
-    renewed = Lease(holder="a", epoch=1, expires_at_ms=NOW_MS + 1_000 + TTL_MS)
-    assert store.acquire_lease("a", TTL_MS, NOW_MS + 1_000) == renewed
-    assert store.get_lease() == renewed
+    store.acquire_lease(P0, "a", TTL_MS, NOW_MS)
+    renewed = Lease(P0, holder="a", epoch=1, expires_at_ms=NOW_MS + 1_000 + TTL_MS)
+    assert store.acquire_lease(P0, "a", TTL_MS, NOW_MS + 1_000) == renewed
+    assert store.get_lease(P0) == renewed
     late_ms = NOW_MS + 5 * TTL_MS
-    assert store.acquire_lease("a", TTL_MS, late_ms) == Lease("a", 1, late_ms + TTL_MS)
+    assert store.acquire_lease(P0, "a", TTL_MS, late_ms) == Lease(P0, "a", 1, late_ms + TTL_MS)
 
 
 def test_a_live_lease_cannot_be_taken(store: Store) -> None:
-    lease = store.acquire_lease("a", TTL_MS, NOW_MS)
-    assert store.acquire_lease("b", TTL_MS, NOW_MS + 1) is None
-    assert store.acquire_lease("b", TTL_MS, NOW_MS + TTL_MS) is None  # expires_at_ms == now
-    assert store.get_lease() == lease
+    lease = store.acquire_lease(P0, "a", TTL_MS, NOW_MS)
+    assert store.acquire_lease(P0, "b", TTL_MS, NOW_MS + 1) is None
+    assert store.acquire_lease(P0, "b", TTL_MS, NOW_MS + TTL_MS) is None  # expires == now
+    assert store.get_lease(P0) == lease
 
 
 def test_an_expired_lease_is_taken_under_the_next_epoch(store: Store) -> None:
-    store.acquire_lease("a", TTL_MS, NOW_MS)
+    store.acquire_lease(P0, "a", TTL_MS, NOW_MS)
     later_ms = NOW_MS + TTL_MS + 1
-    taken = Lease(holder="b", epoch=2, expires_at_ms=later_ms + TTL_MS)
-    assert store.acquire_lease("b", TTL_MS, later_ms) == taken
-    assert store.get_lease() == taken
-    assert store.acquire_lease("a", TTL_MS, later_ms) is None
+    taken = Lease(P0, holder="b", epoch=2, expires_at_ms=later_ms + TTL_MS)
+    assert store.acquire_lease(P0, "b", TTL_MS, later_ms) == taken
+    assert store.get_lease(P0) == taken
+    assert store.acquire_lease(P0, "a", TTL_MS, later_ms) is None
+
+
+def test_leases_are_independent_of_one_another(store: Store) -> None:
+    a = store.acquire_lease("p0", "a", TTL_MS, NOW_MS)
+    b = store.acquire_lease("p1", "b", TTL_MS, NOW_MS)
+    member = store.acquire_lease("member:a", "a", TTL_MS, NOW_MS)
+    assert store.acquire_lease("p1", "a", TTL_MS, NOW_MS) is None
+    assert store.leases() == [member, a, b]  # by name
 
 
 def test_release_expires_the_lease_and_keeps_its_epoch(store: Store) -> None:
-    store.acquire_lease("a", TTL_MS, NOW_MS)
-    assert store.release_lease("a", 1) is True
-    assert store.release_lease("a", 1) is False  # already released
-    released = store.get_lease()
+    store.acquire_lease(P0, "a", TTL_MS, NOW_MS)
+    assert store.release_lease(P0, "a", 1) is True
+    assert store.release_lease(P0, "a", 1) is False  # already released
+    released = store.get_lease(P0)
     assert released is not None
-    assert released == Lease(holder="a", epoch=1, expires_at_ms=released.expires_at_ms)
+    assert released == Lease(P0, holder="a", epoch=1, expires_at_ms=released.expires_at_ms)
     assert released.expires_at_ms < NOW_MS
-    assert store.acquire_lease("b", TTL_MS, NOW_MS) == Lease("b", 2, NOW_MS + TTL_MS)
+    assert store.acquire_lease(P0, "b", TTL_MS, NOW_MS) == Lease(P0, "b", 2, NOW_MS + TTL_MS)
 
 
 def test_release_by_anyone_but_the_holder_under_its_epoch_does_nothing(store: Store) -> None:
-    assert store.release_lease("a", 1) is False
-    assert store.get_lease() is None
-    lease = store.acquire_lease("a", TTL_MS, NOW_MS)
-    assert store.release_lease("b", 1) is False
-    assert store.release_lease("a", 2) is False
-    assert store.get_lease() == lease
-    assert store.acquire_lease("b", TTL_MS, NOW_MS) is None
+    assert store.release_lease(P0, "a", 1) is False
+    assert store.get_lease(P0) is None
+    lease = store.acquire_lease(P0, "a", TTL_MS, NOW_MS)
+    assert store.release_lease(P0, "b", 1) is False
+    assert store.release_lease(P0, "a", 2) is False
+    assert store.release_lease("p1", "a", 1) is False
+    assert store.get_lease(P0) == lease
+    assert store.acquire_lease(P0, "b", TTL_MS, NOW_MS) is None
+
+
+def test_renew_leases_renews_only_what_the_holder_still_holds(store: Store) -> None:
+    for name in ("p0", "p1", "p2"):
+        store.acquire_lease(name, "a", TTL_MS, NOW_MS)
+    later_ms = NOW_MS + TTL_MS + 1
+    store.acquire_lease("p1", "b", TTL_MS, later_ms)  # expired, so taken by b
+
+    renewed = store.renew_leases("a", ["p0", "p1", "p2", "p3"], TTL_MS, later_ms)
+    assert sorted(renewed) == ["p0", "p2"]
+    assert store.get_lease("p0") == Lease("p0", "a", 1, later_ms + TTL_MS)
+    assert store.get_lease("p1") == Lease("p1", "b", 2, later_ms + TTL_MS)
+    assert store.get_lease("p3") is None
+    assert store.renew_leases("a", [], TTL_MS, later_ms) == []
+
+
+def test_delete_leases_forgets_long_expired_ones_by_prefix(store: Store) -> None:
+    store.acquire_lease("member:gone", "gone", TTL_MS, NOW_MS)
+    store.acquire_lease("member:live", "live", TTL_MS, NOW_MS + 5 * TTL_MS)
+    store.acquire_lease("p0", "gone", TTL_MS, NOW_MS)
+    assert store.delete_leases("member:", NOW_MS + TTL_MS + 1) == 1
+    assert [lease.name for lease in store.leases()] == ["member:live", "p0"]
+
+
+# partitions
+
+
+def test_the_partition_count_is_fixed_and_every_timer_has_one(store: Store) -> None:
+    assert store.partitions() == PARTITIONS
+    timers = [inserted(store) for _ in range(2 * PARTITIONS)]
+    partitions = {partition_of(t.id, PARTITIONS) for t in timers}
+    assert len(partitions) > PARTITIONS // 2  # consecutive ids spread out
+
+
+def test_pending_due_and_the_sweep_keep_to_the_partitions_asked_for(store: Store) -> None:
+    timers = [inserted(store, NOW_MS - 100 + i) for i in range(20)]
+    by_partition: dict[int, list[str]] = {}
+    for t in timers:
+        by_partition.setdefault(partition_of(t.id, PARTITIONS), []).append(t.id)
+    mine = sorted(by_partition)[: len(by_partition) // 2]
+    expected = [t.id for t in timers if partition_of(t.id, PARTITIONS) in mine]
+
+    assert [d.id for d in store.pending_due(NOW_MS + 1, 100, None, mine)] == expected
+    assert store.pending_due(NOW_MS + 1, 100, None, []) == []
+    assert len(store.pending_due(NOW_MS + 1, 100)) == 20
+    claim = a_claim()
+    assert len(store.claim_due([t.id for t in timers], claim)) == 20
+    later_ms = NOW_MS + CLAIM_MS + 1
+    assert store.recover_expired(later_ms, 100, 5, mine) == len(expected)
+    assert store.recover_expired(later_ms, 100, 5, []) == 0
+    assert store.recover_expired(later_ms, 100, 5) == 20 - len(expected)
+
+
+def test_insert_many_inserts_each_as_insert_would(store: Store) -> None:
+    earlier = inserted(store, tenant="acme", idempotency_key="k", request_hash="h")
+    fresh = [a_timer() for _ in range(3)]
+    retry = dataclasses.replace(a_timer(), tenant="acme", idempotency_key="k", request_hash="h")
+    assert store.insert_many([fresh[0], retry, *fresh[1:]]) == [fresh[0], earlier, *fresh[1:]]
+    assert [store.get(t.id) for t in fresh] == fresh
+    assert store.insert_many([]) == []
+
+
+def test_a_fired_timer_says_which_daemon_fired_it(store: Store) -> None:
+    firing = claimed(store, inserted(store), a_claim(owner="daemon-7"))
+    outcome = dataclasses.replace(outcome_for(firing, State.FIRED), owner="daemon-7")
+    assert store.complete([outcome]) == 1
+    assert store.get(firing.id).fired_by == "daemon-7"
 
 
 def test_count_by_state_counts_every_state(store: Store) -> None:
@@ -836,17 +918,23 @@ def test_api_keys_are_added_listed_and_revoked(store: Store) -> None:
 # the due-time index
 
 
-def test_the_due_query_is_served_by_the_partial_index_over_pending_timers(store: Store) -> None:
+@pytest.mark.parametrize(
+    ("partitions", "params"), [("", (0, 1)), ("AND partition IN (?, ?)", (0, 3, 5, 1))]
+)
+def test_the_due_query_is_served_by_the_partial_index_over_pending_timers(
+    store: Store, partitions: str, params: tuple[int, ...]
+) -> None:
     if isinstance(store, SqliteStore):
+        sql = PENDING_DUE_SQL.format(after="", partitions=partitions)
         with closing(sqlite3.connect(store._path)) as conn:
-            plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {PENDING_DUE_SQL}", (0, 1))]
+            plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
         assert len(plan) == 1  # one index search; no "USE TEMP B-TREE FOR ORDER BY" step
         assert plan[0].startswith("SEARCH timers USING ")
         assert plan[0].endswith("INDEX timers_pending_due (due_at_ms<?)")
     else:
         assert isinstance(store, MongoStore)
-        index = store._timers.index_information()["pending_due"]
-        assert list(index["key"]) == [("due_at_ms", 1), ("_id", 1)]
+        index = store._timers.index_information()[PENDING_DUE_INDEX]
+        assert list(index["key"]) == [("due_at_ms", 1), ("_id", 1), ("partition", 1)]
         assert index["partialFilterExpression"] == {"state": "pending"}
 
 
@@ -897,20 +985,23 @@ def test_concurrent_contenders_for_the_lease_get_exactly_one_holder(
 
     def contend(at_ms: int) -> list[Lease | None]:
         return run_together(
-            [lambda s=s, i=i: s.acquire_lease(f"d{i}", TTL_MS, at_ms) for i, s in enumerate(stores)]
+            [
+                lambda s=s, i=i: s.acquire_lease(P0, f"d{i}", TTL_MS, at_ms)
+                for i, s in enumerate(stores)
+            ]
         )
 
     first = [lease for lease in contend(NOW_MS) if lease is not None]
     assert len(first) == 1
-    assert first[0] == Lease(first[0].holder, 1, NOW_MS + TTL_MS)
-    assert stores[0].get_lease() == first[0]
+    assert first[0] == Lease(P0, first[0].holder, 1, NOW_MS + TTL_MS)
+    assert stores[0].get_lease(P0) == first[0]
 
     later_ms = NOW_MS + TTL_MS + 1
     second = [lease for lease in contend(later_ms) if lease is not None]
     assert len(second) == 1
-    assert second[0] == Lease(second[0].holder, second[0].epoch, later_ms + TTL_MS)
+    assert second[0] == Lease(P0, second[0].holder, second[0].epoch, later_ms + TTL_MS)
     assert second[0].epoch == (1 if second[0].holder == first[0].holder else 2)
-    assert stores[0].get_lease() == second[0]
+    assert stores[0].get_lease(P0) == second[0]
 
 
 # SQLite only
@@ -944,7 +1035,7 @@ WRITES: dict[str, Callable[[Store, Timer], object]] = {
     "claim_due": lambda s, t: s.claim_due([t.id], a_claim()),
     "recover_expired": lambda s, t: s.recover_expired(NOW_MS, 10, 5),
     "release_claim": lambda s, t: s.release_claim("token"),
-    "acquire_lease": lambda s, t: s.acquire_lease("a", TTL_MS, NOW_MS),
+    "acquire_lease": lambda s, t: s.acquire_lease(P0, "a", TTL_MS, NOW_MS),
 }
 
 
@@ -1046,7 +1137,7 @@ def test_sqlite_durability_is_full_unless_the_daemon_or_the_url_says_otherwise(
 ) -> None:
     with closing(open_store(f"sqlite:///{db_path}{query}", for_daemon=for_daemon)) as store:
         assert isinstance(store, SqliteStore)
-        assert store._conn().execute("PRAGMA synchronous").fetchone() == (synchronous,)
+        assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == synchronous
 
 
 def _open_and_close(url: str, barrier: Any) -> None:

@@ -60,7 +60,7 @@ def a_timer() -> Timer:
 
 
 def a_claim() -> Claim:
-    return Claim("a", 1, NOW_MS, NOW_MS + 30_000, new_claim_token())
+    return Claim("a", NOW_MS, NOW_MS + 30_000, new_claim_token())
 
 
 CALLS: dict[str, Callable[[Any], object]] = {
@@ -69,7 +69,7 @@ CALLS: dict[str, Callable[[Any], object]] = {
     "claim_due": lambda s: s.claim_due([new_timer_id()], a_claim()),
     "release_claim": lambda s: s.release_claim("t"),
     "recover_expired": lambda s: s.recover_expired(NOW_MS, 10, 3),
-    "acquire_lease": lambda s: s.acquire_lease("a", 10_000, NOW_MS),
+    "acquire_lease": lambda s: s.acquire_lease("p0", "a", 10_000, NOW_MS),
     "server_time_ms": lambda s: s.server_time_ms(),
 }
 

@@ -50,9 +50,9 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import aiohttp
 
-from timerd.models import Timer, new_timer_id
+from timerd.models import Timer, new_timer_id, partition_lease
 from timerd.store import open_store
-from timerd.store.sqlite import COLUMNS, SqliteStore
+from timerd.store.sqlite import SqliteStore
 
 T = TypeVar("T")
 Arrival = tuple[str, float]  # (timer id from the path, arrival time in epoch seconds)
@@ -64,7 +64,7 @@ SETTLE_S = 1.0  # after the last expected arrival, to catch duplicates
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5)
 CALIBRATION_MAX = 2000  # creates (then cancelled) that measure the API before the real run
 CANCEL_CLIENTS = 4  # concurrent cancels of the calibration timers
-BACKLOG_CHUNK = 100_000  # rows per transaction when writing the backlog
+BACKLOG_CHUNK = 20_000  # timers per transaction when writing the backlog
 BACKLOG_DUE_AFTER_MS = 86_400_000  # backlog timers are due a day from now
 DUE_AFTER_START_MS = 1000  # the backlog's one due timer, after the daemon starts
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
@@ -404,7 +404,7 @@ def wait_for_leader(store_url: str, daemon: Child) -> None:
     try:
 
         def leading() -> bool:
-            lease = store.get_lease()
+            lease = store.get_lease(partition_lease(0))
             return lease is not None and lease.expires_at_ms > now_ms()
 
         wait_until(leading, daemon, "the daemon to take the leader lease")
@@ -647,53 +647,31 @@ def run_header(opts: Options, lab: Lab) -> dict[str, Any]:
 # backlog: memory and start-up over N pending timers
 
 
-COLUMN_NAMES = tuple(name.strip() for name in COLUMNS.split(","))
-INSERT_SQL = f"INSERT INTO timers ({COLUMNS}) VALUES ({', '.join('?' * len(COLUMN_NAMES))})"
-
-
-class RowMaker:
-    """Rows of pending timers in COLUMNS order, copied from one sample timer that the store's
-    own `insert` wrote (then removed), so every column the store fills in is filled alike."""
-
-    def __init__(self, path: str, url: str) -> None:
-        store = SqliteStore(path)  # also creates the store's own schema and indexes
-        sample = Timer(id=new_timer_id(), url=url, due_at_ms=now_ms(), created_at_ms=now_ms())
-        try:
-            store.insert(sample)
-        finally:
-            store.close()
-        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
-            select = f"SELECT {COLUMNS} FROM timers WHERE id = ?"
-            self._template = list(conn.execute(select, (sample.id,)).fetchone())
-            conn.execute("DELETE FROM timers WHERE id = ?", (sample.id,))
-        self._at = {name: COLUMN_NAMES.index(name) for name in ("id", "due_at_ms")}
-
-    def row(self, timer_id: str, due_ms: int) -> tuple[Any, ...]:
-        row = self._template.copy()
-        row[self._at["id"]], row[self._at["due_at_ms"]] = timer_id, due_ms
-        return tuple(row)
-
-
-def write_backlog(path: str, rows: RowMaker, n: int) -> float:
-    """Write `n` pending timers due from a day on, in a few big transactions; return seconds."""
+def write_backlog(path: str, url: str, n: int) -> float:
+    """Write `n` pending timers due from a day on through the store's own `insert_many`, a
+    chunk per transaction (durability off: a scratch file); return seconds."""
     started = time.monotonic()
     far_ms = now_ms() + BACKLOG_DUE_AFTER_MS
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        conn.execute("PRAGMA synchronous = OFF")  # a scratch file: a crash just spoils the run
+    store = SqliteStore(path, synchronous="OFF")
+    try:
         for start in range(0, n, BACKLOG_CHUNK):
             chunk = range(start, min(n, start + BACKLOG_CHUNK))
-            conn.execute("BEGIN")
-            conn.executemany(INSERT_SQL, (rows.row(f"{i:024x}", far_ms + i * 10) for i in chunk))
-            conn.execute("COMMIT")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            store.insert_many([backlog_timer(url, far_ms + i * 10) for i in chunk])
+    finally:
+        store.close()
     return time.monotonic() - started
 
 
-def insert_due_timer(path: str, rows: RowMaker, due_ms: int) -> str:
-    timer_id = new_timer_id()
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        conn.execute(INSERT_SQL, rows.row(timer_id, due_ms))
-    return timer_id
+def backlog_timer(url: str, due_ms: int) -> Timer:
+    return Timer(id=new_timer_id(), url=url, due_at_ms=due_ms, created_at_ms=now_ms())
+
+
+def insert_due_timer(path: str, url: str, due_ms: int) -> str:
+    store = SqliteStore(path)
+    try:
+        return store.insert(backlog_timer(url, due_ms)).id
+    finally:
+        store.close()
 
 
 def wait_for_first(receiver: Receiver, daemon: Child, timeout_s: float) -> list[Arrival]:
@@ -709,11 +687,10 @@ def run_backlog(opts: Options) -> dict[str, Any]:
     with Lab(opts) as lab:
         receiver = lab.start_receiver()
         path = lab.sqlite_path()
-        rows = RowMaker(path, receiver.url)
-        write_s = write_backlog(path, rows, opts.n)
+        write_s = write_backlog(path, receiver.url, opts.n)
         started_s = time.time()
         due_ms = int(started_s * 1000) + DUE_AFTER_START_MS
-        timer_id = insert_due_timer(path, rows, due_ms)
+        timer_id = insert_due_timer(path, receiver.url, due_ms)
         daemon = lab.start("daemon")
         arrivals = wait_for_first(receiver, daemon, 30.0)
         time.sleep(SETTLE_S)  # a poll or two more, then read its memory

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import signal
 import socket
@@ -38,6 +39,7 @@ from timerd.probes import start_probe_server
 from timerd.settings import Settings, add_arguments, build_settings
 from timerd.status import render, take_report
 from timerd.store import Store, open_store
+from timerd.workers import Workers, worker_count
 
 log = structlog.get_logger("timerd")
 
@@ -102,7 +104,16 @@ def _open_store(settings: Settings, *, for_daemon: bool = False) -> Store:
 
 
 async def run_daemon(settings: Settings) -> None:
-    """`timerd daemon`: fire timers until SIGTERM or SIGINT, then drain and release the lease."""
+    """`timerd daemon`: fire timers until SIGTERM or SIGINT, then drain and hand the partitions
+    over; with more than one worker, as the parent of that many firing processes."""
+    workers = worker_count(settings)
+    if workers > 1:
+        parent = Workers(settings, workers)
+        _on_stop_signals(parent.stop)
+        code = await parent.run()
+        if code:
+            raise DaemonCrashed(f"a worker exited on its own (exit code {code})")
+        return
     store = _open_store(settings, for_daemon=True)
     watch_store(store, SystemClock())
     probes = None
@@ -119,12 +130,25 @@ async def run_daemon(settings: Settings) -> None:
         store.close()
 
 
+METRICS_PORTS_TRIED = 16  # daemons on one host take the next free port after the configured one
+
+
 async def _start_probes(store: Store, settings: Settings) -> web.AppRunner:
-    try:
-        return await start_probe_server(store, settings.host, settings.metrics_port)
-    except OSError as exc:
-        where = f"{settings.host}:{settings.metrics_port}"
-        raise ConfigError(f"TIMERD_METRICS_PORT: cannot listen on {where}: {exc.strerror}") from exc
+    """Serve /metrics, /healthz and /readyz on `TIMERD_METRICS_PORT`, or, when another daemon
+    on this host has it, on the next free port of the few after it (logged)."""
+    error: OSError | None = None
+    for port in range(settings.metrics_port, settings.metrics_port + METRICS_PORTS_TRIED):
+        try:
+            runner = await start_probe_server(store, settings.host, port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise ConfigError(f"TIMERD_METRICS_PORT: cannot listen on {port}: {exc}") from exc
+            error = exc
+            continue
+        log.info("metrics_listening", host=settings.host, port=port)
+        return runner
+    where = f"{settings.host}:{settings.metrics_port}+{METRICS_PORTS_TRIED - 1}"
+    raise ConfigError(f"TIMERD_METRICS_PORT: no free port in {where}: {error}")
 
 
 async def run_all(settings: Settings) -> None:
@@ -159,13 +183,15 @@ async def run_all(settings: Settings) -> None:
 
 
 async def show_status(settings: Settings) -> None:
-    """`timerd status`: print the store's leader, counts, backlog and recent lateness."""
+    """`timerd status`: print the store's daemons and their partitions, counts, backlog and
+    recent lateness, judged by the store's clock."""
     store = _open_store(settings)
     try:
-        report = await asyncio.to_thread(take_report, store, settings.store)
+        now_ms = await asyncio.to_thread(store.server_time_ms) or SystemClock().now_ms()
+        report = await asyncio.to_thread(take_report, store, settings.store, now_ms)
     finally:
         store.close()
-    print(render(report, SystemClock().now_ms()))
+    print(render(report, now_ms))
 
 
 COMMANDS: dict[str, Callable[[Settings], Coroutine[None, None, None]]] = {

@@ -30,8 +30,16 @@ from timerd.delivery import Attempt
 from timerd.durations import parse_retention_s
 from timerd.errors import DaemonCrashed, StoreUnavailable
 from timerd.hosts import Entry, HostSlots, host_of
-from timerd.lease import LeaseKeeper, daemon_identity
-from timerd.models import Claim, Outcome, State, Timer, new_claim_token
+from timerd.lease import PartitionKeeper, daemon_identity
+from timerd.models import (
+    MEMBER_PREFIX,
+    Claim,
+    Outcome,
+    State,
+    Timer,
+    new_claim_token,
+    partition_of,
+)
 from timerd.offload import Offload, pool_offload, thread_pool
 from timerd.outcomes import OutcomeWriter, judge
 from timerd.retry import RetryPolicy
@@ -47,6 +55,7 @@ CLAIM_COALESCE_S = 0.002  # when few slots are free, wait this long for more bef
 CLOCK_READ_S = 10.0  # how often the store's clock is read
 PURGE_EVERY_S = 10.0  # finished timers go within this (and a few batches) of their moment
 PURGE_BATCH = 500  # deleted per statement, so API writes interleave with a long purge
+DAY_MS = 86_400_000
 STORE_THREADS = 4  # claims, polls, outcomes and the sweep never wait behind one another
 
 
@@ -81,7 +90,7 @@ class Daemon:
         self.clock = StoreClock(clock or SystemClock(), int(settings.max_clock_offset_s * 1000))
         self._pools: list[ThreadPoolExecutor] = []
         self._offload = offload or self._pool("timerd-store", STORE_THREADS)
-        self.lease = LeaseKeeper(
+        self.lease = PartitionKeeper(
             store,
             self.clock,
             holder or daemon_identity(),
@@ -102,6 +111,7 @@ class Daemon:
         self._next_poll_s = 0.0
         self._inflight: set[asyncio.Task[None]] = set()
         self._unsettled: list[str] = []  # tokens of claims to give back before claiming more
+        self._partitions: list[int] = []  # those held at the last step
         self._wake = asyncio.Event()
         self._slots_wanted = 0
         self._stopping = False
@@ -110,7 +120,7 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None  # set once running
         metrics.IN_FLIGHT.set_function(lambda: len(self._inflight))
         metrics.LEADER.set_function(lambda: int(self.lease.is_leader()))
-        metrics.LEASE_EPOCH.set_function(lambda: self.lease.epoch)
+        metrics.PARTITIONS_HELD.set_function(lambda: len(self.lease.held()))
 
     def _pool(self, name: str, threads: int) -> Offload:
         pool = thread_pool(name, threads)
@@ -180,8 +190,7 @@ class Daemon:
             self._every(tasks, "clock", CLOCK_READ_S, self.read_store_clock),
             self._every(tasks, "sweep", self.settings.lease_renew_s, self.recover_expired),
         ]
-        if self._retention_ms is not None:
-            helpers.append(self._every(tasks, "purge", PURGE_EVERY_S, self.purge_finished))
+        helpers.append(self._every(tasks, "purge", PURGE_EVERY_S, self.purge_finished))
         watchdog_s = systemd.watchdog_interval_s()
         if watchdog_s is not None:  # pinged from this event loop: a stuck loop stops the pings
             helpers.append(self._every(tasks, "watchdog", watchdog_s, systemd.watchdog))
@@ -230,8 +239,11 @@ class Daemon:
     async def step(self) -> float:
         """Do what is due now; return how many seconds may pass before the next step."""
         await self._settle_claims()
-        if not self.lease.is_leader():
+        held = self.lease.held()
+        if held != self._partitions:  # gained some (read them now) or lost some (forget them)
+            self._partitions = held
             self._forget_window()
+        if not held:
             return self.settings.poll_interval_s
         if self._poll_is_due():
             await self._poll()
@@ -285,9 +297,10 @@ class Daemon:
         batch = self.settings.batch_size
         entries: list[Entry] = []
         after: tuple[int, str] | None = None
+        partitions = None if len(self._partitions) == self.lease.partitions else self._partitions
         for _ in range(MAX_PAGES_PER_POLL):
             page = await self._offload(
-                functools.partial(self.store.pending_due, horizon_ms, batch, after)
+                functools.partial(self.store.pending_due, horizon_ms, batch, after, partitions)
             )
             polled = ((d.due_at_ms, d.id, host_of(d.url)) for d in page)
             entries.extend(entry for entry in polled if self._hosts.wanted(entry))
@@ -308,6 +321,8 @@ class Daemon:
         limit = min(limit, self.settings.batch_size)
         while self._window and self._window[0][0] <= now_ms and len(taken) < limit:
             entry = heapq.heappop(self._window)
+            if not self.lease.holds(partition_of(entry[1], self.lease.partitions)):
+                continue  # handed over or lost since it was read: its new holder fires it
             if self._hosts.take(entry):
                 taken.append(entry)
         return taken
@@ -329,7 +344,6 @@ class Daemon:
         """Claim `ids`; fire what came back in time, release the rest; return the ids fired."""
         claim = Claim(
             owner=self.lease.holder,
-            epoch=self.lease.epoch,
             now_ms=now_ms,
             until_ms=now_ms + self.settings.claim_ttl_ms,
             token=new_claim_token(),
@@ -407,7 +421,6 @@ class Daemon:
             "delivery",
             timer_id=timer.id,
             attempt=timer.attempts,
-            epoch=timer.epoch,
             outcome=outcome.state.value,
             status=attempt.status,
             error=attempt.error,
@@ -461,13 +474,15 @@ class Daemon:
     async def recover_expired(self) -> None:
         """Settle the claims whose owner died or stalled (leader only): each counts as a
         failed attempt, so the attempt budget holds across crashes."""
-        if not self.lease.is_leader():
+        held = self.lease.held()
+        if not held:
             return
         call = functools.partial(
             self.store.recover_expired,
             self.clock.now_ms(),
             self.settings.batch_size,
             self.retry.max_attempts,
+            None if len(held) == self.lease.partitions else held,
         )
         n = await self._offload(call)
         if n:
@@ -476,14 +491,21 @@ class Daemon:
             self._wake.set()
 
     async def purge_finished(self) -> None:
-        """Delete the timers that finished more than `TIMERD_RETENTION` ago, a batch at a time
-        (leader only, so daemons never contend for the same rows)."""
-        if self._retention_ms is None or not self.lease.is_leader():
+        """Delete the timers that finished more than `TIMERD_RETENTION` ago, a batch at a time,
+        and the membership leases of daemons gone for a day (by the holder of partition 0
+        alone, so daemons never contend for the same rows)."""
+        if not self.lease.holds(0):
             return
-        before_ms = self.clock.now_ms() - self._retention_ms
-        purge = functools.partial(self.store.purge_finished, before_ms, PURGE_BATCH)
+        now_ms = self.clock.now_ms()
+        gone = functools.partial(self.store.delete_leases, MEMBER_PREFIX, now_ms - DAY_MS)
+        await self._offload(gone)
+        if self._retention_ms is None:
+            return
+        purge = functools.partial(
+            self.store.purge_finished, now_ms - self._retention_ms, PURGE_BATCH
+        )
         deleted = PURGE_BATCH
-        while deleted == PURGE_BATCH and self.lease.is_leader():
+        while deleted == PURGE_BATCH and self.lease.holds(0):
             deleted = await self._offload(purge)
             if deleted:
                 log.info("finished_timers_deleted", count=deleted)

@@ -1,23 +1,33 @@
-"""Leader election through the store's lease document.
+"""Sharing the partitions of the timer space between live daemons, through lease documents.
 
-The keeper tries to take the lease at every tick while it stands by, and renews it every
-`lease_renew_s` while it leads. It measures its own lease on the monotonic clock from the moment
-it *sent* the write, and stops claiming a quarter TTL before the lease can have expired for
-anyone else, so a slow renewal or a clock that jumps never leaves two leaders firing.
+Every daemon keeps a lease named `member:<holder>` alive while it runs, so each knows who else
+is live. Each partition goes to the live member that rendezvous hashing picks for it, so every
+daemon computes the same owners and a join or a leave moves only the partitions it must. At each
+tick a daemon renews what it holds, hands over at once the partitions another member should
+have, and takes those that should be its own once they are free (released, or expired because
+their holder died). One daemon alone holds them all.
+
+A holder measures each lease on the monotonic clock from the moment it *sent* the write, and
+stops claiming in a partition a quarter TTL before its lease can have expired for anyone else,
+so a slow renewal or a clock that jumps never leaves two daemons firing one partition.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import os
 import socket
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import structlog
 
 from timerd.clock import StoreClock
 from timerd.errors import StoreUnavailable
-from timerd.models import Lease
+from timerd.models import MEMBER_PREFIX, Lease, member_lease, partition_lease
 from timerd.offload import Offload
 from timerd.store import Store
 
@@ -31,8 +41,26 @@ def daemon_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class LeaseKeeper:
-    """Holds (or waits for) the leader lease for one daemon."""
+def owner_of(partition: int, members: Iterable[str]) -> str:
+    """The member that should hold `partition` (rendezvous hashing: the highest score wins)."""
+    return max(members, key=lambda member: (_score(partition, member), member))
+
+
+def _score(partition: int, member: str) -> bytes:
+    # A real hash: CRC32's scores for names that differ in one byte move together.
+    return hashlib.blake2b(f"{partition}/{member}".encode(), digest_size=8).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A partition lease this daemon holds: its epoch and how long it is surely ours."""
+
+    epoch: int
+    valid_until_s: float
+
+
+class PartitionKeeper:
+    """Holds (or waits for) this daemon's share of the partitions."""
 
     def __init__(
         self,
@@ -46,36 +74,111 @@ class LeaseKeeper:
     ) -> None:
         self.store = store
         self.clock = clock
-        self._offload = offload
         self.holder = holder
         self.ttl_s = ttl_s
         self.renew_s = renew_s
-        self.epoch = 0
-        self._valid_until_s = 0.0
+        self.partitions = store.partitions()
+        self._offload = offload
+        self._held: dict[int, Held] = {}
+        self._member_epoch = 0
         self._renewed_at_s = -float("inf")
-        self.changed = asyncio.Event()  # set when leadership is gained or lost
+        self.changed = asyncio.Event()  # set when partitions are gained or lost
+
+    # what the hot path asks
+
+    def holds(self, partition: int) -> bool:
+        """Whether this daemon can prove, on its monotonic clock, that `partition` is its own."""
+        held = self._held.get(partition)
+        return held is not None and self.clock.monotonic_s() < held.valid_until_s
+
+    def held(self) -> list[int]:
+        """The partitions this daemon can prove are its own, in order."""
+        now_s = self.clock.monotonic_s()
+        return sorted(p for p, held in self._held.items() if now_s < held.valid_until_s)
 
     def is_leader(self) -> bool:
-        """Whether this daemon can prove, on its monotonic clock, that the lease is its own."""
-        return self.clock.monotonic_s() < self._valid_until_s
+        """Whether this daemon holds any partition at all."""
+        return bool(self.held())
+
+    # keeping the leases
 
     async def tick(self) -> None:
-        """Renew when leading and a renewal is due; otherwise try to take the lease. A host
-        whose clock the store has not vouched for gives the lease up instead."""
-        sent_at_s = self.clock.monotonic_s()
+        """Renew what is held when due, then hand over and take partitions until this daemon
+        holds its share. A host whose clock the store has not vouched for holds nothing."""
         if not self.clock.trusted:
             await self._refuse()
             return
-        if self.is_leader() and sent_at_s - self._renewed_at_s < self.renew_s:
-            return
-        was_leader = self.is_leader()
-        holder, ttl_ms, now_ms = self.holder, int(self.ttl_s * 1000), self.clock.now_ms()
         try:
-            lease = await self._offload(lambda: self.store.acquire_lease(holder, ttl_ms, now_ms))
+            await self._renew()
+            leases = await self._offload(self.store.leases)
+            await self._rebalance(leases)
         except StoreUnavailable as exc:
-            log.warning("lease_store_unavailable", error=str(exc), leader=was_leader)
-            lease = None
-        self._record(lease, sent_at_s, was_leader)
+            log.warning("lease_store_unavailable", error=str(exc), held=len(self.held()))
+            self._drop_expired()
+
+    async def _renew(self) -> None:
+        sent_at_s = self.clock.monotonic_s()
+        if sent_at_s - self._renewed_at_s < self.renew_s:
+            return
+        ttl_ms, now_ms = int(self.ttl_s * 1000), self.clock.now_ms()
+        name = member_lease(self.holder)
+        member = await self._offload(
+            lambda: self.store.acquire_lease(name, self.holder, ttl_ms, now_ms)
+        )
+        self._member_epoch = 0 if member is None else member.epoch
+        names = [partition_lease(p) for p in self._held]
+        renewed = await self._offload(
+            lambda: self.store.renew_leases(self.holder, names, ttl_ms, now_ms)
+        )
+        self._renewed_at_s = sent_at_s
+        valid_until_s = sent_at_s + self.ttl_s * SAFE_FRACTION
+        lost = [p for p in self._held if partition_lease(p) not in renewed]
+        for partition, held in list(self._held.items()):
+            self._held[partition] = Held(held.epoch, valid_until_s)
+        self._lose(lost)
+
+    async def _rebalance(self, leases: list[Lease]) -> None:
+        now_ms = self.clock.now_ms()
+        live = {lease.name: lease for lease in leases if lease.expires_at_ms >= now_ms}
+        members = {n.removeprefix(MEMBER_PREFIX) for n in live if n.startswith(MEMBER_PREFIX)}
+        members.add(self.holder)
+        mine = {p for p in range(self.partitions) if owner_of(p, members) == self.holder}
+        for partition in sorted(set(self._held) - mine):
+            await self._hand_over(partition)
+        for partition in sorted(mine - set(self._held)):
+            lease = live.get(partition_lease(partition))
+            if lease is None or lease.holder == self.holder:
+                await self._take(partition)
+
+    async def _take(self, partition: int) -> None:
+        name, ttl_ms = partition_lease(partition), int(self.ttl_s * 1000)
+        sent_at_s, now_ms = self.clock.monotonic_s(), self.clock.now_ms()
+        lease = await self._offload(
+            lambda: self.store.acquire_lease(name, self.holder, ttl_ms, now_ms)
+        )
+        if lease is None:
+            return  # another daemon took it first; the next tick sees who
+        self._held[partition] = Held(lease.epoch, sent_at_s + self.ttl_s * SAFE_FRACTION)
+        log.info("partition_acquired", holder=self.holder, partition=partition, epoch=lease.epoch)
+        self.changed.set()
+
+    async def _hand_over(self, partition: int) -> None:
+        held = self._held.pop(partition)
+        self.changed.set()
+        name = partition_lease(partition)
+        await self._offload(lambda: self.store.release_lease(name, self.holder, held.epoch))
+        log.info("partition_handed_over", holder=self.holder, partition=partition)
+
+    def _lose(self, partitions: list[int]) -> None:
+        for partition in partitions:
+            del self._held[partition]
+            log.warning("partition_lost", holder=self.holder, partition=partition)
+        if partitions:
+            self.changed.set()
+
+    def _drop_expired(self) -> None:
+        now_s = self.clock.monotonic_s()
+        self._lose([p for p, held in self._held.items() if now_s >= held.valid_until_s])
 
     async def _refuse(self) -> None:
         if self.clock.synced:
@@ -85,32 +188,26 @@ class LeaseKeeper:
                 offset_ms=self.clock.offset_ms,
                 max_offset_ms=self.clock.max_offset_ms,
             )
-        if self.is_leader():
+        if self._held or self._member_epoch:
             await self.release()
-            self.changed.set()
-
-    def _record(self, lease: Lease | None, sent_at_s: float, was_leader: bool) -> None:
-        if lease is not None:
-            self._valid_until_s = sent_at_s + self.ttl_s * SAFE_FRACTION
-            self._renewed_at_s = sent_at_s
-            if not was_leader or lease.epoch != self.epoch:
-                self.epoch = lease.epoch
-                log.info("leader_acquired", holder=self.holder, epoch=lease.epoch)
-                self.changed.set()
-        elif was_leader and not self.is_leader():
-            log.warning("leader_lost", holder=self.holder, epoch=self.epoch)
-            self.changed.set()
 
     async def release(self) -> None:
-        """Give the lease up at once (on a clean stop) so a standby takes over without waiting."""
-        if self.epoch == 0:
-            return
-        self._valid_until_s = 0.0
-        holder, epoch = self.holder, self.epoch
+        """Give every lease up at once (on a clean stop, or a clock out of bounds) so the other
+        daemons take the partitions over without waiting for them to expire."""
+        held, self._held = self._held, {}
+        member_epoch, self._member_epoch = self._member_epoch, 0
+        if held:
+            self.changed.set()
+        releases = [(partition_lease(p), h.epoch) for p, h in sorted(held.items())]
+        if member_epoch:
+            releases.append((member_lease(self.holder), member_epoch))
         try:
-            released = await self._offload(lambda: self.store.release_lease(holder, epoch))
+            for name, epoch in releases:
+                await self._offload(
+                    functools.partial(self.store.release_lease, name, self.holder, epoch)
+                )
         except StoreUnavailable as exc:
             log.warning("lease_release_failed", error=str(exc))
             return
-        if released:
-            log.info("leader_released", holder=self.holder, epoch=self.epoch)
+        if held:
+            log.info("leader_released", holder=self.holder, partitions=len(held))

@@ -46,8 +46,10 @@ LATENESS = Histogram(
     buckets=_LATENESS_BUCKETS_S,
 )
 IN_FLIGHT = Gauge("timerd_deliveries_in_flight", "Deliveries under way in this daemon.")
-LEADER = Gauge("timerd_leader", "1 while this daemon holds the leader lease, else 0.")
-LEASE_EPOCH = Gauge("timerd_lease_epoch", "The lease epoch this daemon last held.")
+LEADER = Gauge("timerd_leader", "1 while this daemon holds at least one partition, else 0.")
+PARTITIONS_HELD = Gauge(
+    "timerd_partitions_held", "Partitions of the timer space this daemon holds."
+)
 
 
 class StoreCollector(Collector):

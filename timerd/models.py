@@ -80,7 +80,6 @@ class Timer:
     fired_at_ms: int | None = None
     claimed_by: str | None = None
     claimed_until_ms: int | None = None
-    epoch: int | None = None
     claim_token: str | None = None  # of the claim the timer is firing under; None when not firing
     last_status: int | None = None
     last_error: str | None = None
@@ -92,6 +91,7 @@ class Timer:
     idempotency_key: str | None = None  # unique per tenant when given
     request_hash: str | None = None  # of the create request, to tell a retry from a conflict
     finished_at_ms: int | None = None  # when it became fired, failed or cancelled (retention)
+    fired_by: str | None = None  # the daemon that delivered it
 
     def time_left_s(self, now_ms: int) -> int:
         """Whole seconds until the timer fires, rounded up; 0 once due or no longer pending."""
@@ -116,11 +116,10 @@ def new_claim_token() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """Who claims due timers: the lease holder, under its lease epoch, until a deadline, with a
+    """Who claims due timers (the holder of their partitions' leases), until a deadline, with a
     token no other claim has (outcomes and releases apply only under it)."""
 
     owner: str
-    epoch: int
     now_ms: int
     until_ms: int
     token: str
@@ -142,6 +141,7 @@ class Outcome:
     error: str | None = None
     next_due_at_ms: int | None = None
     record: AttemptRecord | None = None
+    owner: str | None = None  # the daemon that made the attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +168,31 @@ class ApiKey:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """The leader lease document: who leads, under which epoch, until when (wall clock)."""
+    """A lease document: who holds `name`, under which epoch (raised by every new holder),
+    until when (the store's clock). Partition `n`'s lease is named `p<n>`; each live daemon
+    also keeps one named `member:<holder>`, by which the daemons know one another."""
 
+    name: str
     holder: str
     epoch: int
     expires_at_ms: int
+
+
+PARTITIONS = 64  # of the timer space, fixed when a store is created
+MEMBER_PREFIX = "member:"
+
+
+def partition_lease(partition: int) -> str:
+    """The name of a partition's lease."""
+    return f"p{partition}"
+
+
+def member_lease(holder: str) -> str:
+    """The name of the lease by which a live daemon makes itself known."""
+    return MEMBER_PREFIX + holder
+
+
+def partition_of(timer_id: str, partitions: int) -> int:
+    """The partition a timer belongs to: from the counter at the end of its ObjectId, so
+    consecutive creates spread evenly."""
+    return int(timer_id[-6:], 16) % partitions

@@ -54,6 +54,7 @@ def judge(timer: Timer, attempt: Attempt, policy: RetryPolicy, now_ms: int) -> O
         error=attempt.error,
         next_due_at_ms=next_due_ms,
         record=record,
+        owner=timer.claimed_by,
     )
 
 

@@ -35,6 +35,10 @@ class Settings:
     )
     host: str = field(default="127.0.0.1", metadata=_help("address the API listens on"))
     port: int = field(default=8081, metadata=_help("port the API listens on"))
+    workers: int = field(
+        default=0,
+        metadata=_help("firing processes `timerd daemon` runs; 0: one per core"),
+    )
     metrics_port: int = field(
         default=9464,
         metadata=_help("port of `timerd daemon`'s /metrics, /healthz and /readyz; 0: none"),
@@ -144,6 +148,8 @@ def _check_settings(s: Settings) -> None:
             raise ConfigError(f"{env_name(name)} must be positive")
     if not 0 < s.port < 65536:
         raise ConfigError("TIMERD_PORT must be between 1 and 65535")
+    if s.workers < 0:
+        raise ConfigError("TIMERD_WORKERS must not be negative")
     if not 0 <= s.metrics_port < 65536:
         raise ConfigError("TIMERD_METRICS_PORT must be between 0 and 65535")
     if s.lease_renew_s > s.lease_ttl_s / 2:

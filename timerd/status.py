@@ -5,10 +5,20 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from timerd.models import Lease, State
+from timerd.models import MEMBER_PREFIX, Lease, State, Timer
 from timerd.store import Store
 
 RECENT = 200  # fired timers whose lateness `status` summarises
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStatus:
+    """One live daemon: the partitions it holds and how fast it fired of late."""
+
+    holder: str
+    partitions: list[int]
+    recent_fires: int  # of the newest RECENT fired timers, how many it fired
+    fires_per_s: float  # over the span those took
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,32 +26,79 @@ class Report:
     """A snapshot of one store."""
 
     store_url: str
-    lease: Lease | None
+    partitions: int
+    daemons: list[DaemonStatus]
     counts: dict[State, int]
     next_due_at_ms: int | None
     recent_late_ms: list[int]
 
 
-def take_report(store: Store, store_url: str) -> Report:
+def take_report(store: Store, store_url: str, now_ms: int) -> Report:
     """Read everything `status` shows, in a handful of queries."""
-    fired = store.list_timers(State.FIRED, None, RECENT)
+    fired = [t for t in store.list_timers(State.FIRED, None, RECENT) if t.fired_at_ms]
     late = sorted(t.fired_at_ms - t.due_at_ms for t in fired if t.fired_at_ms is not None)
     return Report(
-        store_url, store.get_lease(), store.count_by_state(), store.next_due_at_ms(), late
+        store_url,
+        store.partitions(),
+        _daemons(store.leases(), fired, now_ms),
+        store.count_by_state(),
+        store.next_due_at_ms(),
+        late,
     )
+
+
+def _daemons(leases: list[Lease], fired: list[Timer], now_ms: int) -> list[DaemonStatus]:
+    live = [lease for lease in leases if lease.expires_at_ms >= now_ms]
+    members = sorted(m.name.removeprefix(MEMBER_PREFIX) for m in live if m.name[0] == "m")
+    held = [lease for lease in live if not lease.name.startswith(MEMBER_PREFIX)]
+    span_s = _span_s(fired)
+    return [
+        DaemonStatus(
+            holder,
+            sorted(int(lease.name[1:]) for lease in held if lease.holder == holder),
+            fires := sum(t.fired_by == holder for t in fired),
+            fires / span_s if span_s else 0.0,
+        )
+        for holder in members
+    ]
+
+
+def _span_s(fired: list[Timer]) -> float:
+    moments = [t.fired_at_ms for t in fired if t.fired_at_ms is not None]
+    return (max(moments) - min(moments)) / 1000 if len(moments) > 1 else 0.0
 
 
 def render(report: Report, now_ms: int) -> str:
     """The report as aligned lines of text."""
+    held = sum(len(d.partitions) for d in report.daemons)
     lines = [
         f"store:        {redact_url(report.store_url)}",
-        f"leader:       {_leader(report, now_ms)}",
+        f"daemons:      {len(report.daemons)} live, {held} of {report.partitions} partitions held",
     ]
+    lines += [f"  {_daemon(d)}" for d in report.daemons]
     counts = ", ".join(f"{s.value} {report.counts.get(s, 0)}" for s in State)
     lines.append(f"timers:       {counts}")
     lines.append(f"next due:     {_next_due(report.next_due_at_ms, now_ms)}")
     lines.append(f"lateness:     {_lateness(report.recent_late_ms)}")
     return "\n".join(lines)
+
+
+def _daemon(daemon: DaemonStatus) -> str:
+    return (
+        f"{daemon.holder} holds {len(daemon.partitions)} partitions ({_ranges(daemon.partitions)});"
+        f" fired {daemon.recent_fires} of the last {RECENT}, {daemon.fires_per_s:.1f}/s"
+    )
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] → "0-2, 5"."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "none"
 
 
 def redact_url(url: str) -> str:
@@ -51,16 +108,6 @@ def redact_url(url: str) -> str:
         return url
     creds, _, host = rest.partition("@")
     return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
-
-
-def _leader(report: Report, now_ms: int) -> str:
-    lease = report.lease
-    if lease is None:
-        return "none yet"
-    if lease.expires_at_ms < now_ms:
-        return f"none (the lease of {lease.holder}, epoch {lease.epoch}, has expired)"
-    left_s = (lease.expires_at_ms - now_ms) / 1000
-    return f"{lease.holder}, epoch {lease.epoch}, lease valid for {left_s:.1f} s"
 
 
 def _next_due(next_due_at_ms: int | None, now_ms: int) -> str:

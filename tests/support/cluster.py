@@ -42,10 +42,11 @@ def start_daemon(
 
 
 def leader_pid(db: Path) -> int | None:
-    """The pid of the daemon holding a live lease (its holder is `host:pid:random`), or None."""
+    """The pid of the daemon holding partition 0's live lease (its holder is
+    `host:pid:random`), or None: alone, a daemon holds every partition."""
     store = open_store(store_url(db))
     try:
-        lease = store.get_lease()
+        lease = store.get_lease("p0")
     finally:
         store.close()
     live = lease is not None and lease.expires_at_ms > time.time() * 1000

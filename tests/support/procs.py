@@ -38,14 +38,16 @@ def free_port() -> int:
 
 
 LOOPBACK_ALLOWED = {"TIMERD_ALLOWED_NETWORKS": "127.0.0.0/8"}  # receivers listen on loopback
+ONE_WORKER = {"TIMERD_WORKERS": "1"}  # `timerd daemon` is one process unless a test says so
 
 
 def timerd_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment without any `TIMERD_*` variable, JSON logs, webhooks allowed
-    to reach loopback (the SSRF guard denies it by default; tests' receivers live there), then
-    `env`, which overrides any of it (`TIMERD_ALLOWED_NETWORKS=""` restores the default)."""
+    to reach loopback (the SSRF guard denies it by default; tests' receivers live there), one
+    firing process per `timerd daemon`, then `env`, which overrides any of it
+    (`TIMERD_ALLOWED_NETWORKS=""` restores the default)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TIMERD_")}
-    return {**clean, "TIMERD_LOG_FORMAT": "json", **LOOPBACK_ALLOWED, **(env or {})}
+    return {**clean, "TIMERD_LOG_FORMAT": "json", **LOOPBACK_ALLOWED, **ONE_WORKER, **(env or {})}
 
 
 def run_timerd(

@@ -11,14 +11,13 @@ from timerd.store.sqlite import SqliteStore
 
 
 def timer_for(url: str, **fields: Any) -> Timer:
-    """A claimed timer (first attempt, epoch 1) as the daemon hands it to delivery."""
+    """A claimed timer (first attempt) as the daemon hands it to delivery."""
     return Timer(
         id=new_timer_id(),
         url=url,
         due_at_ms=1_800_000_000_000,
         created_at_ms=1_799_999_999_000,
         attempts=1,
-        epoch=1,
         claim_token="test",
         **fields,
     )
@@ -30,7 +29,7 @@ def put_in_state(db: Path, timer_id: str, outcome: State | None) -> None:
     now_ms = time.time_ns() // 1_000_000
     store = SqliteStore(str(db))
     try:
-        claim = Claim("test", 1, now_ms=now_ms + 10**9, until_ms=now_ms + 10**10, token="test")
+        claim = Claim("test", now_ms=now_ms + 10**9, until_ms=now_ms + 10**10, token="test")
         assert [t.id for t in store.claim_due([timer_id], claim)] == [timer_id]
         if outcome is not None:
             status = 200 if outcome is State.FIRED else 410

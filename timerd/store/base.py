@@ -17,12 +17,16 @@ from collections.abc import Sequence
 
 from timerd.models import ApiKey, Claim, Due, Lease, Outcome, State, Timer, TimerChanges
 
-LEASE_NAME = "leader"
 CLAIM_EXPIRED = "claim_expired"  # the error of an attempt whose claim expired unreported
 
 
 class Store(abc.ABC):
-    """Durable home of timers and of the leader lease."""
+    """Durable home of timers and of the leases that share their partitions out."""
+
+    @abc.abstractmethod
+    def partitions(self) -> int:
+        """How many partitions the timer space has: fixed when the store was created. A timer
+        is in partition `models.partition_of(id, partitions)`."""
 
     @abc.abstractmethod
     def insert(self, timer: Timer) -> Timer:
@@ -33,6 +37,11 @@ class Store(abc.ABC):
         tenant already has, that other timer, unchanged (nothing is inserted): the caller then
         compares `request_hash`. Of concurrent inserts with one key, exactly one is inserted.
         """
+
+    @abc.abstractmethod
+    def insert_many(self, timers: Sequence[Timer]) -> list[Timer]:
+        """Insert each of `timers` as `insert` would, in one durable write (one transaction on
+        SQLite); return, in order, what `insert` would have returned for each."""
 
     @abc.abstractmethod
     def find_by_idempotency_key(self, tenant: str, key: str) -> Timer | None:
@@ -73,12 +82,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def pending_due(
-        self, before_ms: int, limit: int, after: tuple[int, str] | None = None
+        self,
+        before_ms: int,
+        limit: int,
+        after: tuple[int, str] | None = None,
+        partitions: Sequence[int] | None = None,
     ) -> list[Due]:
         """Read, without claiming, up to `limit` `pending` timers with `due_at_ms < before_ms`
         (id, due time and URL), ordered by `due_at_ms` then id; with `after` (a due time and id),
-        only those ordered after it: the next page. Served by the due-time index over pending
-        timers only."""
+        only those ordered after it: the next page; with `partitions`, only timers in those.
+        Served by the due-time index over pending timers only, which holds the partition."""
 
     @abc.abstractmethod
     def next_due_at_ms(self) -> int | None:
@@ -120,9 +133,9 @@ class Store(abc.ABC):
         outcome's `claim_token`, so a late outcome never lands on a newer claim of the same
         timer, nor on a timer the sweep has returned to pending.
 
-        FIRED sets `fired_at_ms = at_ms`; FAILED ends the timer; both set `finished_at_ms =
-        at_ms`; PENDING reschedules it to
-        `next_due_at_ms` for another attempt. All clear the claim, set `last_status` and
+        FIRED sets `fired_at_ms = at_ms` and `fired_by = owner`; FAILED ends the timer; both
+        set `finished_at_ms = at_ms`; PENDING reschedules it to `next_due_at_ms` for another
+        attempt. All clear the claim, set `last_status` and
         `last_error`, and append `record` (when given) to the history, which keeps only the
         newest `HISTORY_MAX` attempts. Returns how many outcomes were applied; the others are
         ignored. Applying the same outcomes twice changes nothing the second time.
@@ -146,10 +159,13 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def recover_expired(self, now_ms: int, limit: int, max_attempts: int) -> int:
-        """Settle up to `limit` `firing` timers whose `claimed_until_ms < now_ms` (their owner
-        died or stalled): each counts as an attempt that failed with `last_error`
-        `claim_expired` (appended to the history), and returns to `pending` keeping `due_at_ms`,
+    def recover_expired(
+        self, now_ms: int, limit: int, max_attempts: int, partitions: Sequence[int] | None = None
+    ) -> int:
+        """Settle up to `limit` `firing` timers (of `partitions`, when given) whose
+        `claimed_until_ms < now_ms` (their owner died or stalled): each counts as an attempt
+        that failed with `last_error` `claim_expired` (appended to the history), and returns
+        to `pending` keeping `due_at_ms`,
         or ends `failed` (finished at `now_ms`) when its attempts reached its `max_attempts`
         (`max_attempts` when the timer has none). Returns how many were settled."""
 
@@ -160,8 +176,8 @@ class Store(abc.ABC):
         timers. Returns how many were deleted."""
 
     @abc.abstractmethod
-    def acquire_lease(self, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
-        """Take or renew the leader lease so that it expires at `now_ms + ttl_ms`.
+    def acquire_lease(self, name: str, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
+        """Take or renew the lease `name` so that it expires at `now_ms + ttl_ms`.
 
         Succeeds when `holder` is the holder already, live or expired (the epoch stays), or the
         lease is absent or expired (`expires_at_ms < now_ms`; the epoch then rises by one,
@@ -169,13 +185,30 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def release_lease(self, holder: str, epoch: int) -> bool:
-        """Expire the lease at once if `holder` holds it under `epoch`, keeping the epoch so the
-        next holder raises it. Returns whether this call released it."""
+    def renew_leases(
+        self, holder: str, names: Sequence[str], ttl_ms: int, now_ms: int
+    ) -> list[str]:
+        """Renew, in one write, those of the leases `names` that `holder` still holds (live or
+        expired, as `acquire_lease` would), to expire at `now_ms + ttl_ms`; return their names.
+        A lease another holder took in the meantime is left alone and left out."""
 
     @abc.abstractmethod
-    def get_lease(self) -> Lease | None:
-        """The lease document as it is, live or expired; None before anyone took it."""
+    def release_lease(self, name: str, holder: str, epoch: int) -> bool:
+        """Expire the lease `name` at once if `holder` holds it under `epoch`, keeping the epoch
+        so the next holder raises it. Returns whether this call released it."""
+
+    @abc.abstractmethod
+    def get_lease(self, name: str) -> Lease | None:
+        """The lease document `name` as it is, live or expired; None before anyone took it."""
+
+    @abc.abstractmethod
+    def leases(self) -> list[Lease]:
+        """Every lease document, live or expired, ordered by name."""
+
+    @abc.abstractmethod
+    def delete_leases(self, prefix: str, expired_before_ms: int) -> int:
+        """Delete the leases whose name starts with `prefix` and that expired before
+        `expired_before_ms` (the membership of daemons long gone). Returns how many."""
 
     @abc.abstractmethod
     def add_key(self, key: ApiKey) -> None:

@@ -7,6 +7,7 @@ majority and journaled.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -20,6 +21,7 @@ from pymongo.collection import Collection
 from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
 from timerd.models import (
     HISTORY_MAX,
+    PARTITIONS,
     ApiKey,
     AttemptRecord,
     Claim,
@@ -32,10 +34,14 @@ from timerd.models import (
     history_from_dicts,
     history_to_dicts,
     is_timer_id,
+    partition_of,
 )
-from timerd.store.base import CLAIM_EXPIRED, LEASE_NAME, Store
+from timerd.store.base import CLAIM_EXPIRED, Store
 
 Doc = dict[str, Any]
+DUPLICATE_KEY = 11000
+PENDING_DUE_INDEX = "pending_due_by_partition"
+FIRING_CLAIM_INDEX = "firing_claim_by_partition"
 
 _TIMER_FIELDS = (
     "url",
@@ -46,19 +52,19 @@ _TIMER_FIELDS = (
     "fired_at_ms",
     "claimed_by",
     "claimed_until_ms",
-    "epoch",
     "last_status",
     "last_error",
     "payload",
     "max_attempts",
     "tenant",
     "finished_at_ms",
+    "fired_by",
 )
 _OPTIONAL_FIELDS = ("idempotency_key", "request_hash", "claim_token")  # absent when unset
 
 
-def _to_doc(t: Timer) -> Doc:
-    doc: Doc = {"_id": t.id}
+def _to_doc(t: Timer, partitions: int) -> Doc:
+    doc: Doc = {"_id": t.id, "partition": partition_of(t.id, partitions)}
     doc.update({name: getattr(t, name) for name in _TIMER_FIELDS})
     doc["state"] = t.state.value
     doc["headers"] = [list(pair) for pair in t.headers]
@@ -97,7 +103,12 @@ def _mine(timer_id: str, tenant: str | None) -> Doc:
 
 
 def _to_lease(doc: Mapping[str, Any]) -> Lease:
-    return Lease(holder=doc["holder"], epoch=doc["epoch"], expires_at_ms=doc["expires_at_ms"])
+    return Lease(doc["_id"], doc["holder"], doc["epoch"], doc["expires_at_ms"])
+
+
+def _in_partitions(query: Doc, partitions: Sequence[int] | None) -> Doc:
+    """`query`, narrowed to `partitions` when given."""
+    return query if partitions is None else {**query, "partition": {"$in": list(partitions)}}
 
 
 def _complete_op(o: Outcome) -> UpdateOne:
@@ -110,6 +121,7 @@ def _complete_op(o: Outcome) -> UpdateOne:
     }
     if o.state is State.FIRED:
         changes["fired_at_ms"] = o.at_ms
+        changes["fired_by"] = o.owner
     if o.state is State.PENDING and o.next_due_at_ms is not None:
         changes["due_at_ms"] = o.next_due_at_ms
     changes["finished_at_ms"] = None if o.state is State.PENDING else o.at_ms
@@ -222,18 +234,52 @@ class MongoStore(Store):
         self._timers: Collection[Doc] = db["timers"]
         self._leases: Collection[Doc] = db["leases"]
         self._keys: Collection[Doc] = db["api_keys"]
+        self._meta: Collection[Doc] = db["meta"]
         with translate_errors():
+            self._partitions = self._fix_partitions()
             self._create_indexes()
+            self._upgrade()
+
+    def _partition(self, timer_id: str) -> int:
+        return partition_of(timer_id, self._partitions)
+
+    def _fix_partitions(self) -> int:
+        """The partition count, written once by the first process to open the database."""
+        self._meta.update_one(
+            {"_id": "partitions"}, {"$setOnInsert": {"value": PARTITIONS}}, upsert=True
+        )
+        doc = self._meta.find_one({"_id": "partitions"})
+        assert doc is not None
+        partitions: int = doc["value"]
+        return partitions
+
+    def _upgrade(self) -> None:
+        """Bring documents of earlier releases up to date (idempotent, so every process may)."""
+        self._leases.delete_many({"_id": "leader"})  # the one lease before partitions
+        for old_index in ("pending_due", "firing_claim"):  # now with the partition in them
+            if old_index in self._timers.index_information():
+                self._timers.drop_index(old_index)
+        while ids := [
+            d["_id"] for d in self._timers.find({"partition": {"$exists": False}}, {"_id": 1})
+        ][:1000]:
+            self._timers.bulk_write(
+                [
+                    UpdateOne(
+                        {"_id": i}, {"$set": {"partition": partition_of(i, self._partitions)}}
+                    )
+                    for i in ids
+                ]
+            )
 
     def _create_indexes(self) -> None:
         self._timers.create_index(
-            [("due_at_ms", 1), ("_id", 1)],
-            name="pending_due",
+            [("due_at_ms", 1), ("_id", 1), ("partition", 1)],
+            name=PENDING_DUE_INDEX,
             partialFilterExpression={"state": "pending"},
         )
         self._timers.create_index(
-            [("claimed_until_ms", 1)],
-            name="firing_claim",
+            [("claimed_until_ms", 1), ("partition", 1)],
+            name=FIRING_CLAIM_INDEX,
             partialFilterExpression={"state": "firing"},
         )
         self._timers.create_index([("state", 1), ("_id", -1)], name="state_id")
@@ -260,10 +306,13 @@ class MongoStore(Store):
 
     # timers
 
+    def partitions(self) -> int:
+        return self._partitions
+
     def insert(self, timer: Timer) -> Timer:
         with translate_errors():
             try:
-                self._timers.insert_one(_to_doc(timer))
+                self._timers.insert_one(_to_doc(timer, self._partitions))
             except pymongo.errors.DuplicateKeyError:
                 if timer.idempotency_key is None:
                     raise
@@ -272,6 +321,29 @@ class MongoStore(Store):
                     raise
                 return existing
         return timer
+
+    def insert_many(self, timers: Sequence[Timer]) -> list[Timer]:
+        if not timers:
+            return []
+        docs = [_to_doc(t, self._partitions) for t in timers]
+        with translate_errors():
+            try:
+                self._timers.insert_many(docs, ordered=False)
+            except pymongo.errors.BulkWriteError as exc:
+                if any(e.get("code") != DUPLICATE_KEY for e in exc.details["writeErrors"]):
+                    raise
+                refused = {e["index"] for e in exc.details["writeErrors"]}
+                return [self._existing(t) if i in refused else t for i, t in enumerate(timers)]
+        return list(timers)
+
+    def _existing(self, timer: Timer) -> Timer:
+        """The timer that holds `timer`'s idempotency key (its insert was refused for it)."""
+        existing = None
+        if timer.idempotency_key is not None:
+            existing = self.find_by_idempotency_key(timer.tenant, timer.idempotency_key)
+        if existing is None:  # cannot happen: only the idempotency index can refuse an insert
+            raise TimerStateConflict(timer.id, "already stored")
+        return existing
 
     def find_by_idempotency_key(self, tenant: str, key: str) -> Timer | None:
         with translate_errors():
@@ -326,11 +398,15 @@ class MongoStore(Store):
             return self._timers.count_documents({"tenant": tenant, "state": "pending"}, limit=limit)
 
     def pending_due(
-        self, before_ms: int, limit: int, after: tuple[int, str] | None = None
+        self,
+        before_ms: int,
+        limit: int,
+        after: tuple[int, str] | None = None,
+        partitions: Sequence[int] | None = None,
     ) -> list[Due]:
         if limit <= 0:  # MongoDB reads limit(0) as no limit at all
             return []
-        query: Doc = {"state": "pending", "due_at_ms": {"$lt": before_ms}}
+        query = _in_partitions({"state": "pending", "due_at_ms": {"$lt": before_ms}}, partitions)
         if after is not None:
             after_due, after_id = after
             query["$or"] = [
@@ -364,7 +440,10 @@ class MongoStore(Store):
         with translate_errors():
             return {
                 state: self._timers.count_documents({"state": state.value}, hint=index)
-                for state, index in ((State.PENDING, "pending_due"), (State.FIRING, "firing_claim"))
+                for state, index in (
+                    (State.PENDING, PENDING_DUE_INDEX),
+                    (State.FIRING, FIRING_CLAIM_INDEX),
+                )
             }
 
     def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
@@ -378,7 +457,6 @@ class MongoStore(Store):
                     "$set": {
                         "state": "firing",
                         "claimed_by": claim.owner,
-                        "epoch": claim.epoch,
                         "claimed_until_ms": claim.until_ms,
                         "claim_token": claim.token,
                     },
@@ -426,12 +504,15 @@ class MongoStore(Store):
         values = {"state": "pending", "due_at_ms": now_ms, "attempts": 0, "finished_at_ms": None}
         return self._update_in_state(timer_id, tenant, ["failed", "fired"], values)
 
-    def recover_expired(self, now_ms: int, limit: int, max_attempts: int) -> int:
+    def recover_expired(
+        self, now_ms: int, limit: int, max_attempts: int, partitions: Sequence[int] | None = None
+    ) -> int:
         if limit <= 0:  # MongoDB reads limit(0) as "no limit"
             return 0
         fields = {"attempts": 1, "max_attempts": 1, "claim_token": 1}
+        query = _in_partitions(_expired(now_ms), partitions)
         with translate_errors():
-            docs = list(self._timers.find(_expired(now_ms), fields).limit(limit))
+            docs = list(self._timers.find(query, fields).limit(limit))
             return sum(self._settle_expired(doc, now_ms, max_attempts) for doc in docs)
 
     def _settle_expired(self, doc: Doc, now_ms: int, max_attempts: int) -> int:
@@ -466,43 +547,65 @@ class MongoStore(Store):
                 return 0
             return self._timers.delete_many({"_id": {"$in": ids}, **finished}).deleted_count
 
-    # lease
+    # leases
 
-    def acquire_lease(self, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
+    def acquire_lease(self, name: str, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
         expires = now_ms + ttl_ms
         with translate_errors():
             doc = self._leases.find_one_and_update(
-                {"_id": LEASE_NAME, "holder": holder},
+                {"_id": name, "holder": holder},
                 {"$set": {"expires_at_ms": expires}},
                 return_document=ReturnDocument.AFTER,
             )
             if doc is None:
-                doc = self._take_lease(holder, expires, now_ms)
+                doc = self._take_lease(name, holder, expires, now_ms)
         return None if doc is None else _to_lease(doc)
 
-    def _take_lease(self, holder: str, expires: int, now_ms: int) -> Doc | None:
+    def _take_lease(self, name: str, holder: str, expires: int, now_ms: int) -> Doc | None:
         try:
             return self._leases.find_one_and_update(
-                {"_id": LEASE_NAME, "expires_at_ms": {"$lt": now_ms}},
+                {"_id": name, "expires_at_ms": {"$lt": now_ms}},
                 {"$set": {"holder": holder, "expires_at_ms": expires}, "$inc": {"epoch": 1}},
                 upsert=True,
                 return_document=ReturnDocument.AFTER,
             )
-        except pymongo.errors.DuplicateKeyError:  # the lease exists and is live: someone leads
+        except pymongo.errors.DuplicateKeyError:  # the lease exists and is live: someone holds it
             return None
 
-    def release_lease(self, holder: str, epoch: int) -> bool:
+    def renew_leases(
+        self, holder: str, names: Sequence[str], ttl_ms: int, now_ms: int
+    ) -> list[str]:
+        if not names:
+            return []
+        mine = {"_id": {"$in": list(names)}, "holder": holder}
+        with translate_errors():
+            self._leases.update_many(mine, {"$set": {"expires_at_ms": now_ms + ttl_ms}})
+            return [d["_id"] for d in self._leases.find(mine, {"_id": 1})]
+
+    def release_lease(self, name: str, holder: str, epoch: int) -> bool:
         with translate_errors():
             result = self._leases.update_one(
-                {"_id": LEASE_NAME, "holder": holder, "epoch": epoch},
+                {"_id": name, "holder": holder, "epoch": epoch, "expires_at_ms": {"$gt": 0}},
                 {"$set": {"expires_at_ms": 0}},
             )
         return result.modified_count == 1
 
-    def get_lease(self) -> Lease | None:
+    def get_lease(self, name: str) -> Lease | None:
         with translate_errors():
-            doc = self._leases.find_one({"_id": LEASE_NAME})
+            doc = self._leases.find_one({"_id": name})
         return None if doc is None else _to_lease(doc)
+
+    def leases(self) -> list[Lease]:
+        with translate_errors():
+            return [_to_lease(d) for d in self._leases.find().sort("_id", 1)]
+
+    def delete_leases(self, prefix: str, expired_before_ms: int) -> int:
+        query = {
+            "_id": {"$regex": f"^{re.escape(prefix)}"},
+            "expires_at_ms": {"$lt": expired_before_ms},
+        }
+        with translate_errors():
+            return self._leases.delete_many(query).deleted_count
 
     # API keys
 

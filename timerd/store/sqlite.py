@@ -31,29 +31,49 @@ from timerd.models import (
     history_from_dicts,
     history_to_dicts,
     is_timer_id,
+    partition_of,
 )
-from timerd.store.base import CLAIM_EXPIRED, LEASE_NAME, Store
+from timerd.store.base import CLAIM_EXPIRED, Store
 from timerd.store.sqlite_schema import migrate, transaction, use_wal
 
 T = TypeVar("T")
 
-COLUMNS = (
-    "id, url, due_at_ms, created_at_ms, state, attempts, fired_at_ms, claimed_by,"
-    " claimed_until_ms, epoch, last_status, last_error, payload, headers, max_attempts, history,"
-    " tenant, idempotency_key, request_hash, claim_token, finished_at_ms"
+# The `timers` columns a Timer is made of, by name; `headers` and `history` are JSON text.
+TIMER_COLUMNS = (
+    "id",
+    "url",
+    "due_at_ms",
+    "created_at_ms",
+    "state",
+    "attempts",
+    "fired_at_ms",
+    "claimed_by",
+    "claimed_until_ms",
+    "claim_token",
+    "last_status",
+    "last_error",
+    "payload",
+    "headers",
+    "max_attempts",
+    "history",
+    "tenant",
+    "idempotency_key",
+    "request_hash",
+    "finished_at_ms",
+    "fired_by",
 )
+COLUMNS = ", ".join(TIMER_COLUMNS)
 # OR IGNORE: a second timer with a tenant's idempotency key is not inserted (see `insert`).
-INSERT_SQL = f"INSERT OR IGNORE INTO timers ({COLUMNS}) VALUES ({', '.join('?' * 21)})"
+INSERT_SQL = (
+    f"INSERT OR IGNORE INTO timers ({COLUMNS}, partition)"
+    f" VALUES ({', '.join(':' + name for name in TIMER_COLUMNS)}, :partition)"
+)
 BY_IDEMPOTENCY_KEY_SQL = f"SELECT {COLUMNS} FROM timers WHERE tenant = ? AND idempotency_key = ?"
 
 # INDEXED BY: the planner would otherwise take timers_state_id (state = ?) and sort.
 PENDING_DUE_SQL = (
     "SELECT id, due_at_ms, url FROM timers INDEXED BY timers_pending_due"
-    " WHERE state = 'pending' AND due_at_ms < ? ORDER BY due_at_ms, id LIMIT ?"
-)
-PENDING_DUE_AFTER_SQL = (
-    "SELECT id, due_at_ms, url FROM timers INDEXED BY timers_pending_due"
-    " WHERE state = 'pending' AND due_at_ms < ? AND (due_at_ms, id) > (?, ?)"
+    " WHERE state = 'pending' AND due_at_ms < ? {after} {partitions}"
     " ORDER BY due_at_ms, id LIMIT ?"
 )
 NEXT_DUE_SQL = (
@@ -71,14 +91,15 @@ PURGE_FINISHED_SQL = (
     " WHERE finished_at_ms < ? LIMIT ?)"
 )
 
-ACQUIRE_LEASE_SQL = """
+LEASE_COLUMNS = "name, holder, epoch, expires_at_ms"
+ACQUIRE_LEASE_SQL = f"""
 INSERT INTO leases (name, holder, epoch, expires_at_ms) VALUES (:name, :holder, 1, :expires)
 ON CONFLICT (name) DO UPDATE SET
     epoch = CASE WHEN holder = excluded.holder THEN epoch ELSE epoch + 1 END,
     holder = excluded.holder,
     expires_at_ms = excluded.expires_at_ms
 WHERE holder = excluded.holder OR expires_at_ms < :now
-RETURNING holder, epoch, expires_at_ms
+RETURNING {LEASE_COLUMNS}
 """
 
 # The history grows by one entry per attempt and drops its oldest past HISTORY_MAX.
@@ -92,6 +113,7 @@ _EXPIRED_RECORD = (
 )
 COMPLETE_SQL = f"""
 UPDATE timers SET state = :state, fired_at_ms = COALESCE(:fired_at_ms, fired_at_ms),
+    fired_by = CASE WHEN :state = 'fired' THEN :owner ELSE fired_by END,
     finished_at_ms = CASE WHEN :state = 'pending' THEN NULL ELSE :at_ms END,
     due_at_ms = COALESCE(:next_due_at_ms, due_at_ms), last_status = :status,
     last_error = :error, claimed_by = NULL, claimed_until_ms = NULL, claim_token = NULL,
@@ -117,7 +139,8 @@ UPDATE timers SET
     last_status = NULL, last_error = '{CLAIM_EXPIRED}',
     history = {_APPEND_HISTORY.format(record=_EXPIRED_RECORD)}
 WHERE id IN (
-    SELECT id FROM timers WHERE state = 'firing' AND claimed_until_ms < :now LIMIT :limit
+    SELECT id FROM timers INDEXED BY timers_firing_claim
+    WHERE state = 'firing' AND claimed_until_ms < :now {{partitions}} LIMIT :limit
 )
 """
 
@@ -126,56 +149,32 @@ KEY_COLUMNS = "key_id, name, tenant, secret_hash, created_at_ms, revoked_at_ms"
 _GROUP_COMMIT_MAX = 1000
 
 
-def _to_timer(row: Sequence[Any]) -> Timer:
-    return Timer(
-        id=row[0],
-        url=row[1],
-        due_at_ms=row[2],
-        created_at_ms=row[3],
-        state=State(row[4]),
-        attempts=row[5],
-        fired_at_ms=row[6],
-        claimed_by=row[7],
-        claimed_until_ms=row[8],
-        epoch=row[9],
-        last_status=row[10],
-        last_error=row[11],
-        payload=row[12],
-        headers=tuple((k, v) for k, v in json.loads(row[13] or "[]")),
-        max_attempts=row[14],
-        history=history_from_dicts(json.loads(row[15] or "[]")),
-        tenant=row[16],
-        idempotency_key=row[17],
-        request_hash=row[18],
-        claim_token=row[19],
-        finished_at_ms=row[20],
-    )
+def _to_timer(row: sqlite3.Row) -> Timer:
+    values = {name: row[name] for name in TIMER_COLUMNS}
+    values["state"] = State(values["state"])
+    values["headers"] = tuple((k, v) for k, v in json.loads(values["headers"] or "[]"))
+    values["history"] = history_from_dicts(json.loads(values["history"] or "[]"))
+    return Timer(**values)
 
 
-def _insert_params(t: Timer) -> tuple[Any, ...]:
-    return (
-        t.id,
-        t.url,
-        t.due_at_ms,
-        t.created_at_ms,
-        t.state.value,
-        t.attempts,
-        t.fired_at_ms,
-        t.claimed_by,
-        t.claimed_until_ms,
-        t.epoch,
-        t.last_status,
-        t.last_error,
-        t.payload,
-        json.dumps(t.headers) if t.headers else None,
-        t.max_attempts,
-        json.dumps(history_to_dicts(t.history)) if t.history else None,
-        t.tenant,
-        t.idempotency_key,
-        t.request_hash,
-        t.claim_token,
-        t.finished_at_ms,
-    )
+def _insert_params(t: Timer, partitions: int) -> dict[str, Any]:
+    values = {name: getattr(t, name) for name in TIMER_COLUMNS}
+    values["state"] = t.state.value
+    values["headers"] = json.dumps(t.headers) if t.headers else None
+    values["history"] = json.dumps(history_to_dicts(t.history)) if t.history else None
+    values["partition"] = partition_of(t.id, partitions)
+    return values
+
+
+def _to_lease(row: sqlite3.Row) -> Lease:
+    return Lease(row["name"], row["holder"], row["epoch"], row["expires_at_ms"])
+
+
+def _in(column: str, values: Sequence[Any] | None) -> tuple[str, tuple[Any, ...]]:
+    """`AND column IN (?, …)` and its parameters; nothing when `values` is None."""
+    if values is None:
+        return "", ()
+    return f"AND {column} IN ({', '.join('?' * len(values))})", tuple(values)
 
 
 def _complete_params(o: Outcome) -> dict[str, Any]:
@@ -185,6 +184,7 @@ def _complete_params(o: Outcome) -> dict[str, Any]:
         "state": o.state.value,
         "fired_at_ms": o.at_ms if o.state is State.FIRED else None,
         "at_ms": o.at_ms,
+        "owner": o.owner,
         "next_due_at_ms": o.next_due_at_ms if o.state is State.PENDING else None,
         "status": o.status,
         "error": o.error,
@@ -201,9 +201,9 @@ def translate_errors() -> Iterator[None]:
         raise StoreUnavailable(f"sqlite: {exc}") from exc
 
 
-def _insert_one(conn: sqlite3.Connection, timer: Timer) -> Timer:
+def _insert_one(conn: sqlite3.Connection, timer: Timer, partitions: int) -> Timer:
     """Insert, or return the tenant's timer that already has this idempotency key."""
-    if conn.execute(INSERT_SQL, _insert_params(timer)).rowcount == 1:
+    if conn.execute(INSERT_SQL, _insert_params(timer, partitions)).rowcount == 1:
         return timer
     row = conn.execute(BY_IDEMPOTENCY_KEY_SQL, (timer.tenant, timer.idempotency_key)).fetchone()
     if row is None:  # not an idempotency clash: the id itself exists, which cannot happen
@@ -303,6 +303,9 @@ class SqliteStore(Store):
             conn = self._conn()
             use_wal(conn, busy_timeout_ms / 1000)
             migrate(conn)
+            self._partitions: int = conn.execute(
+                "SELECT value FROM meta WHERE name = 'partitions'"
+            ).fetchone()[0]
 
     # connections
 
@@ -314,6 +317,7 @@ class SqliteStore(Store):
             timeout=self._busy_timeout_ms / 1000,
         )
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.row_factory = sqlite3.Row
         return conn
 
     def _conn(self) -> sqlite3.Connection:
@@ -340,8 +344,14 @@ class SqliteStore(Store):
         with translate_errors():
             return writer.submit(work).result()
 
+    def partitions(self) -> int:
+        return self._partitions
+
     def insert(self, timer: Timer) -> Timer:
-        return self._write(lambda conn: _insert_one(conn, timer))
+        return self._write(lambda conn: _insert_one(conn, timer, self._partitions))
+
+    def insert_many(self, timers: Sequence[Timer]) -> list[Timer]:
+        return self._write(lambda conn: [_insert_one(conn, t, self._partitions) for t in timers])
 
     def find_by_idempotency_key(self, tenant: str, key: str) -> Timer | None:
         row = self._run(lambda c: c.execute(BY_IDEMPOTENCY_KEY_SQL, (tenant, key)).fetchone())
@@ -352,7 +362,7 @@ class SqliteStore(Store):
             raise TimerNotFound(timer_id)
         sql = f"SELECT {COLUMNS} FROM timers WHERE id = ?"
         row = self._run(lambda c: c.execute(sql, (timer_id,)).fetchone())
-        if row is None or (tenant is not None and row[16] != tenant):
+        if row is None or (tenant is not None and row["tenant"] != tenant):
             raise TimerNotFound(timer_id)
         return _to_timer(row)
 
@@ -399,14 +409,20 @@ class SqliteStore(Store):
         return count
 
     def pending_due(
-        self, before_ms: int, limit: int, after: tuple[int, str] | None = None
+        self,
+        before_ms: int,
+        limit: int,
+        after: tuple[int, str] | None = None,
+        partitions: Sequence[int] | None = None,
     ) -> list[Due]:
-        sql: str = PENDING_DUE_SQL
-        params: tuple[Any, ...] = (before_ms, limit)
-        if after is not None:
-            sql, params = PENDING_DUE_AFTER_SQL, (before_ms, *after, limit)
+        if partitions is not None and not partitions:
+            return []
+        in_partitions, partition_params = _in("partition", partitions)
+        after_sql = "" if after is None else "AND (due_at_ms, id) > (?, ?)"
+        sql = PENDING_DUE_SQL.format(after=after_sql, partitions=in_partitions)
+        params = (before_ms, *(after or ()), *partition_params, limit)
         rows = self._run(lambda c: c.execute(sql, params).fetchall())
-        return [Due(id=r[0], due_at_ms=r[1], url=r[2]) for r in rows]
+        return [Due(id=r["id"], due_at_ms=r["due_at_ms"], url=r["url"]) for r in rows]
 
     def next_due_at_ms(self) -> int | None:
         row = self._run(lambda c: c.execute(NEXT_DUE_SQL).fetchone())
@@ -426,11 +442,11 @@ class SqliteStore(Store):
             return []
         marks = ", ".join("?" * len(timer_ids))
         sql = (
-            "UPDATE timers SET state = 'firing', claimed_by = ?, epoch = ?, claimed_until_ms = ?,"
+            "UPDATE timers SET state = 'firing', claimed_by = ?, claimed_until_ms = ?,"
             f" claim_token = ?, attempts = attempts + 1 WHERE id IN ({marks})"
             f" AND state = 'pending' AND due_at_ms <= ? RETURNING {COLUMNS}"
         )
-        params = (claim.owner, claim.epoch, claim.until_ms, claim.token, *timer_ids, claim.now_ms)
+        params = (claim.owner, claim.until_ms, claim.token, *timer_ids, claim.now_ms)
         rows = self._run(lambda c: c.execute(sql, params).fetchall())
         return [_to_timer(r) for r in rows]
 
@@ -459,31 +475,57 @@ class SqliteStore(Store):
     def release_claim(self, token: str) -> int:
         return self._run(lambda c: c.execute(RELEASE_CLAIM_SQL, (token,)).rowcount)
 
-    def recover_expired(self, now_ms: int, limit: int, max_attempts: int) -> int:
-        params = {"now": now_ms, "limit": limit, "max_attempts": max_attempts}
-        return self._run(lambda c: c.execute(RECOVER_EXPIRED_SQL, params).rowcount)
+    def recover_expired(
+        self, now_ms: int, limit: int, max_attempts: int, partitions: Sequence[int] | None = None
+    ) -> int:
+        if partitions is not None and not partitions:
+            return 0
+        named = {f"p{i}": p for i, p in enumerate(partitions or ())}
+        in_partitions = "" if partitions is None else f"AND partition IN (:{', :'.join(named)})"
+        sql = RECOVER_EXPIRED_SQL.replace("{partitions}", in_partitions)
+        params = {"now": now_ms, "limit": limit, "max_attempts": max_attempts} | named
+        return self._run(lambda c: c.execute(sql, params).rowcount)
 
     def purge_finished(self, before_ms: int, limit: int) -> int:
         return self._run(lambda c: c.execute(PURGE_FINISHED_SQL, (before_ms, limit)).rowcount)
 
-    # lease
+    # leases
 
-    def acquire_lease(self, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
-        params = {"name": LEASE_NAME, "holder": holder, "expires": now_ms + ttl_ms, "now": now_ms}
+    def acquire_lease(self, name: str, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
+        params = {"name": name, "holder": holder, "expires": now_ms + ttl_ms, "now": now_ms}
         row = self._run(lambda c: c.execute(ACQUIRE_LEASE_SQL, params).fetchone())
-        return None if row is None else Lease(holder=row[0], epoch=row[1], expires_at_ms=row[2])
+        return None if row is None else _to_lease(row)
 
-    def release_lease(self, holder: str, epoch: int) -> bool:
+    def renew_leases(
+        self, holder: str, names: Sequence[str], ttl_ms: int, now_ms: int
+    ) -> list[str]:
+        if not names:
+            return []
+        in_names, name_params = _in("name", names)
+        sql = f"UPDATE leases SET expires_at_ms = ? WHERE holder = ? {in_names} RETURNING name"
+        params = (now_ms + ttl_ms, holder, *name_params)
+        return [row["name"] for row in self._run(lambda c: c.execute(sql, params).fetchall())]
+
+    def release_lease(self, name: str, holder: str, epoch: int) -> bool:
         sql = (
             "UPDATE leases SET expires_at_ms = 0"
             " WHERE name = ? AND holder = ? AND epoch = ? AND expires_at_ms > 0"
         )
-        return self._run(lambda c: c.execute(sql, (LEASE_NAME, holder, epoch)).rowcount) == 1
+        return self._run(lambda c: c.execute(sql, (name, holder, epoch)).rowcount) == 1
 
-    def get_lease(self) -> Lease | None:
-        sql = "SELECT holder, epoch, expires_at_ms FROM leases WHERE name = ?"
-        row = self._run(lambda c: c.execute(sql, (LEASE_NAME,)).fetchone())
-        return None if row is None else Lease(holder=row[0], epoch=row[1], expires_at_ms=row[2])
+    def get_lease(self, name: str) -> Lease | None:
+        sql = f"SELECT {LEASE_COLUMNS} FROM leases WHERE name = ?"
+        row = self._run(lambda c: c.execute(sql, (name,)).fetchone())
+        return None if row is None else _to_lease(row)
+
+    def leases(self) -> list[Lease]:
+        sql = f"SELECT {LEASE_COLUMNS} FROM leases ORDER BY name"
+        return [_to_lease(row) for row in self._run(lambda c: c.execute(sql).fetchall())]
+
+    def delete_leases(self, prefix: str, expired_before_ms: int) -> int:
+        sql = "DELETE FROM leases WHERE substr(name, 1, ?) = ? AND expires_at_ms < ?"
+        params = (len(prefix), prefix, expired_before_ms)
+        return self._run(lambda c: c.execute(sql, params).rowcount)
 
     # API keys
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from timerd.errors import ConfigError
+from timerd.models import PARTITIONS, partition_of
 
 FIRST_RELEASE = """
 CREATE TABLE IF NOT EXISTS timers (
@@ -101,8 +102,38 @@ def _retention_and_listing(conn: sqlite3.Connection) -> None:
     )
 
 
+def _partitions(conn: sqlite3.Connection) -> None:
+    """The timer space in PARTITIONS partitions, each with a lease of its own instead of the
+    one leader lease: the due and claim indexes carry the partition, so a daemon reads only its
+    own partitions' timers from the index alone. Fired timers say which daemon fired them."""
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('partitions', ?)", (PARTITIONS,))
+    partitions = conn.execute("SELECT value FROM meta WHERE name = 'partitions'").fetchone()[0]
+    _add_column(conn, "partition", "INTEGER NOT NULL DEFAULT 0")
+    _add_column(conn, "fired_by", "TEXT")
+    conn.create_function("partition_of", 1, lambda i: partition_of(i, partitions))
+    conn.execute("UPDATE timers SET partition = partition_of(id)")
+    _execute_all(
+        conn,
+        """
+        DROP INDEX IF EXISTS timers_pending_due;
+        CREATE INDEX IF NOT EXISTS timers_pending_due ON timers (due_at_ms, id, partition)
+            WHERE state = 'pending';
+        DROP INDEX IF EXISTS timers_firing_claim;
+        CREATE INDEX IF NOT EXISTS timers_firing_claim ON timers (claimed_until_ms, partition)
+            WHERE state = 'firing';
+        DELETE FROM leases WHERE name = 'leader'
+        """,
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: tuple[Migration, ...] = (_first_release, _claim_tokens, _retention_and_listing)
+MIGRATIONS: tuple[Migration, ...] = (
+    _first_release,
+    _claim_tokens,
+    _retention_and_listing,
+    _partitions,
+)
 VERSION = len(MIGRATIONS)
 
 
