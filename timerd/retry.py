@@ -24,6 +24,8 @@ RETRYABLE_4XX = frozenset({408, 425, 429})
 
 _UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# ASCII digits: str.isdigit() also holds for "²" and other scripts' digits, which float() refuses.
+_DELAY_SECONDS = re.compile(r"[0-9]+", re.ASCII)
 
 
 class Verdict(enum.Enum):
@@ -63,19 +65,25 @@ def parse_schedule(text: str) -> tuple[float, ...]:
 
 
 def parse_retry_after(value: str | None, now_ms: int) -> float | None:
-    """A `Retry-After` header (delay-seconds or an HTTP date) as seconds from now, if valid."""
+    """A `Retry-After` header (delay-seconds or an HTTP date) as finite seconds from now, or
+    None when it is neither. A receiver sends what it likes: this never raises, and a delay too
+    long to matter is cut to the longest the retry policy would wait anyway."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _DELAY_SECONDS.fullmatch(value):
+        return min(float(value), RETRY_AFTER_BOUNDS_S[1])
+    return _seconds_until_http_date(value, now_ms)
+
+
+def _seconds_until_http_date(value: str, now_ms: int) -> float | None:
     try:
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if moment.tzinfo is None:
+            return None
+        return moment.timestamp() - now_ms / 1000
+    except (TypeError, ValueError, OverflowError, IndexError):  # not a date, or out of range
         return None
-    if moment.tzinfo is None:
-        return None
-    return moment.timestamp() - now_ms / 1000
 
 
 @dataclass(frozen=True, slots=True)
