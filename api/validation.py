@@ -16,6 +16,7 @@ from api.errors import ApiError
 from timerd.models import State, TimerChanges, is_timer_id
 from timerd.settings import Settings, default
 from timerd.ssrf import PUBLIC_ONLY, AddressPolicy
+from timerd.targets import url_problem
 
 MAX_BODY_BYTES: int = default("max_body_bytes")
 MAX_URL_CHARS: int = default("max_url_chars")
@@ -255,9 +256,10 @@ def parse_fire_at(value: Any) -> int:
 
 
 def parse_url(value: Any, rules: Rules = DEFAULT_RULES) -> str:
-    """An absolute http(s) URL with a host, no user-info, no fragment, no spaces, and no host
-    that `policy` denies without resolving it: a loopback name or a denied address literal in
-    any textual form. Host names are not resolved here; delivery checks what they resolve to."""
+    """An absolute http(s) URL with a host, no user-info, no fragment, no spaces, a host that
+    delivery can encode and look up (`timerd.targets`), and no host that `policy` denies without
+    resolving it: a loopback name or a denied address literal in any textual form. Host names
+    are not resolved here; delivery checks what they resolve to."""
     if value is None:
         raise _invalid("url", "url is required")
     if not isinstance(value, str):
@@ -284,6 +286,8 @@ def parse_url(value: Any, rules: Rules = DEFAULT_RULES) -> str:
     denial = rules.policy.url_denial(value)
     if denial is not None:
         raise _invalid("url", f"url's host {denial}: webhooks may only reach public addresses")
+    if (problem := url_problem(value)) is not None:
+        raise _invalid("url", f"url {problem}: no webhook could ever be delivered to it")
     return value
 
 

@@ -301,6 +301,36 @@ def _bad_numbers() -> list[Any]:
     return cases
 
 
+# Hosts no delivery could ever reach: refused at create and PATCH, never stored to fail later.
+UNDELIVERABLE_URLS = {
+    "label-over-63": "https://" + "a" * 64 + ".example.com/hooks",  # the resolver's UnicodeError
+    "name-over-253": "https://" + "a." * 127 + "com/hooks",
+    "empty-label": "https://a..example.com/hooks",
+    "leading-dot": "https://.example.com/hooks",
+    "only-dots": "https://../hooks",
+    "percent-encoded": "https://ex%61mple.com/hooks",
+    "percent-dot": "https://example%2ecom/hooks",
+    "soft-hyphen": "https://exam\u00adple.com/hooks",
+    "zero-width-space": "https://exam\u200bple.com/hooks",
+    "zero-width-non-joiner": "https://exam\u200cple.com/hooks",
+    "zero-width-joiner": "https://exam\u200dple.com/hooks",
+    "word-joiner": "https://exam\u2060ple.com/hooks",
+    "byte-order-mark": "https://\ufeffexample.com/hooks",
+    "right-to-left-override": "https://exam\u202eple.com/hooks",
+    "left-to-right-mark": "https://exam\u200eple.com/hooks",
+    "bidi-isolate": "https://exam\u2066ple.com/hooks",
+    "arabic-number-sign": "https://exam\u0600ple.com/hooks",
+    "backslash-in-host": "https://example.com\\evil.example/hooks",
+    "backslash-in-path": "https://example.com/a\\b",
+    "ipvfuture": "https://[v1.x]/hooks",
+    "ipvfuture-upper": "https://[V7.example]/hooks",
+    "bad-punycode": "https://xn--zz.example.com/hooks",
+    "dotted-digit-one": "https://\u2488.example.com/hooks",  # IDNA: "1..example.com"
+    "symbol-in-host": "https://exa!mple.com/hooks",
+    "full-width-stop-run": "https://a\uff0e\uff0eexample.com/hooks",
+}
+
+
 def _bad_urls() -> list[Any]:
     urls = {
         "ftp": "ftp://example.com/hooks",
@@ -326,6 +356,7 @@ def _bad_urls() -> list[Any]:
         "port-not-a-number": "https://example.com:http/hooks",
         "broken-ipv6": "http://[::1/hooks",
         "empty": "",
+        **UNDELIVERABLE_URLS,
     }
     cases = [
         _bad(body(seconds=1, url=url), 422, "invalid_field", f"url-{name}", field="url")
