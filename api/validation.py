@@ -105,16 +105,32 @@ def _reject_constant(name: str) -> Any:
     raise _BadNumber(f"{name} is not a number JSON allows")
 
 
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: JSON allows it, but it is no float, and Infinity
+        raise _BadNumber("a number in the body is too large for a float")  # is not JSON
+    return value
+
+
 def _parse_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise _BadNumber("an integer in the body has too many digits")
     return int(text)
 
 
+def loads_strict(text: str | bytes) -> Any:
+    """`json.loads` that raises ValueError for NaN and Infinity, numbers too large for a float
+    and integers of more than MAX_INT_DIGITS digits: what cannot be answered or sent as JSON."""
+    return json.loads(
+        text, parse_constant=_reject_constant, parse_int=_parse_int, parse_float=_parse_float
+    )
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """Decode a JSON object body; 400 for anything that is not one."""
+    """Decode a JSON object body; 400 for anything that is not one, and for numbers that are
+    not finite floats or integers of at most MAX_INT_DIGITS digits, wherever they are."""
     try:
-        data = json.loads(body, parse_constant=_reject_constant, parse_int=_parse_int)
+        data = loads_strict(body)
     except _BadNumber as exc:
         raise ApiError(400, "invalid_json", str(exc)) from exc
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
