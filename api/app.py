@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import Authenticator
 from api.errors import EXCEPTION_HANDLERS, ApiError
+from api.limits import RequestHeadLimit
 from api.openapi import openapi_json
 from api.validation import (
     MAX_BODY_BYTES,
@@ -256,7 +257,7 @@ def create_app(
     """Build the API over an open store. `on_insert` hears of every created timer (the
     in-process daemon of `timerd run` uses it to wake up for timers due soon)."""
     routes = TimerRoutes(settings, store, clock or SystemClock(), on_insert)
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
@@ -267,8 +268,15 @@ def create_app(
             Route("/timers/{timer_id}", routes.timer, methods=["GET", "PATCH", "DELETE"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(RequestMetrics)],
+        middleware=[
+            Middleware(RequestMetrics),
+            Middleware(RequestHeadLimit, limit=settings.max_request_head_bytes),
+        ],
     )
+    # Starlette answers `/timers/` with a 307 to a URL built from the request's Host header:
+    # a redirect anyone can aim anywhere. Every path is exact; others are a JSON 404.
+    app.router.redirect_slashes = False
+    return app
 
 
 class RequestMetrics:

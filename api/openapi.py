@@ -26,6 +26,9 @@ from api.validation import (
 )
 from timerd import __version__
 from timerd.models import State
+from timerd.settings import default
+
+MAX_REQUEST_HEAD_BYTES: int = default("max_request_head_bytes")
 
 Schema = dict[str, Any]
 
@@ -327,6 +330,11 @@ def _answers(answers: dict[str, Schema], *, too_many_pending: bool = False) -> d
             headers={"WWW-Authenticate": _header("`Bearer`.")},
         ),
         "429": _error(limited, *limited_codes, headers={"Retry-After": RETRY_AFTER}),
+        "431": _error(
+            "The request line and headers are over `TIMERD_MAX_REQUEST_HEAD_BYTES` "
+            f"({MAX_REQUEST_HEAD_BYTES} bytes) in all.",
+            "headers_too_large",
+        ),
         "500": _error("An unexpected failure; `request_id` also appears in the logs.", "internal"),
         "503": _error(
             "The store cannot be reached or stayed locked; retry after `Retry-After`.",

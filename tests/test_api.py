@@ -707,9 +707,12 @@ def test_abuse_limits_are_settings(procs: TimerdProcesses, tmp_path: Path) -> No
         "TIMERD_MAX_URL_CHARS": "40",
         "TIMERD_MAX_PAYLOAD_BYTES": "20",
         "TIMERD_MAX_HEADERS_BYTES": "20",
+        "TIMERD_MAX_REQUEST_HEAD_BYTES": "2048",
     }
     proc = procs.start("api", sqlite_url(db), env=limits)
     with httpx.Client(base_url=proc.base_url) as client:
+        big_head = {"x-pad": "h" * 2048}
+        assert_error(client.get("/timers", headers=big_head), 431, "headers_too_large")
         assert_error(client.post("/timers", content=padded(601)), 413, "body_too_large")
         too_long = {"seconds": 5, "url": "https://example.com/" + "a" * 30}
         assert (

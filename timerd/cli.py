@@ -75,6 +75,8 @@ def _server(settings: Settings, app: Starlette) -> _Server:
         access_log=False,
         lifespan="off",
         server_header=False,
+        # h11's own bound on an incomplete head; httptools has none (api.limits holds for both)
+        h11_max_incomplete_event_size=settings.max_request_head_bytes,
     )
     return _Server(config)
 
