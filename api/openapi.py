@@ -88,13 +88,14 @@ PAYLOAD: Schema = {
     f"{MAX_PAYLOAD_DEPTH} levels of arrays and objects deep; delivered inside the webhook body.",
 }
 
+# Names and values are held to the rules below by the server (422), not by the schema, so
+# that a fuzzer generating from this document sends any names and any strings.
 HEADERS: Schema = {
     "type": "object",
-    "maxProperties": MAX_HEADERS,
-    "propertyNames": {"pattern": HEADER_NAME_PATTERN},
-    "additionalProperties": {"type": "string", "pattern": HEADER_VALUE_PATTERN},
+    "additionalProperties": {"type": "string"},
     "description": f"Extra request headers for the webhook: at most {MAX_HEADERS}, "
-    f"{MAX_HEADER_BYTES} bytes of names and values in all, printable ASCII values. Names are "
+    f"{MAX_HEADER_BYTES} bytes of names and values in all; names match "
+    f"`{HEADER_NAME_PATTERN}`, values `{HEADER_VALUE_PATTERN}` (printable ASCII). Names are "
     "case-insensitive (lower-cased; the same name twice is refused). Hop-by-hop and framing "
     "headers (`connection`, `keep-alive`, `proxy-authenticate`, `proxy-authorization`, "
     "`proxy-connection`, `te`, `trailer`, `transfer-encoding`, `upgrade`, `host`, "
