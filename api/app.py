@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import Authenticator
 from api.errors import EXCEPTION_HANDLERS, ApiError, log
+from api.limits import RequestHeadLimit
 from api.openapi import openapi_json
 from api.validation import (
     MAX_BODY_BYTES,
@@ -298,7 +299,7 @@ def create_app(
         clock = StoreClock(SystemClock(), int(settings.max_clock_offset_s * 1000))
         lifespan = store_clock_lifespan(clock, store)
     routes = TimerRoutes(settings, store, clock, on_insert)
-    return Starlette(
+    app = Starlette(
         lifespan=lifespan,
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
@@ -310,8 +311,15 @@ def create_app(
             Route("/timers/{timer_id}", routes.timer, methods=["GET", "PATCH", "DELETE"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(RequestMetrics)],
+        middleware=[
+            Middleware(RequestMetrics),
+            Middleware(RequestHeadLimit, limit=settings.max_request_head_bytes),
+        ],
     )
+    # Starlette answers `/timers/` with a 307 to a URL built from the request's Host header:
+    # a redirect anyone can aim anywhere. Every path is exact; others are a JSON 404.
+    app.router.redirect_slashes = False
+    return app
 
 
 class RequestMetrics:

@@ -8,8 +8,8 @@ from typing import Any
 
 import structlog
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 
 from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
 
@@ -75,6 +75,16 @@ async def on_http_exception(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's name for it: counted apart from the server's own errors
+
+
+async def on_client_disconnect(request: Request, _: Exception) -> Response:
+    """The client went away before its request was read: not a server error. The answer is
+    never sent (there is no one to send it to); it only labels the request in the metrics."""
+    log.debug("client_disconnected", path=request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     request_id = uuid.uuid4().hex
     log.error("unexpected_error", request_id=request_id, path=request.url.path, exc_info=exc)
@@ -87,5 +97,6 @@ EXCEPTION_HANDLERS = {
     TimerStateConflict: on_conflict,
     StoreUnavailable: on_store_unavailable,
     HTTPException: on_http_exception,
+    ClientDisconnect: on_client_disconnect,
     Exception: on_unexpected,
 }

@@ -16,6 +16,7 @@ from api.errors import ApiError
 from timerd.models import State, TimerChanges, is_timer_id
 from timerd.settings import Settings, default
 from timerd.ssrf import PUBLIC_ONLY, AddressPolicy
+from timerd.targets import url_problem
 
 MAX_BODY_BYTES: int = default("max_body_bytes")
 MAX_URL_CHARS: int = default("max_url_chars")
@@ -104,16 +105,32 @@ def _reject_constant(name: str) -> Any:
     raise _BadNumber(f"{name} is not a number JSON allows")
 
 
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: JSON allows it, but it is no float, and Infinity
+        raise _BadNumber("a number in the body is too large for a float")  # is not JSON
+    return value
+
+
 def _parse_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise _BadNumber("an integer in the body has too many digits")
     return int(text)
 
 
+def loads_strict(text: str | bytes) -> Any:
+    """`json.loads` that raises ValueError for NaN and Infinity, numbers too large for a float
+    and integers of more than MAX_INT_DIGITS digits: what cannot be answered or sent as JSON."""
+    return json.loads(
+        text, parse_constant=_reject_constant, parse_int=_parse_int, parse_float=_parse_float
+    )
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """Decode a JSON object body; 400 for anything that is not one."""
+    """Decode a JSON object body; 400 for anything that is not one, and for numbers that are
+    not finite floats or integers of at most MAX_INT_DIGITS digits, wherever they are."""
     try:
-        data = json.loads(body, parse_constant=_reject_constant, parse_int=_parse_int)
+        data = loads_strict(body)
     except _BadNumber as exc:
         raise ApiError(400, "invalid_json", str(exc)) from exc
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
@@ -255,9 +272,10 @@ def parse_fire_at(value: Any) -> int:
 
 
 def parse_url(value: Any, rules: Rules = DEFAULT_RULES) -> str:
-    """An absolute http(s) URL with a host, no user-info, no fragment, no spaces, and no host
-    that `policy` denies without resolving it: a loopback name or a denied address literal in
-    any textual form. Host names are not resolved here; delivery checks what they resolve to."""
+    """An absolute http(s) URL with a host, no user-info, no fragment, no spaces, a host that
+    delivery can encode and look up (`timerd.targets`), and no host that `policy` denies without
+    resolving it: a loopback name or a denied address literal in any textual form. Host names
+    are not resolved here; delivery checks what they resolve to."""
     if value is None:
         raise _invalid("url", "url is required")
     if not isinstance(value, str):
@@ -284,6 +302,8 @@ def parse_url(value: Any, rules: Rules = DEFAULT_RULES) -> str:
     denial = rules.policy.url_denial(value)
     if denial is not None:
         raise _invalid("url", f"url's host {denial}: webhooks may only reach public addresses")
+    if (problem := url_problem(value)) is not None:
+        raise _invalid("url", f"url {problem}: no webhook could ever be delivered to it")
     return value
 
 

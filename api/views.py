@@ -6,7 +6,12 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
+
+from api.validation import loads_strict
 from timerd.models import AttemptRecord, State, Timer
+
+log = structlog.get_logger("timerd.api")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -34,10 +39,25 @@ def timer_view(timer: Timer, now_ms: int) -> dict[str, Any]:
         "last_error": timer.last_error,
         "next_attempt_at": rfc3339(timer.due_at_ms) if _retrying(timer) else None,
         "max_attempts": timer.max_attempts,
-        "payload": None if timer.payload is None else json.loads(timer.payload),
+        "payload": payload_view(timer.payload, timer.id),
         "headers": dict(timer.headers),
         "history": [attempt_view(record) for record in timer.history],
     }
+
+
+def payload_view(text: str | None, timer_id: str = "") -> Any:
+    """A stored payload as the JSON value it is. One that cannot be answered as JSON (stored
+    before numbers were checked, or written to the store by other means) is shown as its text,
+    so that no stored timer can make a read or a listing fail."""
+    if text is None:
+        return None
+    try:
+        value = loads_strict(text)
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode()  # as the answer will
+    except (ValueError, RecursionError):  # UnicodeEncodeError (a lone surrogate) among them
+        log.warning("unreadable_payload", timer_id=timer_id, length=len(text))
+        return text.encode("utf-8", "replace").decode()
+    return value
 
 
 def _retrying(timer: Timer) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.hostile import NOT_FINITE_NUMBERS, UNDELIVERABLE_URLS
 from tests.support.procs import TimerdProcess, TimerdProcesses, free_port, run_timerd
 from tests.support.timers import put_in_state
 from timerd.models import State
@@ -290,14 +291,9 @@ def _bad_numbers() -> list[Any]:
         for name, value in values
     ]
     for field in ("hours", "minutes", "seconds"):
-        for literal in ("NaN", "Infinity", "-Infinity", DIGITS, "-" + DIGITS):
+        for name, literal in NOT_FINITE_NUMBERS.items():
             raw = f'{{"url": "{URL}", "{field}": {literal}}}'.encode()
-            name = "digits" if DIGITS in literal else literal
             cases.append(_bad(raw, 400, "invalid_json", f"{field}-{name}"))
-        for literal in ("1e400", "-1e400", DIGITS + ".5"):
-            raw = f'{{"url": "{URL}", "{field}": {literal}}}'.encode()
-            name = "float-digits" if DIGITS in literal else literal
-            cases.append(_bad(raw, 422, "invalid_field", f"{field}-{name}", field=field))
     return cases
 
 
@@ -326,6 +322,7 @@ def _bad_urls() -> list[Any]:
         "port-not-a-number": "https://example.com:http/hooks",
         "broken-ipv6": "http://[::1/hooks",
         "empty": "",
+        **UNDELIVERABLE_URLS,
     }
     cases = [
         _bad(body(seconds=1, url=url), 422, "invalid_field", f"url-{name}", field="url")
@@ -710,9 +707,12 @@ def test_abuse_limits_are_settings(procs: TimerdProcesses, tmp_path: Path) -> No
         "TIMERD_MAX_URL_CHARS": "40",
         "TIMERD_MAX_PAYLOAD_BYTES": "20",
         "TIMERD_MAX_HEADERS_BYTES": "20",
+        "TIMERD_MAX_REQUEST_HEAD_BYTES": "2048",
     }
     proc = procs.start("api", sqlite_url(db), env=limits)
     with httpx.Client(base_url=proc.base_url) as client:
+        big_head = {"x-pad": "h" * 2048}
+        assert_error(client.get("/timers", headers=big_head), 431, "headers_too_large")
         assert_error(client.post("/timers", content=padded(601)), 413, "body_too_large")
         too_long = {"seconds": 5, "url": "https://example.com/" + "a" * 30}
         assert (

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
 from collections.abc import Iterator
 
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
+from structlog.testing import capture_logs
 
-from tests.support.receiver import Arrival, Receiver
+from tests.support.receiver import Answer, Arrival, Receiver
 from tests.support.timers import timer_for
 from timerd import __version__
 from timerd.delivery import Attempt, Deliverer, webhook_url
 from timerd.models import Timer
 from timerd.settings import Settings
+from timerd.targets import INVALID_URL
 
 
 @pytest.mark.parametrize(
@@ -32,10 +36,10 @@ def test_the_id_is_appended_to_the_path_with_one_slash(base: str, expected: str)
     assert webhook_url(base, "ID") == expected
 
 
-def deliver(timer: Timer, **overrides: float) -> Attempt:
+def deliver(timer: Timer, resolver: AbstractResolver | None = None, **overrides: float) -> Attempt:
     async def once() -> Attempt:
         settings = Settings(allowed_networks="127.0.0.0/8", **overrides)  # type: ignore[arg-type]
-        async with Deliverer(settings) as deliverer:
+        async with Deliverer(settings, resolver) as deliverer:
             return await deliverer.deliver(timer)
 
     return asyncio.run(once())
@@ -112,3 +116,105 @@ def test_a_receiver_that_never_answers_costs_one_bounded_attempt(silent_server: 
     attempt = deliver(timer_for(silent_server), delivery_timeout_s=0.5)
     assert (attempt.delivered, attempt.error) == (False, "timeout")
     assert time.monotonic() - started < 5
+
+
+# whatever goes wrong inside an attempt is a value, never an exception
+
+
+class Unforeseen(Exception):
+    """An exception class no code in timerd knows of."""
+
+
+class RaisingResolver(AbstractResolver):
+    """A resolver that raises `exc` for every name: the attempt's first step fails."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        raise self.exc
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        UnicodeError("label too long"),  # what the resolver raised for an un-encodable host
+        UnicodeEncodeError("idna", "x", 0, 1, "label empty or too long"),
+        ValueError("bad"),
+        RuntimeError("unexpected"),
+        KeyError("family"),
+        TypeError("None"),
+        AttributeError("missing"),
+        ZeroDivisionError(),
+        RecursionError(),
+        MemoryError(),
+        Unforeseen("from a library timerd does not know"),
+    ],
+    ids=lambda exc: type(exc).__name__,
+)
+def test_any_exception_of_an_attempt_is_an_error_value_logged_with_its_traceback(
+    exc: Exception,
+) -> None:
+    with capture_logs() as logs:
+        attempt = deliver(timer_for("http://receiver.test/h"), RaisingResolver(exc))
+
+    assert (attempt.delivered, attempt.status, attempt.permanent) == (False, None, False)
+    assert attempt.error == type(exc).__name__
+    [entry] = [e for e in logs if e["event"] == "delivery_error"]
+    assert entry["log_level"] == "warning"
+    assert entry["error"] == type(exc).__name__
+    assert isinstance(entry["exc_info"], type(exc))  # structlog renders its traceback
+
+
+def test_cancelling_an_attempt_still_cancels_it() -> None:
+    with pytest.raises(asyncio.CancelledError):
+        deliver(timer_for("http://receiver.test/h"), RaisingResolver(asyncio.CancelledError()))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://" + "a" * 64 + ".example.com/h",  # the resolver's idna codec raised UnicodeError
+        "http://a..b.example.com/h",
+        "http://xn--zz.example.com/h",
+        "http://[v1.x]/h",
+        "http://a%2eb.example.com/h",
+    ],
+)
+def test_a_stored_url_no_attempt_can_reach_fails_at_once_and_sends_nothing(url: str) -> None:
+    attempt = deliver(timer_for(url), RaisingResolver(AssertionError("must not resolve")))
+    assert (attempt.error, attempt.permanent, attempt.status) == (INVALID_URL, True, None)
+
+
+# webhooks are stateless: no cookie jar
+
+SET_COOKIES = (
+    ("set-cookie", "session=from-receiver; Path=/"),
+    ("set-cookie", "wide=1; Domain=localhost; Path=/; Max-Age=3600"),
+    ("set-cookie", "secure=1; Path=/; Secure; HttpOnly; SameSite=None"),
+    ("set-cookie2", 'legacy="1"; Version="1"; Path="/"'),
+)
+
+
+def test_a_cookie_a_receiver_sets_never_rides_along_on_a_later_webhook() -> None:
+    own = (("cookie", "mine=1"),)
+    timers = [timer_for(""), timer_for(""), timer_for("", headers=own)]
+
+    async def three(receiver: Receiver) -> list[Attempt]:
+        # localhost: a cookie jar ignores cookies from IP addresses, not from host names
+        settings = Settings(allowed_networks="127.0.0.0/8,::1/128")
+        async with Deliverer(settings) as deliverer:
+            return [
+                await deliverer.deliver(dataclasses.replace(t, url=receiver.url)) for t in timers
+            ]
+
+    with Receiver(lambda _: Answer(200, SET_COOKIES), host="localhost") as receiver:
+        attempts = asyncio.run(three(receiver))
+        arrivals = receiver.wait_for(3)
+    assert all(a.delivered for a in attempts), attempts
+    assert [a.headers.get("cookie") for a in arrivals] == [None, None, "mine=1"]

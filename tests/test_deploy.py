@@ -375,6 +375,23 @@ def test_nginx_is_health_aware_and_passes_bodies_and_timerd_errors_through() -> 
         assert set(json.loads(answer[1].replace("\\n", ""))["error"]) >= {"code", "message"}
 
 
+def test_nginx_cuts_off_slow_and_oversized_clients_before_timerd() -> None:
+    conf = NGINX_CONF.read_text()
+    for name in ("client_header_timeout", "client_body_timeout", "send_timeout"):
+        (timeout,) = directives(conf, name)
+        assert 0 < seconds(timeout) <= 30, (name, timeout)
+    # one request line or header line at most a buffer; timerd bounds the whole head itself
+    (buffers,) = directives(conf, "large_client_header_buffers")
+    _, size = buffers.split()
+    assert size_bytes(size) <= Settings().max_request_head_bytes
+    ((page,),) = [args.split()[-1:] for args in directives(conf, "error_page") if "494" in args]
+    answer = re.search(
+        rf"location = {re.escape(page)}\s*\{{.*?return 431 '(.*?)';", conf, re.DOTALL
+    )
+    assert answer
+    assert json.loads(answer[1].replace("\\n", ""))["error"]["code"] == "headers_too_large"
+
+
 def nginx_binary() -> str | None:
     found = shutil.which("nginx")
     if found:

@@ -7,11 +7,14 @@ directory in `tmp_path` (nothing is written to `.hypothesis/`). Every request go
 `timerd api` subprocess on 127.0.0.1 and nothing else runs, so the URLs in generated bodies are
 stored but never fetched (the API never fetches them; no daemon runs here). The answers the
 fuzzer cannot provoke (401, 413, 429, 503, idempotent replays) are provoked on purpose and
-checked against the document with the same checks.
+checked against the document with the same checks. Create and change bodies are fuzzed a
+second time from a copy of the document that requires `payload` and `headers`, so arbitrary JSON
+payloads and header objects are sent, not only the documented examples.
 """
 
 from __future__ import annotations
 
+import copy
 import sqlite3
 import time
 import uuid
@@ -63,6 +66,21 @@ CHECKS = [  # no 5xx; status code, content type, required headers and body as do
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 URL = "https://example.com/hooks"
 SCHEMA = schemathesis.openapi.from_dict(OPENAPI)
+BODY_OPERATIONS = [("/timers", "post"), ("/timers/{timer_id}", "patch")]
+
+
+def with_payload_and_headers(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` with `payload` and `headers` required in create and change bodies, so that
+    every request generated from it carries both: arbitrary JSON values and header objects,
+    not only the documented examples."""
+    exercised = copy.deepcopy(document)
+    for name in ("CreateTimer", "ChangeTimer"):
+        body = exercised["components"]["schemas"][name]
+        body["required"] = sorted({*body.get("required", []), "payload", "headers"})
+    return exercised
+
+
+EXERCISED = schemathesis.openapi.from_dict(with_payload_and_headers(OPENAPI))
 
 
 def conforms(
@@ -279,6 +297,9 @@ def test_fuzzing_finds_no_5xx_and_no_answer_outside_the_document(
                 negative = [GenerationMode.NEGATIVE] if has_inputs else []
                 for mode in [GenerationMode.POSITIVE, *negative]:
                     fuzz(operation, mode, server.base_url, ids, tally)
+        for path, method in BODY_OPERATIONS:  # every body with a payload and headers
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                fuzz(EXERCISED[path][method], mode, server.base_url, ids, tally)
     finally:
         set_hypothesis_home_dir(None)
     assert server.running(), server.describe("died while fuzzed")

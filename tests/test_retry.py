@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from timerd.errors import ConfigError
 from timerd.retry import RetryPolicy, Verdict, classify, parse_retry_after, parse_schedule
@@ -80,6 +84,13 @@ def test_retry_after_replaces_the_schedule_within_bounds() -> None:
         (None, None),
         ("-5", None),
         ("1.5", None),
+        ("²", None),  # "²".isdigit() holds, float("²") raises
+        ("\u0661", None),  # ARABIC-INDIC DIGIT ONE, likewise
+        ("\uff17", None),  # FULLWIDTH DIGIT SEVEN, which float() would read as 7
+        ("1e3", None),
+        ("NaN", None),
+        ("inf", None),
+        ("9" * 400, 86_400.0),  # float() of it is inf: cut to the longest wait there is
     ],
 )
 def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
@@ -88,3 +99,27 @@ def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
         assert parse_retry_after(header, now_ms - 60_000) == pytest.approx(60.0)
     else:
         assert parse_retry_after(header, NOW_MS) == seconds
+
+
+RETRY_AFTER_EDGES = [
+    "²",
+    "Fri, 15 Jan 99999 08:00:00 GMT",
+    "Fri, 15 Jan 0000 08:00:00 GMT",
+    "Fri, 15 Jan 2027 08:00:00 +9999",
+    "Fri, 15 Jan 2027 99:99:99 GMT",
+    "Fri, 31 Feb 2027 08:00:00 GMT",
+    "0, 0 0 0 0:0:0",
+    ", , , ,",
+    "\x00",
+]
+
+
+@settings(max_examples=2000, deadline=None, database=None)
+@given(header=st.text() | st.sampled_from(RETRY_AFTER_EDGES))
+@example(header="")
+def test_parse_retry_after_never_raises_and_is_none_or_finite(header: str) -> None:
+    seconds = parse_retry_after(header, NOW_MS)
+    assert seconds is None or math.isfinite(seconds)
+    policy = RetryPolicy((10.0,))
+    due = policy.next_due_ms(1, None, NOW_MS, seconds)  # whatever came back can be scheduled
+    assert due is not None and NOW_MS + 1_000 <= due <= NOW_MS + 86_400_000

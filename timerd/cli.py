@@ -29,7 +29,7 @@ from api import create_app  # the CLI is the one place that wires the API to the
 from api.auth import check_protected_mode
 from timerd import __version__, keys, systemd
 from timerd.bench import add_bench_arguments, run_bench
-from timerd.clock import SystemClock
+from timerd.clock import StoreClock, SystemClock
 from timerd.daemon import Daemon
 from timerd.delivery import Deliverer
 from timerd.errors import ConfigError, DaemonCrashed, StoreUnavailable
@@ -77,6 +77,8 @@ def _server(settings: Settings, app: Starlette) -> _Server:
         access_log=False,
         lifespan="off",
         server_header=False,
+        # h11's own bound on an incomplete head; httptools has none (api.limits holds for both)
+        h11_max_incomplete_event_size=settings.max_request_head_bytes,
     )
     return _Server(config)
 
@@ -120,8 +122,9 @@ async def run_daemon(settings: Settings) -> None:
     try:
         if settings.metrics_port:
             probes = await _start_probes(store, settings)
-        async with Deliverer(settings) as deliverer:
-            daemon = Daemon(settings, store, deliverer.deliver)
+        clock = StoreClock(SystemClock(), int(settings.max_clock_offset_s * 1000))
+        async with Deliverer(settings, clock=clock) as deliverer:
+            daemon = Daemon(settings, store, deliverer.deliver, clock=clock)
             _on_stop_signals(daemon.stop)
             await daemon.run()
     finally:
@@ -158,8 +161,9 @@ async def run_all(settings: Settings) -> None:
     check_protected_mode(settings, api_store)
     watch_store(api_store, SystemClock())
     try:
-        async with Deliverer(settings) as deliverer:
-            daemon = Daemon(settings, daemon_store, deliverer.deliver)
+        clock = StoreClock(SystemClock(), int(settings.max_clock_offset_s * 1000))
+        async with Deliverer(settings, clock=clock) as deliverer:
+            daemon = Daemon(settings, daemon_store, deliverer.deliver, clock=clock)
             server = _server(
                 settings, create_app(settings, api_store, on_insert=daemon.notify_insert)
             )

@@ -83,11 +83,15 @@ class Daemon:
         holder: str | None = None,
         offload: Offload | None = None,
     ) -> None:
-        """`offload` runs every store call; by default, thread pools of the daemon's own (one
-        for the lease alone). Tests and the simulator pass one that runs calls inline."""
+        """`clock` is this host's (corrected to the store's here) or a `StoreClock` already
+        shared with the deliverer. `offload` runs every store call; by default, thread pools
+        of the daemon's own (one for the lease alone). Tests and the simulator pass one that
+        runs calls inline."""
         self.settings = settings
         self.store = store
-        self.clock = StoreClock(clock or SystemClock(), int(settings.max_clock_offset_s * 1000))
+        if not isinstance(clock, StoreClock):  # a bare host clock: correct it here
+            clock = StoreClock(clock or SystemClock(), int(settings.max_clock_offset_s * 1000))
+        self.clock = clock
         self._pools: list[ThreadPoolExecutor] = []
         self._offload = offload or self._pool("timerd-store", STORE_THREADS)
         self.lease = PartitionKeeper(

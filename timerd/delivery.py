@@ -17,10 +17,12 @@ import structlog
 from aiohttp.abc import AbstractResolver
 
 from timerd import __version__
+from timerd.clock import Clock, SystemClock
 from timerd.models import RESPONSE_PREFIX_CHARS, Timer
 from timerd.settings import Settings
 from timerd.signing import Signer
 from timerd.ssrf import ADDRESS_DENIED, AddressDenied, AddressPolicy, Denial, GuardedResolver
+from timerd.targets import INVALID_URL, url_problem
 
 RESPONSE_PREFIX_BYTES = 1024  # read of an answer at most; the rest is never downloaded
 
@@ -73,12 +75,21 @@ class Deliverer:
     unless a test passes a fake), address literals, which aiohttp never resolves, before the
     request."""
 
-    def __init__(self, settings: Settings, resolver: AbstractResolver | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        resolver: AbstractResolver | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        """`clock` stamps each attempt (and its `webhook-timestamp`): the daemon's, which is
+        corrected to the store's, so attempt times compare with due times."""
+        self._clock = clock or SystemClock()
         self._settings = settings
         self._signer = Signer.from_setting(settings.signing_secret)
         self._policy = AddressPolicy.from_setting(settings.allowed_networks)
         # Judging a literal host costs more than sending a webhook; timers share few base URLs.
         self._url_denial = functools.lru_cache(maxsize=4096)(self._policy.url_denial)
+        self._url_problem = functools.lru_cache(maxsize=4096)(url_problem)
         self._inner_resolver = resolver
         self._resolver: GuardedResolver | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -96,6 +107,9 @@ class Deliverer:
             timeout=aiohttp.ClientTimeout(total=s.delivery_timeout_s, connect=s.connect_timeout_s),
             headers={"user-agent": f"timerd/{__version__}"},
             auto_decompress=False,
+            # Webhooks are stateless: a cookie one receiver sets must never ride along on a
+            # later webhook (another timer's, another tenant's).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         return self
 
@@ -112,30 +126,35 @@ class Deliverer:
 
     async def deliver(self, timer: Timer) -> Attempt:
         """POST the webhook once; redirects are not followed and at most a short prefix of the
-        answer is read."""
+        answer is read. Whatever goes wrong becomes the attempt's `error` (the exception's class
+        name), never an exception: a timer must not stay `firing` because of what a receiver,
+        a resolver or a URL did. Cancellation still propagates."""
         assert self._session is not None, "use Deliverer as an async context manager"
-        started_ms = time.time_ns() // 1_000_000
+        started_ms = self._clock.now_ms()
         started = time.perf_counter()
-        url = webhook_url(timer.url, timer.id)
+        try:
+            return await self._attempt(self._session, timer, started_ms, started)
+        except Exception as exc:  # the unforeseen: one failed attempt, logged with its traceback
+            error = type(exc).__name__
+            log.warning("delivery_error", timer_id=timer.id, error=error, exc_info=exc)
+            return Attempt(started_ms, _ms_since(started), error=error)
+
+    async def _attempt(
+        self, session: aiohttp.ClientSession, timer: Timer, started_ms: int, started: float
+    ) -> Attempt:
+        problem = self._url_problem(timer.url)  # stored before the API refused such URLs
+        if problem is not None:
+            log.warning(INVALID_URL, timer_id=timer.id, problem=problem)
+            return Attempt(started_ms, _ms_since(started), error=INVALID_URL, permanent=True)
         denial = self._url_denial(timer.url)  # literals: aiohttp connects without resolving
         if denial is not None:
             return _denied(timer, denial, started_ms, started)
         body = webhook_body(timer)
-        headers = {
-            **dict(timer.headers),
-            "content-type": "application/json",
-            "webhook-id": timer.id,
-            "webhook-timestamp": str(started_ms // 1000),
-        }
-        if self._signer is not None:
-            headers["webhook-signature"] = self._signer.signature(
-                timer.id, started_ms // 1000, body
-            )
         try:
-            async with self._session.post(
-                url,
+            async with session.post(
+                webhook_url(timer.url, timer.id),
                 data=body,
-                headers=headers,
+                headers=self._headers(timer, started_ms, body),
                 allow_redirects=False,
             ) as response:
                 prefix = await response.content.read(RESPONSE_PREFIX_BYTES)
@@ -151,6 +170,19 @@ class Deliverer:
             retry_after=response.headers.get("retry-after"),
             response=prefix.decode("utf-8", "replace")[:RESPONSE_PREFIX_CHARS] or None,
         )
+
+    def _headers(self, timer: Timer, started_ms: int, body: bytes) -> dict[str, str]:
+        headers = {
+            **dict(timer.headers),
+            "content-type": "application/json",
+            "webhook-id": timer.id,
+            "webhook-timestamp": str(started_ms // 1000),
+        }
+        if self._signer is not None:
+            headers["webhook-signature"] = self._signer.signature(
+                timer.id, started_ms // 1000, body
+            )
+        return headers
 
 
 def _denied(timer: Timer, denial: Denial, started_ms: int, started: float) -> Attempt:

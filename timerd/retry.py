@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import random
+import re
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
@@ -20,6 +21,9 @@ DEFAULT_SCHEDULE = "5s,5m,30m,2h,5h,10h,10h"
 RETRY_AFTER_BOUNDS_S = (1.0, 24 * 3600.0)
 JITTER = 0.1
 RETRYABLE_4XX = frozenset({408, 425, 429})
+
+# ASCII digits: str.isdigit() also holds for "²" and other scripts' digits, which float() refuses.
+_DELAY_SECONDS = re.compile(r"[0-9]+", re.ASCII)
 
 
 class Verdict(enum.Enum):
@@ -50,19 +54,25 @@ def parse_schedule(text: str) -> tuple[float, ...]:
 
 
 def parse_retry_after(value: str | None, now_ms: int) -> float | None:
-    """A `Retry-After` header (delay-seconds or an HTTP date) as seconds from now, if valid."""
+    """A `Retry-After` header (delay-seconds or an HTTP date) as finite seconds from now, or
+    None when it is neither. A receiver sends what it likes: this never raises, and a delay too
+    long to matter is cut to the longest the retry policy would wait anyway."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _DELAY_SECONDS.fullmatch(value):
+        return min(float(value), RETRY_AFTER_BOUNDS_S[1])
+    return _seconds_until_http_date(value, now_ms)
+
+
+def _seconds_until_http_date(value: str, now_ms: int) -> float | None:
     try:
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if moment.tzinfo is None:
+            return None
+        return moment.timestamp() - now_ms / 1000
+    except (TypeError, ValueError, OverflowError, IndexError):  # not a date, or out of range
         return None
-    if moment.tzinfo is None:
-        return None
-    return moment.timestamp() - now_ms / 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,9 @@ class Settings:
         default=0.0, metadata=_help("requests per second per API key and replica; 0: no limit")
     )
     max_body_bytes: int = field(default=16 * 1024, metadata=_help("largest request body"))
+    max_request_head_bytes: int = field(
+        default=16 * 1024, metadata=_help("largest request line and headers together")
+    )
     max_url_chars: int = field(default=2048, metadata=_help("longest webhook URL"))
     max_payload_bytes: int = field(
         default=8 * 1024, metadata=_help("largest payload of a timer, as compact JSON")
@@ -136,6 +139,7 @@ def _check_settings(s: Settings) -> None:
         "per_host_concurrency",
         "max_pending_per_tenant",
         "max_body_bytes",
+        "max_request_head_bytes",
         "max_url_chars",
         "max_payload_bytes",
         "max_headers_bytes",

@@ -1,7 +1,8 @@
 """A real webhook receiver on 127.0.0.1 with a random port, running in its own thread.
 
 It records every request (path, headers, body, arrival time) and answers with what `respond`
-returns for it (200 by default). Tests wait on it with `wait_for`, never with sleeps.
+returns for it: a status (200 by default), or an `Answer` with response headers too. Tests
+wait on it with `wait_for`, never with sleeps.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 
 @dataclass(frozen=True)
@@ -30,13 +32,23 @@ class Arrival:
         return self.path.rsplit("/", 1)[-1]
 
 
-Respond = Callable[[Arrival], int]
+@dataclass(frozen=True)
+class Answer:
+    """A status with response headers (a name may repeat, as `Set-Cookie` does)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Respond = Callable[[Arrival], int | Answer]
 
 
 class Receiver:
     """Start with `with Receiver() as r:`; `r.url` is the base URL to give timers."""
 
-    def __init__(self, respond: Respond | None = None, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, respond: Respond | None = None, delay_s: float = 0.0, host: str = "127.0.0.1"
+    ) -> None:
         self.respond = respond or (lambda _: 200)
         self.delay_s = delay_s  # how long each answer takes, to keep deliveries in flight
         self.arrivals: list[Arrival] = []
@@ -45,10 +57,11 @@ class Receiver:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.host = host  # the name in `url`; it listens on 127.0.0.1 whatever the name
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks"
+        return f"http://{self.host}:{self.port}/hooks"
 
     def __enter__(self) -> Receiver:
         self._thread.start()
@@ -82,14 +95,19 @@ class Receiver:
             body=await request.read(),
             at_ms=time.time_ns() // 1_000_000,
         )
-        status = self.respond(arrival)
+        answer = self.respond(arrival)
+        if isinstance(answer, int):
+            answer = Answer(answer)
+        status = answer.status
         with self._changed:
             self.arrivals.append(arrival)
             self._changed.notify_all()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        redirect = {"location": "/hooks/redirected"} if 300 <= status < 400 else None
-        return web.Response(status=status, headers=redirect)
+        headers = list(answer.headers)
+        if 300 <= status < 400:
+            headers.append(("location", "/hooks/redirected"))
+        return web.Response(status=status, headers=CIMultiDict(headers))
 
     def wait_for(self, count: int, timeout_s: float = 10.0) -> list[Arrival]:
         """Block until at least `count` requests arrived; fail the test after `timeout_s`."""
