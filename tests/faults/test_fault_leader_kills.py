@@ -28,7 +28,7 @@ from tests.support.cluster import (
 from tests.support.faults import (
     Figures,
     TimerStream,
-    arrived_all,
+    arrived_within,
     gauge,
     logged,
     report,
@@ -88,16 +88,18 @@ def test_ten_leader_kills_lose_nothing_and_repeat_only_what_was_in_flight(
                 lambda k=killed_ms, d=dying: first_arrival_after(receiver, k, d), 10, "a delivery"
             )
             resumed_ms.append(first - killed_ms)
+            # The next kill needs a standby ready to take over (its /healthz answers once its
+            # metrics server is up).
+            spare.wait_ready()
+            wait_until(lambda s=spare: '"daemon_started"' in s.stderr(), 10, "the spare to start")
             wait_until(lambda n=new: gauge(n, "timerd_leader") == 1.0, 5, "timerd_leader 1")
             others = [gauge(d, "timerd_leader") for d in daemons if d is not new]
             if any(value != 0.0 for value in others):
                 problems.append(f"a standby's timerd_leader gauge is not 0: {others}")
-            # The next kill needs a standby ready to take over.
-            wait_until(lambda s=spare: '"daemon_started"' in s.stderr(), 10, "the spare to start")
         due = stream.stop()
         last_due_s = (max(due.values()) - now_ms()) / 1000
-        wait_until(lambda: arrived_all(due, receiver.arrivals), last_due_s + 20, "every timer")
-        wait_until(lambda: set(due) <= ids_in_state(db, State.FIRED), 15, "all to be fired")
+        if arrived_within(last_due_s + 20, set(due), receiver):  # else reported as lost
+            wait_until(lambda: set(due) <= ids_in_state(db, State.FIRED), 15, "all to be fired")
         arrivals = list(receiver.arrivals)
     got = tally(due, arrivals)
     unexplained = got.duplicates - in_flight

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cluster import TTL_S, ids_in_state, leader_pid, now_ms, start_daemon, store_url
-from tests.support.faults import Figures, TimerStream, arrived_all, logged, report, tally
+from tests.support.faults import Figures, TimerStream, arrived_within, logged, report, tally
 from tests.support.procs import TimerdProcesses
 from tests.support.receiver import Receiver
 from tests.support.waiting import wait_until
@@ -61,8 +61,8 @@ def test_a_leader_frozen_past_its_lease_is_replaced_and_repeats_only_its_in_flig
         receiver.wait_for(seen + AFTER_THAW, timeout_s=15)
         due = stream.stop()
         last_due_s = (max(due.values()) - now_ms()) / 1000
-        wait_until(lambda: arrived_all(due, receiver.arrivals), last_due_s + 20, "every timer")
-        wait_until(lambda: set(due) <= ids_in_state(db, State.FIRED), 15, "all to be fired")
+        if arrived_within(last_due_s + 20, set(due), receiver):  # else reported as lost
+            wait_until(lambda: set(due) <= ids_in_state(db, State.FIRED), 15, "all to be fired")
         arrivals = list(receiver.arrivals)
     got = tally(due, arrivals)
     # What the thawed daemon delivered (its `delivery` log line is written once an attempt

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.support.cluster import ids_in_state, now_ms, rfc3339, start_daemon, store_url
-from tests.support.faults import Figures, WriteLock, arrived_all, logged, report, tally
+from tests.support.faults import Figures, WriteLock, arrived_within, logged, report, tally
 from tests.support.procs import TimerdProcesses
 from tests.support.receiver import Receiver
 from tests.support.waiting import wait_until
@@ -111,17 +111,3 @@ def create(client: httpx.Client, url: str, due_ms: int) -> str:
     assert answer.status_code == 201, answer.text
     timer_id: str = answer.json()["id"]
     return timer_id
-
-
-def arrived_within(timeout_s: float, ids: set[str], *receivers: Receiver) -> bool:
-    """Whether every id arrived at one of `receivers` within `timeout_s` (the test reports
-    what is missing itself, with the figures)."""
-    try:
-        wait_until(
-            lambda: arrived_all(ids, [a for r in receivers for a in r.arrivals]),
-            timeout_s,
-            "every timer",
-        )
-    except AssertionError:
-        return False
-    return True

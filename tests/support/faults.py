@@ -31,7 +31,8 @@ import httpx
 
 from tests.support.cluster import ids_in, now_ms, rfc3339
 from tests.support.procs import TimerdProcess
-from tests.support.receiver import Arrival
+from tests.support.receiver import Arrival, Receiver
+from tests.support.waiting import wait_until
 
 REPORT_ENV = "TIMERD_FAULTS_REPORT"
 DEFAULT_REPORT = Path(__file__).resolve().parents[2] / ".faults" / "fault-report.jsonl"
@@ -207,6 +208,20 @@ def tally(due: dict[str, int], arrivals: Sequence[Arrival]) -> Tally:
 
 def arrived_all(ids: Iterable[str], arrivals: Sequence[Arrival]) -> bool:
     return set(ids) <= {a.timer_id for a in arrivals}
+
+
+def arrived_within(timeout_s: float, ids: set[str], *receivers: Receiver) -> bool:
+    """Whether every id arrived at one of `receivers` within `timeout_s` (the test reports
+    what is missing itself, with the figures)."""
+    try:
+        wait_until(
+            lambda: arrived_all(ids, [a for r in receivers for a in r.arrivals]),
+            timeout_s,
+            "every timer",
+        )
+    except AssertionError:
+        return False
+    return True
 
 
 def logged(proc: TimerdProcess, event: str) -> list[dict[str, Any]]:
