@@ -1,4 +1,6 @@
-"""Shared fixtures: the store under test, once per backend.
+"""Shared fixtures: the store under test, once per backend. And the `--faults` switch: tests
+marked `faults` (the real-process fault suite in tests/faults, minutes long) are skipped unless
+pytest is given `--faults`, so the default run stays fast; `bash scripts/faults` runs them.
 
 `open_store_on_backend` yields a factory; every call opens another store on the same fresh
 database, as another process would (on SQLite a new `SqliteStore`, hence new connections, on the
@@ -25,6 +27,24 @@ from timerd.store.mongo import MongoStore
 MONGO_URI_ENV = "TIMERD_TEST_MONGO_URI"
 
 StoreFactory = Callable[[], Store]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--faults",
+        action="store_true",
+        default=False,
+        help="run the real-process fault suite (tests marked faults; see RELIABILITY.md)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--faults"):
+        return
+    skip = pytest.mark.skip(reason="fault suite: runs only with --faults (bash scripts/faults)")
+    for item in items:
+        if "faults" in item.keywords:
+            item.add_marker(skip)
 
 
 def _database_name() -> str:

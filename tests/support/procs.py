@@ -120,11 +120,21 @@ class TimerdProcess:
         """Return once `GET /healthz` answers 200 (see `wait_healthy`)."""
         wait_healthy(self.base_url, self.popen, self.describe, timeout_s)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process is frozen (a stall: GC pause, swapped out, VM paused) until
+        `resume`; the kernel keeps its sockets and the clocks keep running."""
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: a paused process carries on where it stopped."""
+        self.popen.send_signal(signal.SIGCONT)
+
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM, then wait up to `timeout_s` for the exit code. A process that does not stop in
-        time is killed and the test fails."""
+        time is killed and the test fails. A paused process is resumed to act on the SIGTERM."""
         if self.running():
             self.popen.send_signal(signal.SIGTERM)
+            self.popen.send_signal(signal.SIGCONT)
         try:
             return self.popen.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
