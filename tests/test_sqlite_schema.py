@@ -1,5 +1,6 @@
 """The SQLite file upgrades in place: a store written by the previous release opens and works,
-every migration runs once, and a file from a newer timerd is refused."""
+every migration runs once, and a file from a newer timerd is refused. Every hot query is served
+by an index, so it costs the same however many finished timers the file keeps."""
 
 from __future__ import annotations
 
@@ -8,12 +9,21 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from timerd.errors import ConfigError
 from timerd.models import Claim, State, Timer, new_claim_token, new_timer_id
-from timerd.store.sqlite import SqliteStore
+from timerd.store.sqlite import (
+    BY_IDEMPOTENCY_KEY_SQL,
+    COLUMNS,
+    COUNT_FIRING_SQL,
+    COUNT_PENDING_SQL,
+    PURGE_FINISHED_SQL,
+    RECOVER_EXPIRED_SQL,
+    SqliteStore,
+)
 from timerd.store.sqlite_schema import VERSION
 
 RELEASE_0_1_0 = Path(__file__).parent / "fixtures" / "release-0.1.0.sql"
@@ -99,3 +109,42 @@ def test_a_new_file_starts_at_the_latest_version(tmp_path: Path) -> None:
     with closing(SqliteStore(str(path))):
         pass
     assert user_version(path) == VERSION
+
+
+HOT_QUERIES = {
+    "list without state": (
+        f"SELECT {COLUMNS} FROM timers WHERE tenant = ? ORDER BY id DESC",
+        ("a",),
+    ),
+    "list with state": (
+        f"SELECT {COLUMNS} FROM timers WHERE tenant = ? AND state = ? AND id < ? ORDER BY id DESC",
+        ("a", "fired", "f" * 24),
+    ),
+    "tenant cap": (
+        "SELECT count(*) FROM (SELECT 1 FROM timers INDEXED BY timers_tenant_state_id"
+        " WHERE tenant = ? AND state = 'pending' LIMIT ?)",
+        ("a", 5),
+    ),
+    "purge": (PURGE_FINISHED_SQL, (1, 5)),
+    "count pending": (COUNT_PENDING_SQL, ()),
+    "count firing": (COUNT_FIRING_SQL, ()),
+    "idempotency": (BY_IDEMPOTENCY_KEY_SQL, ("a", "k")),
+    "sweep": (
+        RECOVER_EXPIRED_SQL.replace("{partitions}", ""),
+        {"now": 1, "limit": 5, "max_attempts": 3},
+    ),
+}
+
+
+@pytest.mark.parametrize(("sql", "params"), HOT_QUERIES.values(), ids=HOT_QUERIES.keys())
+def test_every_hot_query_is_served_by_an_index_without_sorting(
+    tmp_path: Path, sql: str, params: Any
+) -> None:
+    path = tmp_path / "timerd.db"
+    with closing(SqliteStore(str(path))):
+        pass
+    with closing(sqlite3.connect(path)) as conn:
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+    assert all("TEMP B-TREE" not in step for step in plan), plan
+    table_steps = [step for step in plan if " timers" in step]
+    assert table_steps and all("USING" in step and "INDEX" in step for step in table_steps), plan
