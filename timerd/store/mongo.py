@@ -7,6 +7,7 @@ majority and journaled.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -43,24 +44,14 @@ DUPLICATE_KEY = 11000
 PENDING_DUE_INDEX = "pending_due_by_partition"
 FIRING_CLAIM_INDEX = "firing_claim_by_partition"
 
-_TIMER_FIELDS = (
-    "url",
-    "due_at_ms",
-    "created_at_ms",
-    "state",
-    "attempts",
-    "fired_at_ms",
-    "claimed_by",
-    "claimed_until_ms",
-    "last_status",
-    "last_error",
-    "payload",
-    "max_attempts",
-    "tenant",
-    "finished_at_ms",
-    "fired_by",
-)
 _OPTIONAL_FIELDS = ("idempotency_key", "request_hash", "claim_token")  # absent when unset
+_ENCODED = {"id", "headers", "history"}  # stored as `_id`, and as lists of their own
+# Every other Timer field is stored as it is (`state` as its string value).
+_TIMER_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(Timer)
+    if f.name not in _ENCODED and f.name not in _OPTIONAL_FIELDS
+)
 
 
 def _to_doc(t: Timer, partitions: int) -> Doc:

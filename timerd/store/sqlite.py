@@ -9,6 +9,7 @@ statement on a per-thread connection; SQLite serialises writers across processes
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import queue
 import sqlite3
@@ -38,30 +39,9 @@ from timerd.store.sqlite_schema import migrate, transaction, use_wal
 
 T = TypeVar("T")
 
-# The `timers` columns a Timer is made of, by name; `headers` and `history` are JSON text.
-TIMER_COLUMNS = (
-    "id",
-    "url",
-    "due_at_ms",
-    "created_at_ms",
-    "state",
-    "attempts",
-    "fired_at_ms",
-    "claimed_by",
-    "claimed_until_ms",
-    "claim_token",
-    "last_status",
-    "last_error",
-    "payload",
-    "headers",
-    "max_attempts",
-    "history",
-    "tenant",
-    "idempotency_key",
-    "request_hash",
-    "finished_at_ms",
-    "fired_by",
-)
+# The `timers` columns a Timer is made of: one per field, by name (`headers` and `history` are
+# JSON text, `state` its string value).
+TIMER_COLUMNS = tuple(f.name for f in dataclasses.fields(Timer))
 COLUMNS = ", ".join(TIMER_COLUMNS)
 # OR IGNORE: a second timer with a tenant's idempotency key is not inserted (see `insert`).
 INSERT_SQL = (
