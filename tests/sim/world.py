@@ -10,9 +10,11 @@ invariants are checked along the way and at the end (`tests/sim/invariants.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import random
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,10 +346,24 @@ class World:
         )
 
     def _open_store(self, workdir: Path) -> Store:
+        """The shared store, created with the seed's partition count (fixed at creation: the
+        first process to open a database writes it, and every later one reads it)."""
+        partitions = self.rng("shape/partitions").choice((1, 2, 3, 4, 8, 8, 64))
+        store: Store
         if self.config.store == "mongo":
             client: Any = mongomock.MongoClient()
-            return MongoStore(client, "sim", server_time=self.true.now_ms)
-        return SqliteStore(str(workdir / "sim.db"), synchronous="OFF")
+            client["sim"]["meta"].insert_one({"_id": "partitions", "value": partitions})
+            store = MongoStore(client, "sim", server_time=self.true.now_ms)
+        else:
+            path = workdir / "sim.db"
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+                conn.execute("INSERT INTO meta VALUES ('partitions', ?)", (partitions,))
+                conn.commit()
+            store = SqliteStore(str(path), synchronous="OFF")
+        count = getattr(store, "partitions", lambda: 1)()
+        self.trace(f"store {self.config.store}, {count} partitions")
+        return store
 
     def view(self, name: str, observer: Any = None) -> FaultyStore:
         self._views += 1
@@ -533,6 +549,17 @@ class World:
             elif not idle(actor.daemon):
                 self.violate(f"{actor.name}: holds {actor.daemon.counters()} after stopping")
             actor.alive = False
+        self._check_leases_released({a.holder for a in alive})
+
+    def _check_leases_released(self, holders: set[str]) -> None:
+        """A clean stop hands every lease over at once: none is left live in a stopped name."""
+        leases = getattr(self.inner, "leases", None)
+        if leases is None:
+            return
+        now_ms = self.true.now_ms()
+        for lease in leases():
+            if lease.holder in holders and lease.expires_at_ms > now_ms:
+                self.violate(f"lease {lease} still live after its holder stopped cleanly")
 
     def close(self) -> None:
         self.inner.close()
