@@ -189,3 +189,35 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections and threads. The store must not be used afterwards."""
+
+    # reads for the console (`GET /stats`, `GET /timers?url_prefix=`)
+
+    @abc.abstractmethod
+    def count_by_state_of(self, tenant: str) -> dict[State, int]:
+        """How many of `tenant`'s timers are in each state; states with none may be left out.
+        Served by the (tenant, state, id) index."""
+
+    @abc.abstractmethod
+    def earliest_pending_of(self, tenant: str) -> Due | None:
+        """`tenant`'s `pending` timer with the earliest `due_at_ms` (then the lowest id), or
+        None when it has none."""
+
+    @abc.abstractmethod
+    def list_timers_by_url(
+        self,
+        url_prefix: str,
+        state: State | None,
+        before_id: str | None,
+        limit: int,
+        *,
+        tenant: str | None,
+        scan: int,
+    ) -> tuple[list[Timer], str | None]:
+        """Up to `limit` timers whose `url` starts with `url_prefix`, newest first, found among
+        the `scan` newest timers (in `state` and of `tenant` when given) with ids below
+        `before_id`: a scan of the id index bounded by `scan`, however rare the matches.
+
+        Returns them and the cursor of the next page: the last id returned when `limit` were
+        found, else the oldest id scanned when the scan stopped at `scan` timers (the page may
+        then be short, or empty), else None (nothing older is left).
+        """
