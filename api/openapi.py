@@ -13,6 +13,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from api.stats import RECENT
 from api.validation import (
     DEFAULT_PAGE,
     MAX_ATTEMPTS_CAP,
@@ -23,6 +24,7 @@ from api.validation import (
     MAX_PAYLOAD_BYTES,
     MAX_PAYLOAD_DEPTH,
     MAX_URL_CHARS,
+    URL_SCAN,
 )
 from timerd import __version__
 from timerd.models import State
@@ -228,6 +230,103 @@ TIMER_PAGE: Schema = {
         },
     },
     "required": ["timers", "next_cursor"],
+    "additionalProperties": False,
+}
+
+
+def _counts(description: str) -> Schema:
+    return {"type": "integer", "minimum": 0, "description": description}
+
+
+STATS: Schema = {
+    "type": "object",
+    "description": "The caller's tenant at a glance. Counts and the backlog cover all of the "
+    f"tenant's timers; the recent figures come from its newest {RECENT} fired and {RECENT} "
+    "failed timers. Each replica reads them at most once a second.",
+    "properties": {
+        "now": {**DATE_TIME, "description": "The store's time the figures were read at."},
+        "counts": {
+            "type": "object",
+            "properties": {state.value: _counts(f"Timers {state.value}.") for state in State},
+            "required": [state.value for state in State],
+            "additionalProperties": False,
+        },
+        "backlog": {
+            "type": "object",
+            "properties": {
+                "pending": _counts("Pending timers."),
+                "next": _nullable(
+                    {
+                        "type": "object",
+                        "description": "The earliest pending timer; null when none is pending.",
+                        "properties": {
+                            "id": {"type": "string", "pattern": TIMER_ID_PATTERN},
+                            "fire_at": DATE_TIME,
+                            "overdue_ms": _counts("How long it has been due; 0 if not yet."),
+                        },
+                        "required": ["id", "fire_at", "overdue_ms"],
+                        "additionalProperties": False,
+                    }
+                ),
+            },
+            "required": ["pending", "next"],
+            "additionalProperties": False,
+        },
+        "recent": {
+            "type": "object",
+            "properties": {
+                "window_s": _counts("How far back `fired`, `failed` and `lateness_ms` look."),
+                "sample": _counts("How many of the newest fired (and failed) timers are read."),
+                "fired": _counts("Timers delivered within the window."),
+                "fired_per_s": {
+                    "type": "number",
+                    "minimum": 0,
+                    "description": "Timers delivered per second over the last minute.",
+                },
+                "failed": _counts("Timers that ended failed (dead letters) within the window."),
+                "failed_attempts": _counts("Attempts without a 2xx answer within the window."),
+                "lateness_ms": _nullable(
+                    {
+                        "type": "object",
+                        "description": "Fired minus due, of the timers delivered within the "
+                        "window; null when none was.",
+                        "properties": {
+                            "p50": {"type": "number"},
+                            "p99": {"type": "number"},
+                            "max": {"type": "number"},
+                        },
+                        "required": ["p50", "p99", "max"],
+                        "additionalProperties": False,
+                    }
+                ),
+            },
+            "required": [
+                "window_s",
+                "sample",
+                "fired",
+                "fired_per_s",
+                "failed",
+                "failed_attempts",
+                "lateness_ms",
+            ],
+            "additionalProperties": False,
+        },
+        "lease": _nullable(
+            {
+                "type": "object",
+                "description": "Who fires: the leader lease; null before any daemon took it.",
+                "properties": {
+                    "holder": {"type": "string"},
+                    "epoch": {"type": "integer", "minimum": 1},
+                    "expires_at": DATE_TIME,
+                    "live": {"type": "boolean", "description": "False once it has expired."},
+                },
+                "required": ["holder", "epoch", "expires_at", "live"],
+                "additionalProperties": False,
+            }
+        ),
+    },
+    "required": ["now", "counts", "backlog", "recent", "lease"],
     "additionalProperties": False,
 }
 
@@ -440,6 +539,20 @@ OPENAPI: Schema = {
                         "description": "The `next_cursor` of the previous page.",
                         "schema": {"type": "string", "pattern": TIMER_ID_PATTERN},
                     },
+                    {
+                        "name": "url_prefix",
+                        "in": "query",
+                        "description": "Only timers whose `url` starts with this text "
+                        "(`https://api.example.com/` for one host). Each page then looks at no "
+                        f"more than the {URL_SCAN} next timers, so a page may hold fewer than "
+                        "`limit` timers, or none, and still have a `next_cursor`.",
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": MAX_URL_CHARS,
+                            "pattern": "^[^\\x00-\\x1f\\x7f]*$",
+                        },
+                    },
                 ],
                 "responses": _answers(
                     {
@@ -511,6 +624,16 @@ OPENAPI: Schema = {
                 ),
             },
         },
+        "/stats": {
+            "get": {
+                "operationId": "stats",
+                "summary": "The caller's timers at a glance",
+                "description": "What the web console's overview shows: counts by state, the "
+                "backlog and its earliest timer, recent deliveries, failures and lateness, and "
+                "who fires.",
+                "responses": _answers({"200": _ok("The figures.", _ref("Stats"))}),
+            }
+        },
         "/healthz": {
             "get": {
                 "operationId": "healthz",
@@ -570,6 +693,7 @@ OPENAPI: Schema = {
             "Timer": TIMER,
             "Attempt": ATTEMPT,
             "TimerPage": TIMER_PAGE,
+            "Stats": STATS,
             "State": {"type": "string", "enum": [state.value for state in State]},
             "Error": ERROR,
         },
