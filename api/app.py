@@ -20,6 +20,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import Authenticator
+from api.console import Console
 from api.errors import EXCEPTION_HANDLERS, ApiError, log
 from api.openapi import openapi_json
 from api.stats import StatsCache
@@ -325,6 +326,7 @@ def create_app(
             Route("/timers/{timer_id}/replay", routes.replay, methods=["POST"]),
             Route("/timers/{timer_id}", routes.timer, methods=["GET", "PATCH", "DELETE"]),
             Route("/stats", routes.stats, methods=["GET"]),
+            *Console().routes(),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(RequestMetrics)],

@@ -443,6 +443,11 @@ TIMER_ID_PARAM: Schema = {
     "description": "A timer id (24 hex digits); any other text answers 404.",
     "schema": {"type": "string", "pattern": TIMER_ID_PATTERN},
 }
+CONSOLE_HEADERS: dict[str, Schema] = {
+    "Content-Security-Policy": _header("Only this origin's own scripts, styles and connections."),
+    "X-Content-Type-Options": _header("`nosniff`."),
+    "ETag": _header("Revalidate with `If-None-Match` (`Cache-Control: no-cache`)."),
+}
 TIMERS_SECURITY: list[Schema] = [{"apiKey": []}, {}]  # {}: no key, when none is configured
 TIMER_OK = _ok("The timer as it now is.", _ref("Timer"))
 
@@ -632,6 +637,43 @@ OPENAPI: Schema = {
                 "backlog and its earliest timer, recent deliveries, failures and lateness, and "
                 "who fires.",
                 "responses": _answers({"200": _ok("The figures.", _ref("Stats"))}),
+            }
+        },
+        "/ui": {
+            "get": {
+                "operationId": "console",
+                "summary": "The web console",
+                "description": "An HTML page that uses this API from the browser (it asks for "
+                "an API key when one is needed). Served with a strict Content-Security-Policy.",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The console's page.",
+                        "headers": CONSOLE_HEADERS,
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/ui/static/{name}": {
+            "get": {
+                "operationId": "consoleAsset",
+                "summary": "A file of the web console (script, stylesheet, icon)",
+                "security": [],
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The file.",
+                        "headers": CONSOLE_HEADERS,
+                        "content": {
+                            media: {"schema": {"type": "string"}}
+                            for media in ("text/javascript", "text/css", "image/svg+xml")
+                        },
+                    },
+                    "404": _error("No such file.", "not_found"),
+                },
             }
         },
         "/healthz": {
