@@ -1,7 +1,8 @@
 """A real webhook receiver on 127.0.0.1 with a random port, running in its own thread.
 
 It records every request (path, headers, body, arrival time) and answers with what `respond`
-returns for it (200 by default). Tests wait on it with `wait_for`, never with sleeps.
+returns for it (200 by default), with `body` as the answer's body (none by default). Tests wait
+on it with `wait_for`, never with sleeps.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ Respond = Callable[[Arrival], int]
 class Receiver:
     """Start with `with Receiver() as r:`; `r.url` is the base URL to give timers."""
 
-    def __init__(self, respond: Respond | None = None, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, respond: Respond | None = None, delay_s: float = 0.0, body: bytes = b""
+    ) -> None:
         self.respond = respond or (lambda _: 200)
+        self.body = body  # what every answer carries
         self.delay_s = delay_s  # how long each answer takes, to keep deliveries in flight
         self.arrivals: list[Arrival] = []
         self._changed = threading.Condition()
@@ -89,7 +93,7 @@ class Receiver:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         redirect = {"location": "/hooks/redirected"} if 300 <= status < 400 else None
-        return web.Response(status=status, headers=redirect)
+        return web.Response(status=status, headers=redirect, body=self.body or None)
 
     def wait_for(self, count: int, timeout_s: float = 10.0) -> list[Arrival]:
         """Block until at least `count` requests arrived; fail the test after `timeout_s`."""

@@ -14,7 +14,7 @@
   const $ = (id) => document.getElementById(id);
   let generation = 0; // bumped on every navigation: stale polls and answers see it and stop
 
-  // DOM: elements with attributes and text children; never innerHTML.
+  // DOM: elements with attributes and text children; no markup is ever parsed.
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
