@@ -393,8 +393,10 @@
       field("Headers (JSON object, optional)", headers),
       field("Max attempts (optional)", attempts),
       el("button", { type: "submit" }, "Create timer"), failure);
-    view.append(el("h1", {}, "New timer"), form);
-    return Promise.resolve();
+    // Ask the API first, so that a key it wants is asked for before the form is filled in.
+    return api("GET", "timers?limit=1")
+      .then(() => view.append(el("h1", {}, "New timer"), form))
+      .catch(report);
   }
 
   function parseJson(name, text) {
