@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from api.console import CONTENT_SECURITY_POLICY
-from tests.support.procs import TimerdProcess, TimerdProcesses
+from tests.support.nginx import NGINX_MISSING, UPSTREAM_HEADER, Nginx, nginx_binary
+from tests.support.procs import HOST, TimerdProcess, TimerdProcesses
 
 ASSETS = ["console.js", "console.css", "favicon.svg"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,3 +75,25 @@ def test_every_asset_is_package_data() -> None:
     assert {"static/index.html", *(f"static/{name}" for name in ASSETS)} <= set(files)
     for name in files:
         assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
+
+
+def test_behind_nginx_every_replica_serves_the_console_with_the_same_etags(
+    procs: TimerdProcesses, tmp_path: Path
+) -> None:
+    if nginx_binary() is None:
+        pytest.skip(NGINX_MISSING)
+    store = f"sqlite:///{tmp_path / 'timerd.db'}"
+    apis = [procs.start("api", store, ready=False) for _ in range(2)]
+    for api in apis:
+        api.wait_ready()
+    replicas = {f"{HOST}:{api.port}" for api in apis}
+    with Nginx(tmp_path, sorted(replicas)) as lb:
+        for path in ["/ui", "/ui/static/console.js", "/stats"]:
+            answers = [httpx.get(lb.base_url + path) for _ in range(4)]  # round robin: both
+            assert {a.headers[UPSTREAM_HEADER] for a in answers} == replicas
+            assert {a.status_code for a in answers} == {200}
+            if path != "/stats":
+                assert len({a.headers["etag"] for a in answers}) == 1  # revalidates anywhere
+                assert {a.headers["content-security-policy"] for a in answers} == {
+                    CONTENT_SECURITY_POLICY
+                }
