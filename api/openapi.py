@@ -13,6 +13,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from api.console import PAGE, load_assets
 from api.stats import RECENT
 from api.validation import (
     DEFAULT_PAGE,
@@ -443,6 +444,7 @@ TIMER_ID_PARAM: Schema = {
     "description": "A timer id (24 hex digits); any other text answers 404.",
     "schema": {"type": "string", "pattern": TIMER_ID_PATTERN},
 }
+CONSOLE_FILES = sorted(name for name in load_assets() if name != PAGE)
 CONSOLE_HEADERS: dict[str, Schema] = {
     "Content-Security-Policy": _header("Only this origin's own scripts, styles and connections."),
     "X-Content-Type-Options": _header("`nosniff`."),
@@ -661,7 +663,12 @@ OPENAPI: Schema = {
                 "summary": "A file of the web console (script, stylesheet, icon)",
                 "security": [],
                 "parameters": [
-                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": CONSOLE_FILES},
+                    }
                 ],
                 "responses": {
                     "200": {
