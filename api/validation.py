@@ -34,6 +34,7 @@ MAX_HEADERS = 20
 MAX_HEADER_BYTES: int = default("max_headers_bytes")  # names and values together
 MAX_ATTEMPTS_CAP = 100
 DEFAULT_PAGE, MAX_PAGE = 50, 100
+URL_SCAN = 1000  # timers one page of a `url_prefix` listing looks at, at most
 LIMIT = re.compile(r"[0-9]{1,9}")
 # Headers a client may not set: hop-by-hop ones, framing, and what timerd itself sends.
 FORBIDDEN_HEADERS = frozenset(
@@ -327,11 +328,20 @@ class ListQuery:
     state: State | None
     cursor: str | None
     limit: int
+    url_prefix: str | None = None
+
+
+URL_PREFIX = re.compile(rf"[^\x00-\x1f\x7f]{{1,{MAX_URL_CHARS}}}")
 
 
 def parse_list_query(params: Mapping[str, str]) -> ListQuery:
-    """`state` (optional), `cursor` (the `next_cursor` of the previous page), `limit` (1-100)."""
-    _refuse_unknown(params, {"state", "cursor", "limit"}, "parameter")
+    """`state` (optional), `cursor` (the `next_cursor` of the previous page), `limit` (1-100),
+    `url_prefix` (optional: only timers whose URL starts with it)."""
+    _refuse_unknown(params, {"state", "cursor", "limit", "url_prefix"}, "parameter")
+    url_prefix = params.get("url_prefix")
+    if url_prefix is not None and not URL_PREFIX.fullmatch(url_prefix):
+        message = f"url_prefix must be 1 to {MAX_URL_CHARS} characters without control characters"
+        raise _invalid("url_prefix", message)
     state = params.get("state")
     if state is not None and state not in {s.value for s in State}:
         raise _invalid("state", f"state must be one of {', '.join(s.value for s in State)}")
@@ -342,7 +352,7 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
     # ASCII digits ("²".isdigit() holds, int("²") fails), few enough for int() (4300 at most)
     if not LIMIT.fullmatch(limit) or not 1 <= int(limit) <= MAX_PAGE:
         raise _invalid("limit", f"limit must be an integer from 1 to {MAX_PAGE}")
-    return ListQuery(None if state is None else State(state), cursor, int(limit))
+    return ListQuery(None if state is None else State(state), cursor, int(limit), url_prefix)
 
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)

@@ -51,6 +51,24 @@ def _score(partition: int, member: str) -> bytes:
     return hashlib.blake2b(f"{partition}/{member}".encode(), digest_size=8).digest()
 
 
+def live_daemons(leases: Iterable[Lease], now_ms: int) -> dict[str, list[int]]:
+    """Each live daemon (by its membership lease) and the partitions it holds live, in order."""
+    live = [lease for lease in leases if lease.expires_at_ms >= now_ms]
+    members = sorted(m.name.removeprefix(MEMBER_PREFIX) for m in live if _is_member(m))
+    return {
+        member: sorted(
+            int(lease.name[1:])
+            for lease in live
+            if lease.holder == member and not _is_member(lease)
+        )
+        for member in members
+    }
+
+
+def _is_member(lease: Lease) -> bool:
+    return lease.name.startswith(MEMBER_PREFIX)
+
+
 @dataclass(frozen=True, slots=True)
 class Held:
     """A partition lease this daemon holds: its epoch and how long it is surely ours."""

@@ -420,7 +420,8 @@ class World:
 
     async def run_chaos(self, until_s: float) -> None:
         rng = self.chaos
-        moments = sorted(rng.uniform(1.0, until_s) for _ in range(rng.randint(0, 6)))
+        events = rng.choice((rng.randint(0, 3), rng.randint(0, 6), rng.randint(4, 12)))
+        moments = sorted(rng.uniform(1.0, until_s) for _ in range(events))
         for moment in moments:
             await asyncio.sleep(max(0.0, moment - self.loop.time()))
             alive = [a for a in self.actors if a.alive]
@@ -437,7 +438,7 @@ class World:
     def arm_stall(self, victim: DaemonActor) -> None:
         """Stop `victim` for 2-3 lease TTLs (now and then less) around one of its store calls."""
         rng = self.chaos
-        ttls = rng.uniform(2.0, 3.0) if rng.random() < 0.8 else rng.uniform(0.3, 1.5)
+        ttls = rng.uniform(2.0, 3.0) if rng.random() < 0.7 else rng.uniform(0.3, 2.0)
         request = StallRequest(
             op=rng.choice(STALL_TARGETS),
             where=rng.choice(("before", "after")),
@@ -522,7 +523,10 @@ class World:
 
     def settled(self) -> bool:
         """Nothing firing, nothing pending due soon, every live daemon idle (cheap queries)."""
-        if not all(idle(a.daemon) for a in self.actors if a.alive):
+        alive = [a for a in self.actors if a.alive]
+        if any(a.stalled_until_s > self.loop.time() for a in alive):
+            return False  # a stopped process settles nothing
+        if not all(idle(a.daemon) for a in alive):
             return False
         next_due_ms = self.inner.next_due_at_ms()
         if next_due_ms is not None and next_due_ms <= self.true.now_ms() + QUIET_HORIZON_MS:
