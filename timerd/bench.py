@@ -58,7 +58,7 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import aiohttp
 
-from timerd.lease import owner_of
+from timerd.lease import owners
 from timerd.models import (
     MEMBER_PREFIX,
     AttemptRecord,
@@ -496,9 +496,9 @@ def settled_holders(store: Store, members_expected: int) -> dict[str, int] | Non
     if len(members) != members_expected:
         return None
     held: Counter[str] = Counter()
-    for partition in range(store.partitions()):
+    for partition, owner in enumerate(owners(store.partitions(), members)):
         lease = leases.get(partition_lease(partition))
-        if lease is None or lease.holder != owner_of(partition, members):
+        if lease is None or lease.holder != owner:
             return None
         held[lease.holder] += 1
     return dict(held)
