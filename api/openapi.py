@@ -256,6 +256,11 @@ STATS: Schema = {
             "required": [state.value for state in State],
             "additionalProperties": False,
         },
+        "counts_limit": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "Each count stops here: a count equal to it means at least that many.",
+        },
         "backlog": {
             "type": "object",
             "properties": {
@@ -339,7 +344,7 @@ STATS: Schema = {
             "additionalProperties": False,
         },
     },
-    "required": ["now", "counts", "backlog", "recent", "firing"],
+    "required": ["now", "counts", "counts_limit", "backlog", "recent", "firing"],
     "additionalProperties": False,
 }
 

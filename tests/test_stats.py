@@ -58,6 +58,7 @@ def test_stats_of_an_empty_store(procs: TimerdProcesses, db: Path) -> None:
     api = procs.start("api", f"sqlite:///{db}")
     stats = get(api.base_url, "/stats").json()
     assert stats["counts"] == dict.fromkeys([s.value for s in State], 0)
+    assert stats["counts_limit"] == 10_000
     assert stats["backlog"] == {"pending": 0, "next": None}
     assert stats["recent"]["fired"] == stats["recent"]["failed"] == 0
     assert stats["recent"]["lateness_ms"] is None

@@ -1184,9 +1184,11 @@ def test_count_by_state_of_counts_one_tenants_timers(store: Store) -> None:
     inserted(store, tenant="acme")
     inserted(store, tenant="acme", state=State.FAILED)
     inserted(store, tenant="acme", state=State.FAILED)
-    assert store.count_by_state_of("acme") == {State.PENDING: 1, State.FAILED: 2}
-    assert store.count_by_state_of("") == dict.fromkeys(State, 1)
-    assert store.count_by_state_of("globex") == {}
+    none = dict.fromkeys(State, 0)
+    assert store.count_by_state_of("acme", 10) == none | {State.PENDING: 1, State.FAILED: 2}
+    assert store.count_by_state_of("acme", 1) == none | {State.PENDING: 1, State.FAILED: 1}
+    assert store.count_by_state_of("", 10) == dict.fromkeys(State, 1)
+    assert store.count_by_state_of("globex", 10) == none
 
 
 def test_earliest_pending_of_is_the_tenants_earliest_pending_timer(store: Store) -> None:

@@ -242,9 +242,10 @@ class Store(abc.ABC):
     # reads for the console (`GET /stats`, `GET /timers?url_prefix=`)
 
     @abc.abstractmethod
-    def count_by_state_of(self, tenant: str) -> dict[State, int]:
-        """How many of `tenant`'s timers are in each state; states with none may be left out.
-        Served by the (tenant, state, id) index."""
+    def count_by_state_of(self, tenant: str, limit: int) -> dict[State, int]:
+        """How many of `tenant`'s timers are in each state, counting no further than `limit` in
+        any one (so the cost stays bounded however many finished timers it has); every state is
+        present. Served by the (tenant, state, id) index."""
 
     @abc.abstractmethod
     def earliest_pending_of(self, tenant: str) -> Due | None:

@@ -643,13 +643,16 @@ class MongoStore(Store):
 
     # reads for the console
 
-    def count_by_state_of(self, tenant: str) -> dict[State, int]:
-        pipeline: list[Doc] = [
-            {"$match": {"tenant": tenant}},
-            {"$group": {"_id": "$state", "n": {"$sum": 1}}},
-        ]
+    def count_by_state_of(self, tenant: str, limit: int) -> dict[State, int]:
+        if limit <= 0:  # MongoDB reads limit 0 as no limit at all
+            return dict.fromkeys(State, 0)
         with translate_errors():
-            return {State(g["_id"]): g["n"] for g in self._timers.aggregate(pipeline)}
+            return {
+                state: self._timers.count_documents(
+                    {"tenant": tenant, "state": state.value}, limit=limit
+                )
+                for state in State
+            }
 
     def earliest_pending_of(self, tenant: str) -> Due | None:
         query = {"tenant": tenant, "state": "pending"}

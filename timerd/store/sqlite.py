@@ -554,10 +554,16 @@ class SqliteStore(Store):
 
     # reads for the console
 
-    def count_by_state_of(self, tenant: str) -> dict[State, int]:
-        sql = "SELECT state, count(*) FROM timers WHERE tenant = ? GROUP BY state"
-        rows = self._run(lambda c: c.execute(sql, (tenant,)).fetchall())
-        return {State(state): n for state, n in rows}
+    def count_by_state_of(self, tenant: str, limit: int) -> dict[State, int]:
+        sql = (
+            "SELECT count(*) FROM (SELECT 1 FROM timers INDEXED BY timers_tenant_state_id"
+            " WHERE tenant = ? AND state = ? LIMIT ?)"
+        )
+
+        def count(conn: sqlite3.Connection) -> dict[State, int]:
+            return {s: conn.execute(sql, (tenant, s.value, limit)).fetchone()[0] for s in State}
+
+        return self._run(count)
 
     def earliest_pending_of(self, tenant: str) -> Due | None:
         sql = (

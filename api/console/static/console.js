@@ -148,7 +148,7 @@
     return poll(async () => {
       const stats = await api("GET", "stats");
       body.replaceChildren(
-        countsCard(stats.counts),
+        countsCard(stats.counts, stats.counts_limit),
         backlogCard(stats.backlog),
         recentCard(stats.recent),
         firingCard(stats.firing),
@@ -165,10 +165,11 @@
     return el("div", { class: "figure", ...attrs }, el("span", { class: "value" }, value), el("span", { class: "label" }, label));
   }
 
-  function countsCard(counts) {
+  function countsCard(counts, limit) {
     const figures = STATES.map((state) =>
       el("a", { href: "#/timers?state=" + state, class: "figure state-" + state, "data-count": state },
-        el("span", { class: "value" }, counts[state]), el("span", { class: "label" }, state)));
+        el("span", { class: "value" }, counts[state] >= limit ? `${limit}+` : counts[state]),
+        el("span", { class: "label" }, state)));
     return card("Timers by state", el("div", { class: "figures" }, figures));
   }
 
