@@ -120,6 +120,11 @@ HOT_QUERIES = {
         f"SELECT {COLUMNS} FROM timers WHERE tenant = ? AND state = ? AND id < ? ORDER BY id DESC",
         ("a", "fired", "f" * 24),
     ),
+    "list series": (
+        f"SELECT {COLUMNS} FROM timers INDEXED BY timers_tenant_series"
+        " WHERE tenant = ? AND schedule IS NOT NULL ORDER BY id DESC",
+        ("a",),
+    ),
     "tenant cap": (
         "SELECT count(*) FROM (SELECT 1 FROM timers INDEXED BY timers_tenant_state_id"
         " WHERE tenant = ? AND state = 'pending' LIMIT ?)",

@@ -19,6 +19,7 @@ from aiohttp.abc import AbstractResolver
 from timerd import __version__
 from timerd.clock import Clock, SystemClock
 from timerd.models import RESPONSE_PREFIX_CHARS, Timer
+from timerd.schedules import missed_by
 from timerd.settings import Settings
 from timerd.signing import Signer
 from timerd.ssrf import ADDRESS_DENIED, AddressDenied, AddressPolicy, Denial, GuardedResolver
@@ -54,14 +55,21 @@ def webhook_url(base_url: str, timer_id: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
-def webhook_body(timer: Timer) -> bytes:
+def webhook_body(timer: Timer, missed: int = 0) -> bytes:
     """The JSON body: which timer fired, when it was due, which attempt this is, and the
-    client's `payload` when it gave one. Written out directly: every field is a number, the
-    hex id, or the payload, which is stored as compact JSON text already."""
+    client's `payload` when it gave one; for a series also which `occurrence` this is, when it
+    was scheduled (`scheduled_at_ms`) and how many later occurrences that came due meanwhile it
+    stands for (`missed`, see `schedules.missed_by`). Written out directly: every field is a
+    number, the hex id, or the payload, which is stored as compact JSON text already."""
     body = (
         f'{{"id":"{timer.id}","type":"timer.fired","due_at_ms":{timer.due_at_ms},'
         f'"created_at_ms":{timer.created_at_ms},"attempt":{timer.attempts}'
     )
+    if timer.recurring:
+        body += (
+            f',"occurrence":{timer.occurrence},"scheduled_at_ms":{timer.occurrence_at_ms},'
+            f'"missed":{missed}'
+        )
     if timer.payload is not None:
         body += f',"payload":{timer.payload}'
     return (body + "}").encode()
@@ -149,7 +157,7 @@ class Deliverer:
         denial = self._url_denial(timer.url)  # literals: aiohttp connects without resolving
         if denial is not None:
             return _denied(timer, denial, started_ms, started)
-        body = webhook_body(timer)
+        body = webhook_body(timer, missed_by(timer, started_ms))
         try:
             async with session.post(
                 webhook_url(timer.url, timer.id),
@@ -175,12 +183,12 @@ class Deliverer:
         headers = {
             **dict(timer.headers),
             "content-type": "application/json",
-            "webhook-id": timer.id,
+            "webhook-id": timer.webhook_id,
             "webhook-timestamp": str(started_ms // 1000),
         }
         if self._signer is not None:
             headers["webhook-signature"] = self._signer.signature(
-                timer.id, started_ms // 1000, body
+                timer.webhook_id, started_ms // 1000, body
             )
         return headers
 

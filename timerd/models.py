@@ -17,6 +17,7 @@ class State(enum.StrEnum):
     FIRED = "fired"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSED = "paused"  # a series stopped by `POST /timers/{id}/pause` until resumed
 
 
 def new_timer_id() -> str:
@@ -92,6 +93,21 @@ class Timer:
     request_hash: str | None = None  # of the create request, to tell a retry from a conflict
     finished_at_ms: int | None = None  # when it became fired, failed or cancelled (retention)
     fired_by: str | None = None  # the daemon that delivered it
+    schedule: str | None = None  # a series' `schedules.Schedule` as JSON text; None: one-off
+    occurrence: int = 0  # a series' current occurrence, numbered from 1; 0 for a one-off
+    occurrence_at_ms: int | None = None  # when the current occurrence is scheduled
+    occurrences_failed: int = 0  # occurrences of the series that ended failed
+
+    @property
+    def recurring(self) -> bool:
+        """Whether the timer is a series (it has a schedule)."""
+        return self.schedule is not None
+
+    @property
+    def webhook_id(self) -> str:
+        """The `webhook-id` of its deliveries: the id, and `<id>_<n>` for occurrence n of a
+        series (the same across retries of that occurrence, distinct between occurrences)."""
+        return f"{self.id}_{self.occurrence}" if self.recurring else self.id
 
     def time_left_s(self, now_ms: int) -> int:
         """Whole seconds until the timer fires, rounded up; 0 once due or no longer pending."""
@@ -131,6 +147,11 @@ class Outcome:
 
     `state` is FIRED (delivered), FAILED (gave up) or PENDING (retry at `next_due_at_ms`).
     `record` is the attempt to add to the history; None when no attempt was made.
+
+    For a series, `next_occurrence` (with state PENDING) says the current occurrence ended and
+    the series goes on with that occurrence, scheduled (and due) at `next_due_at_ms`, with a
+    fresh attempt budget; `occurrence_failed` that the occurrence that ended failed (also when it
+    was the last one and the state is FAILED). One write records both.
     """
 
     timer_id: str
@@ -142,6 +163,15 @@ class Outcome:
     next_due_at_ms: int | None = None
     record: AttemptRecord | None = None
     owner: str | None = None  # the daemon that made the attempt
+    next_occurrence: int | None = None
+    occurrence_failed: bool = False
+
+    @property
+    def delivered(self) -> bool:
+        """Whether the attempt delivered (a one-off fired, or a series' occurrence did)."""
+        return self.state is State.FIRED or (
+            self.next_occurrence is not None and not self.occurrence_failed
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +182,7 @@ class TimerChanges:
     url: str | None = None
     payload: str | None = None
     headers: tuple[tuple[str, str], ...] | None = None
+    schedule: str | None = None  # a series' new schedule; `due_at_ms` is then its first time
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,8 +57,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        """Move a `pending` timer to `cancelled` (finished at `now_ms`) and return it as it
-        now is.
+        """Move a `pending` timer, or a series (a timer with a `schedule`) that is `paused` or
+        `firing`, to `cancelled` (finished at `now_ms`, claim cleared) and return it as it now
+        is. The outcome of a series' delivery in flight then no longer applies: the series ends.
 
         Raises `TimerNotFound` for an unknown id, and `TimerStateConflict` (changing nothing)
         when the timer is in any other state.
@@ -68,12 +69,26 @@ class Store(abc.ABC):
     def update_pending(
         self, timer_id: str, changes: TimerChanges, tenant: str | None = None
     ) -> Timer:
-        """Apply `changes` to a `pending` timer in one conditional write and return it as it
-        now is; a timer the daemon has claimed is no longer pending, so the two never both win.
+        """Apply `changes` to a `pending` timer (or a `paused` series) in one conditional write
+        and return it as it now is; a timer the daemon has claimed is no longer pending, so the
+        two never both win. A new `schedule` also makes `due_at_ms` the current occurrence's
+        time (`occurrence_at_ms`) and resets `attempts` to 0.
 
         Raises `TimerNotFound` for an unknown id, `TimerStateConflict` (changing nothing) in any
         other state.
         """
+
+    @abc.abstractmethod
+    def pause(self, timer_id: str, tenant: str | None = None) -> Timer:
+        """Move a `pending` series to `paused` (no longer due; its attempts reset to 0) and
+        return it as it now is. Raises `TimerNotFound` for an unknown id or a one-off timer's,
+        `TimerStateConflict` (changing nothing) in any other state."""
+
+    @abc.abstractmethod
+    def resume(self, timer_id: str, due_at_ms: int, tenant: str | None = None) -> Timer:
+        """Move a `paused` series back to `pending`, its current occurrence scheduled and due
+        at `due_at_ms`, and return it as it now is. Raises `TimerNotFound` for an unknown id,
+        `TimerStateConflict` (changing nothing) in any other state."""
 
     @abc.abstractmethod
     def count_pending(self, tenant: str, limit: int) -> int:
@@ -135,7 +150,10 @@ class Store(abc.ABC):
 
         FIRED sets `fired_at_ms = at_ms` and `fired_by = owner`; FAILED ends the timer; both
         set `finished_at_ms = at_ms`; PENDING reschedules it to `next_due_at_ms` for another
-        attempt. All clear the claim, set `last_status` and
+        attempt. With `next_occurrence` (a series moving on), PENDING also sets `occurrence`
+        to it, `occurrence_at_ms = next_due_at_ms` and `attempts` to 0, and, when the occurrence
+        was delivered, `fired_at_ms` and `fired_by`; `occurrence_failed` adds one to
+        `occurrences_failed`. All clear the claim, set `last_status` and
         `last_error`, and append `record` (when given) to the history, which keeps only the
         newest `HISTORY_MAX` attempts. Returns how many outcomes were applied; the others are
         ignored. Applying the same outcomes twice changes nothing the second time.
@@ -143,10 +161,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_timers(
-        self, state: State | None, before_id: str | None, limit: int, tenant: str | None = None
+        self,
+        state: State | None,
+        before_id: str | None,
+        limit: int,
+        tenant: str | None = None,
+        recurring: bool | None = None,
     ) -> list[Timer]:
         """Up to `limit` timers, newest first (descending id), in `state` if one is given, with
-        ids below `before_id` if one is given: the cursor of the next page is the last id."""
+        ids below `before_id` if one is given: the cursor of the next page is the last id. With
+        `recurring`, only series (True) or only one-off timers (False)."""
 
     @abc.abstractmethod
     def replay(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
@@ -167,7 +191,9 @@ class Store(abc.ABC):
         that failed with `last_error` `claim_expired` (appended to the history), and returns
         to `pending` keeping `due_at_ms`,
         or ends `failed` (finished at `now_ms`) when its attempts reached its `max_attempts`
-        (`max_attempts` when the timer has none). Returns how many were settled."""
+        (`max_attempts` when the timer has none). A series never ends here: it returns to
+        `pending`, and the daemon's next attempt, finding the budget spent, ends the occurrence
+        and moves the series on. Returns how many were settled."""
 
     @abc.abstractmethod
     def purge_finished(self, before_ms: int, limit: int) -> int:

@@ -64,8 +64,12 @@ def _to_doc(t: Timer, partitions: int) -> Doc:
     return doc
 
 
+# Fields documents of earlier releases lack, read as their defaults.
+_DEFAULTS = {"occurrence": 0, "occurrences_failed": 0}
+
+
 def _to_timer(doc: Mapping[str, Any]) -> Timer:
-    fields: dict[str, Any] = {name: doc.get(name) for name in _TIMER_FIELDS}
+    fields: dict[str, Any] = {name: doc.get(name, _DEFAULTS.get(name)) for name in _TIMER_FIELDS}
     fields["state"] = State(doc["state"])
     fields["headers"] = tuple((k, v) for k, v in doc.get("headers") or ())
     fields["history"] = history_from_dicts(doc.get("history"))
@@ -110,13 +114,19 @@ def _complete_op(o: Outcome) -> UpdateOne:
         "claimed_by": None,
         "claimed_until_ms": None,
     }
-    if o.state is State.FIRED:
+    if o.delivered:
         changes["fired_at_ms"] = o.at_ms
         changes["fired_by"] = o.owner
     if o.state is State.PENDING and o.next_due_at_ms is not None:
         changes["due_at_ms"] = o.next_due_at_ms
+    if o.state is State.PENDING and o.next_occurrence is not None:
+        changes["occurrence"] = o.next_occurrence
+        changes["occurrence_at_ms"] = o.next_due_at_ms
+        changes["attempts"] = 0
     changes["finished_at_ms"] = None if o.state is State.PENDING else o.at_ms
     update: Doc = {"$set": changes, "$unset": {"claim_token": ""}}
+    if o.occurrence_failed:
+        update["$inc"] = {"occurrences_failed": 1}
     if o.record is not None:
         update["$push"] = _history_push(o.record.as_dict())
     return UpdateOne({"_id": o.timer_id, "state": "firing", "claim_token": o.claim_token}, update)
@@ -351,8 +361,23 @@ class MongoStore(Store):
         return _to_timer(doc)
 
     def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        values = {"state": "cancelled", "finished_at_ms": now_ms}
-        return self._update_in_state(timer_id, tenant, ["pending"], values)
+        values = {
+            "state": "cancelled",
+            "finished_at_ms": now_ms,
+            "claimed_by": None,
+            "claimed_until_ms": None,
+        }
+        return self._update_in_state(
+            timer_id, tenant, ["pending"], values, series_also=["paused", "firing"]
+        )
+
+    def pause(self, timer_id: str, tenant: str | None = None) -> Timer:
+        values = {"state": "paused", "attempts": 0}
+        return self._update_in_state(timer_id, tenant, [], values, series_also=["pending"])
+
+    def resume(self, timer_id: str, due_at_ms: int, tenant: str | None = None) -> Timer:
+        values = {"state": "pending", "due_at_ms": due_at_ms, "occurrence_at_ms": due_at_ms}
+        return self._update_in_state(timer_id, tenant, ["paused"], values)
 
     def update_pending(
         self, timer_id: str, changes: TimerChanges, tenant: str | None = None
@@ -362,25 +387,46 @@ class MongoStore(Store):
             "url": changes.url,
             "payload": changes.payload,
             "headers": None if changes.headers is None else [list(h) for h in changes.headers],
+            "schedule": changes.schedule,
         }
         given = {name: value for name, value in values.items() if value is not None}
-        return self._update_in_state(timer_id, tenant, ["pending"], given)
+        if changes.schedule is not None:
+            given |= {"occurrence_at_ms": changes.due_at_ms, "attempts": 0}
+        return self._update_in_state(timer_id, tenant, ["pending"], given, series_also=["paused"])
 
     def _update_in_state(
-        self, timer_id: str, tenant: str | None, states: list[str], values: Doc
+        self,
+        timer_id: str,
+        tenant: str | None,
+        states: list[str],
+        values: Doc,
+        series_also: list[str] | None = None,
     ) -> Timer:
+        """Set `values` on the timer if it is in one of `states`, or is a series in one of
+        `series_also` (and is the tenant's)."""
         if not is_timer_id(timer_id):
             raise TimerNotFound(timer_id)
-        query = {**_mine(timer_id, tenant), "state": {"$in": states}}
+        either: list[Doc] = [{"state": {"$in": states}}]
+        if series_also:
+            either.append({"schedule": {"$ne": None}, "state": {"$in": series_also}})
+        query = {**_mine(timer_id, tenant), "$or": either}
+        update: Doc = {"$set": values}
+        if values.get("state") == "cancelled":
+            update["$unset"] = {"claim_token": ""}
         with translate_errors():
-            doc = self._timers.find_one_and_update(
-                query,
-                {"$set": values or {"state": states[0]}},
-                return_document=ReturnDocument.AFTER,
+            doc = (
+                self._timers.find_one_and_update(
+                    query, update, return_document=ReturnDocument.AFTER
+                )
+                if values
+                else self._timers.find_one(query)
             )
         if doc is not None:
             return _to_timer(doc)
-        raise TimerStateConflict(timer_id, self.get(timer_id, tenant).state.value)
+        timer = self.get(timer_id, tenant)
+        if not timer.recurring and series_also and not states:
+            raise TimerNotFound(timer_id)  # only series can be paused
+        raise TimerStateConflict(timer_id, timer.state.value)
 
     def count_pending(self, tenant: str, limit: int) -> int:
         if limit <= 0:  # MongoDB reads limit 0 as no limit at all
@@ -477,7 +523,12 @@ class MongoStore(Store):
         return result.modified_count
 
     def list_timers(
-        self, state: State | None, before_id: str | None, limit: int, tenant: str | None = None
+        self,
+        state: State | None,
+        before_id: str | None,
+        limit: int,
+        tenant: str | None = None,
+        recurring: bool | None = None,
     ) -> list[Timer]:
         if limit <= 0:
             return []
@@ -485,6 +536,7 @@ class MongoStore(Store):
             "tenant": tenant,
             "state": None if state is None else state.value,
             "_id": None if before_id is None else {"$lt": before_id},
+            "schedule": None if recurring is None else {"$ne" if recurring else "$eq": None},
         }
         query = {name: value for name, value in conditions.items() if value is not None}
         with translate_errors():
@@ -500,7 +552,7 @@ class MongoStore(Store):
     ) -> int:
         if limit <= 0:  # MongoDB reads limit(0) as "no limit"
             return 0
-        fields = {"attempts": 1, "max_attempts": 1, "claim_token": 1}
+        fields = {"attempts": 1, "max_attempts": 1, "claim_token": 1, "schedule": 1}
         query = _in_partitions(_expired(now_ms), partitions)
         with translate_errors():
             docs = list(self._timers.find(query, fields).limit(limit))
@@ -509,6 +561,7 @@ class MongoStore(Store):
     def _settle_expired(self, doc: Doc, now_ms: int, max_attempts: int) -> int:
         """One expired claim as a failed attempt, conditional on that very claim."""
         spent = doc["attempts"] >= (doc.get("max_attempts") or max_attempts)
+        spent = spent and doc.get("schedule") is None  # a series moves on at its next attempt
         record = AttemptRecord(doc["attempts"], now_ms, latency_ms=0, error=CLAIM_EXPIRED)
         changes = {
             "state": "failed" if spent else "pending",

@@ -93,9 +93,14 @@ _EXPIRED_RECORD = (
 )
 COMPLETE_SQL = f"""
 UPDATE timers SET state = :state, fired_at_ms = COALESCE(:fired_at_ms, fired_at_ms),
-    fired_by = CASE WHEN :state = 'fired' THEN :owner ELSE fired_by END,
+    fired_by = CASE WHEN :fired_at_ms IS NOT NULL THEN :owner ELSE fired_by END,
     finished_at_ms = CASE WHEN :state = 'pending' THEN NULL ELSE :at_ms END,
-    due_at_ms = COALESCE(:next_due_at_ms, due_at_ms), last_status = :status,
+    due_at_ms = COALESCE(:next_due_at_ms, due_at_ms),
+    occurrence = COALESCE(:next_occurrence, occurrence),
+    occurrence_at_ms = CASE WHEN :next_occurrence IS NULL THEN occurrence_at_ms
+        ELSE :next_due_at_ms END,
+    attempts = CASE WHEN :next_occurrence IS NULL THEN attempts ELSE 0 END,
+    occurrences_failed = occurrences_failed + :occurrence_failed, last_status = :status,
     last_error = :error, claimed_by = NULL, claimed_until_ms = NULL, claim_token = NULL,
     history = CASE WHEN :record IS NULL THEN history
         ELSE {_APPEND_HISTORY.format(record=":record")} END
@@ -108,13 +113,13 @@ UPDATE timers SET state = 'pending', attempts = attempts - 1, claimed_by = NULL,
 WHERE claim_token = ? AND state = 'firing'
 """
 
-# An expired claim counts as a failed attempt: failed once the budget is spent, else pending.
+# An expired claim counts as a failed attempt: failed once the budget is spent, else pending
+# (a series always: the daemon's next attempt moves it on).
+_SPENT = "attempts >= COALESCE(max_attempts, :max_attempts) AND schedule IS NULL"
 RECOVER_EXPIRED_SQL = f"""
 UPDATE timers SET
-    state = CASE WHEN attempts >= COALESCE(max_attempts, :max_attempts)
-        THEN 'failed' ELSE 'pending' END,
-    finished_at_ms = CASE WHEN attempts >= COALESCE(max_attempts, :max_attempts)
-        THEN :now ELSE NULL END,
+    state = CASE WHEN {_SPENT} THEN 'failed' ELSE 'pending' END,
+    finished_at_ms = CASE WHEN {_SPENT} THEN :now ELSE NULL END,
     claimed_by = NULL, claimed_until_ms = NULL, claim_token = NULL,
     last_status = NULL, last_error = '{CLAIM_EXPIRED}',
     history = {_APPEND_HISTORY.format(record=_EXPIRED_RECORD)}
@@ -162,7 +167,9 @@ def _complete_params(o: Outcome) -> dict[str, Any]:
         "id": o.timer_id,
         "token": o.claim_token,
         "state": o.state.value,
-        "fired_at_ms": o.at_ms if o.state is State.FIRED else None,
+        "fired_at_ms": o.at_ms if o.delivered else None,
+        "next_occurrence": o.next_occurrence if o.state is State.PENDING else None,
+        "occurrence_failed": int(o.occurrence_failed),
         "at_ms": o.at_ms,
         "owner": o.owner,
         "next_due_at_ms": o.next_due_at_ms if o.state is State.PENDING else None,
@@ -347,8 +354,24 @@ class SqliteStore(Store):
         return _to_timer(row)
 
     def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        values = {"state": "cancelled", "finished_at_ms": now_ms}
-        return self._update_in_state(timer_id, tenant, ("pending",), values)
+        values = {
+            "state": "cancelled",
+            "finished_at_ms": now_ms,
+            "claimed_by": None,
+            "claimed_until_ms": None,
+            "claim_token": None,
+        }
+        return self._update_in_state(
+            timer_id, tenant, ("pending",), values, series_also=("paused", "firing")
+        )
+
+    def pause(self, timer_id: str, tenant: str | None = None) -> Timer:
+        values = {"state": "paused", "attempts": 0}
+        return self._update_in_state(timer_id, tenant, (), values, series_also=("pending",))
+
+    def resume(self, timer_id: str, due_at_ms: int, tenant: str | None = None) -> Timer:
+        values = {"state": "pending", "due_at_ms": due_at_ms, "occurrence_at_ms": due_at_ms}
+        return self._update_in_state(timer_id, tenant, ("paused",), values)
 
     def update_pending(
         self, timer_id: str, changes: TimerChanges, tenant: str | None = None
@@ -358,27 +381,40 @@ class SqliteStore(Store):
             "url": changes.url,
             "payload": changes.payload,
             "headers": None if changes.headers is None else json.dumps(changes.headers),
+            "schedule": changes.schedule,
         }
         given = {name: value for name, value in values.items() if value is not None}
-        return self._update_in_state(timer_id, tenant, ("pending",), given)
+        if changes.schedule is not None:
+            given |= {"occurrence_at_ms": changes.due_at_ms, "attempts": 0}
+        return self._update_in_state(timer_id, tenant, ("pending",), given, series_also=("paused",))
 
     def _update_in_state(
-        self, timer_id: str, tenant: str | None, states: tuple[str, ...], values: dict[str, Any]
+        self,
+        timer_id: str,
+        tenant: str | None,
+        states: tuple[str, ...],
+        values: dict[str, Any],
+        series_also: tuple[str, ...] = (),
     ) -> Timer:
-        """Set `values` on the timer if it is in one of `states` (and the tenant's)."""
+        """Set `values` on the timer if it is in one of `states`, or is a series in one of
+        `series_also` (and is the tenant's)."""
         if not is_timer_id(timer_id):
             raise TimerNotFound(timer_id)
         assignments = ", ".join(f"{name} = ?" for name in values) or "id = id"
         sql = (
             f"UPDATE timers SET {assignments} WHERE id = ?"
-            f" AND state IN ({', '.join('?' * len(states))}) AND (? IS NULL OR tenant = ?)"
-            f" RETURNING {COLUMNS}"
+            f" AND (state IN ({', '.join('?' * len(states))})"
+            f" OR (schedule IS NOT NULL AND state IN ({', '.join('?' * len(series_also))})))"
+            f" AND (? IS NULL OR tenant = ?) RETURNING {COLUMNS}"
         )
-        params = (*values.values(), timer_id, *states, tenant, tenant)
+        params = (*values.values(), timer_id, *states, *series_also, tenant, tenant)
         row = self._write(lambda c: c.execute(sql, params).fetchone())
         if row is not None:
             return _to_timer(row)
-        raise TimerStateConflict(timer_id, self.get(timer_id, tenant).state.value)
+        timer = self.get(timer_id, tenant)
+        if not timer.recurring and series_also and not states:
+            raise TimerNotFound(timer_id)  # only series can be paused
+        raise TimerStateConflict(timer_id, timer.state.value)
 
     def count_pending(self, tenant: str, limit: int) -> int:
         sql = (
@@ -439,12 +475,21 @@ class SqliteStore(Store):
         return self._run(work) if outcomes else 0
 
     def list_timers(
-        self, state: State | None, before_id: str | None, limit: int, tenant: str | None = None
+        self,
+        state: State | None,
+        before_id: str | None,
+        limit: int,
+        tenant: str | None = None,
+        recurring: bool | None = None,
     ) -> list[Timer]:
         conditions = {"tenant = ?": tenant, "state = ?": state, "id < ?": before_id}
         given = {sql: value for sql, value in conditions.items() if value is not None}
-        where = f"WHERE {' AND '.join(given)}" if given else ""
-        sql = f"SELECT {COLUMNS} FROM timers {where} ORDER BY id DESC LIMIT ?"
+        clauses = list(given)
+        if recurring is not None:
+            clauses.append(f"schedule IS {'NOT ' if recurring else ''}NULL")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        indexed = "INDEXED BY timers_tenant_series" if recurring and tenant is not None else ""
+        sql = f"SELECT {COLUMNS} FROM timers {indexed} {where} ORDER BY id DESC LIMIT ?"
         params = (*given.values(), max(limit, 0))
         return [_to_timer(r) for r in self._run(lambda c: c.execute(sql, params).fetchall())]
 

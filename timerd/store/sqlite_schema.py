@@ -127,12 +127,27 @@ def _partitions(conn: sqlite3.Connection) -> None:
     )
 
 
+def _series(conn: sqlite3.Connection) -> None:
+    """Recurring timers: a series keeps its schedule (JSON text), the number and scheduled time
+    of its current occurrence and how many of its occurrences failed; a tenant's series are
+    listed newest first from an index over series alone."""
+    _add_column(conn, "schedule", "TEXT")
+    _add_column(conn, "occurrence", "INTEGER NOT NULL DEFAULT 0")
+    _add_column(conn, "occurrence_at_ms", "INTEGER")
+    _add_column(conn, "occurrences_failed", "INTEGER NOT NULL DEFAULT 0")
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS timers_tenant_series ON timers (tenant, id)"
+        " WHERE schedule IS NOT NULL"
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: tuple[Migration, ...] = (
     _first_release,
     _claim_tokens,
     _retention_and_listing,
     _partitions,
+    _series,
 )
 VERSION = len(MIGRATIONS)
 
