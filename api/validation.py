@@ -25,8 +25,11 @@ MAX_DUE_AT_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time R
 
 DURATION_FIELDS = ("hours", "minutes", "seconds")
 SECONDS_PER = {"hours": 3600, "minutes": 60, "seconds": 1}
+SERIES_FIELDS = frozenset(
+    {"every", "start_at", "cron", "timezone", "until", "max_occurrences", "catch_up"}
+)  # checked by api/series.py
 CREATE_FIELDS = frozenset(
-    {*DURATION_FIELDS, "fire_at", "url", "payload", "headers", "max_attempts"}
+    {*DURATION_FIELDS, *SERIES_FIELDS, "fire_at", "url", "payload", "headers", "max_attempts"}
 )
 MAX_PAYLOAD_BYTES: int = default("max_payload_bytes")
 MAX_PAYLOAD_DEPTH = 100  # arrays and objects within one another: far from the recursion limit
@@ -143,11 +146,19 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def parse_create(data: dict[str, Any], now_ms: int, rules: Rules = DEFAULT_RULES) -> CreateRequest:
-    """Validate a create body: `url` plus either a duration or `fire_at`."""
+def parse_create(
+    data: dict[str, Any],
+    now_ms: int,
+    rules: Rules = DEFAULT_RULES,
+    *,
+    due_at_ms: int | None = None,
+) -> CreateRequest:
+    """Validate a create body: `url` plus either a duration or `fire_at`; with `due_at_ms`
+    (a series' first occurrence, from `api.series`), the body's time fields are not read."""
     _refuse_unknown(data, CREATE_FIELDS, "field")
     url = parse_url(data.get("url"), rules)
-    due_at_ms = _due_at_ms(data, now_ms, rules.max_delay_s)
+    if due_at_ms is None:
+        due_at_ms = _due_at_ms(data, now_ms, rules.max_delay_s)
     return CreateRequest(
         url=url,
         due_at_ms=due_at_ms,
@@ -260,15 +271,20 @@ def parse_duration_ms(data: dict[str, Any]) -> int:
 
 def parse_fire_at(value: Any) -> int:
     """An RFC 3339 time with an offset, as UTC epoch milliseconds."""
+    return parse_rfc3339(value, "fire_at")
+
+
+def parse_rfc3339(value: Any, field: str) -> int:
+    """An RFC 3339 time with an offset in `field`, as UTC epoch milliseconds."""
     if not isinstance(value, str) or not RFC3339.fullmatch(value):
         raise _invalid(
-            "fire_at", "fire_at must be an RFC 3339 time with an offset, like 2030-01-01T12:00:00Z"
+            field, f"{field} must be an RFC 3339 time with an offset, like 2030-01-01T12:00:00Z"
         )
     try:
         moment = datetime.fromisoformat(value.upper())
         return round(moment.timestamp() * 1000)
     except (OverflowError, ValueError) as exc:  # 2030-02-31, a 25:00 hour, year 0
-        raise _invalid("fire_at", "fire_at is not a valid time") from exc
+        raise _invalid(field, f"{field} is not a valid time") from exc
 
 
 def parse_url(value: Any, rules: Rules = DEFAULT_RULES) -> str:
@@ -327,11 +343,16 @@ class ListQuery:
     state: State | None
     cursor: str | None
     limit: int
+    recurring: bool | None = None
 
 
 def parse_list_query(params: Mapping[str, str]) -> ListQuery:
-    """`state` (optional), `cursor` (the `next_cursor` of the previous page), `limit` (1-100)."""
-    _refuse_unknown(params, {"state", "cursor", "limit"}, "parameter")
+    """`state` (optional), `cursor` (the `next_cursor` of the previous page), `limit` (1-100),
+    `recurring` (optional: `true` lists series only, `false` one-off timers only)."""
+    _refuse_unknown(params, {"state", "cursor", "limit", "recurring"}, "parameter")
+    recurring = params.get("recurring")
+    if recurring is not None and recurring not in {"true", "false"}:
+        raise _invalid("recurring", "recurring must be true or false")
     state = params.get("state")
     if state is not None and state not in {s.value for s in State}:
         raise _invalid("state", f"state must be one of {', '.join(s.value for s in State)}")
@@ -342,11 +363,18 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
     # ASCII digits ("²".isdigit() holds, int("²") fails), few enough for int() (4300 at most)
     if not LIMIT.fullmatch(limit) or not 1 <= int(limit) <= MAX_PAGE:
         raise _invalid("limit", f"limit must be an integer from 1 to {MAX_PAGE}")
-    return ListQuery(None if state is None else State(state), cursor, int(limit))
+    return ListQuery(
+        None if state is None else State(state),
+        cursor,
+        int(limit),
+        None if recurring is None else recurring == "true",
+    )
 
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)
-CHANGE_FIELDS = frozenset({*DURATION_FIELDS, "fire_at", "url", "payload", "headers"})
+CHANGE_FIELDS = frozenset(
+    {*DURATION_FIELDS, *SERIES_FIELDS, "fire_at", "url", "payload", "headers"}
+)
 
 
 def parse_idempotency_key(value: str | None) -> str | None:
@@ -368,12 +396,27 @@ def request_hash(data: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def parse_changes(data: dict[str, Any], now_ms: int, rules: Rules = DEFAULT_RULES) -> TimerChanges:
+def parse_changes(
+    data: dict[str, Any],
+    now_ms: int,
+    rules: Rules = DEFAULT_RULES,
+    *,
+    schedule: tuple[str, int] | None = None,
+) -> TimerChanges:
     """A PATCH body: any of a new due time (a duration from now, or `fire_at`), `url`,
-    `payload`, `headers`; at least one."""
+    `payload`, `headers`; at least one. `schedule` is a series' new schedule (JSON text) and
+    first occurrence, from `api.series`: its fields are not read here."""
     _refuse_unknown(data, CHANGE_FIELDS, "field")
     if not data:
         raise ApiError(422, "invalid_body", "give at least one field to change")
+    if schedule is not None:
+        return TimerChanges(
+            due_at_ms=schedule[1],
+            schedule=schedule[0],
+            url=parse_url(data["url"], rules) if "url" in data else None,
+            payload=parse_payload(data["payload"], rules) if "payload" in data else None,
+            headers=parse_headers(data["headers"], rules) if "headers" in data else None,
+        )
     has_time = "fire_at" in data or any(name in data for name in DURATION_FIELDS)
     return TimerChanges(
         due_at_ms=_due_at_ms(data, now_ms, rules.max_delay_s) if has_time else None,
