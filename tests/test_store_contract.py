@@ -1291,6 +1291,14 @@ def test_the_sweep_never_ends_a_series(store: Store) -> None:
     assert (after.state, after.last_error) == (State.PENDING, CLAIM_EXPIRED)
 
 
+def test_count_series_counts_live_series_only(store: Store) -> None:
+    inserted(store)
+    a_series(store)
+    store.pause(a_series(store).id)
+    store.cancel(a_series(store).id, NOW_MS)
+    assert store.count_series() == 2
+
+
 def test_list_timers_filters_series(store: Store) -> None:
     one_off = inserted(store)
     first, second = a_series(store), a_series(store)

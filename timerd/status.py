@@ -29,6 +29,7 @@ class Report:
     partitions: int
     daemons: list[DaemonStatus]
     counts: dict[State, int]
+    series: int  # recurring timers live: pending, firing or paused
     next_due_at_ms: int | None
     recent_late_ms: list[int]
 
@@ -42,6 +43,7 @@ def take_report(store: Store, store_url: str, now_ms: int) -> Report:
         store.partitions(),
         _daemons(store.leases(), fired, now_ms),
         store.count_by_state(),
+        store.count_series(),
         store.next_due_at_ms(),
         late,
     )
@@ -78,6 +80,7 @@ def render(report: Report, now_ms: int) -> str:
     lines += [f"  {_daemon(d)}" for d in report.daemons]
     counts = ", ".join(f"{s.value} {report.counts.get(s, 0)}" for s in State)
     lines.append(f"timers:       {counts}")
+    lines.append(f"series:       {report.series} recurring live (pending, firing or paused)")
     lines.append(f"next due:     {_next_due(report.next_due_at_ms, now_ms)}")
     lines.append(f"lateness:     {_lateness(report.recent_late_ms)}")
     return "\n".join(lines)

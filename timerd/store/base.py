@@ -118,6 +118,11 @@ class Store(abc.ABC):
         timer: for `timerd status`, never a hot path (see `count_active`)."""
 
     @abc.abstractmethod
+    def count_series(self) -> int:
+        """How many series (timers with a `schedule`) are live: `pending`, `firing` or
+        `paused`. Read through the index over series: for `timerd status`, not a hot path."""
+
+    @abc.abstractmethod
     def count_active(self) -> dict[State, int]:
         """How many timers are `pending` and `firing`, from the indexes over those states
         alone, so the cost does not grow with finished timers (for metrics scrapes)."""

@@ -472,6 +472,11 @@ class MongoStore(Store):
             groups = self._timers.aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
             return {State(g["_id"]): g["n"] for g in groups}
 
+    def count_series(self) -> int:
+        query = {"schedule": {"$ne": None}, "state": {"$in": ["pending", "firing", "paused"]}}
+        with translate_errors():
+            return self._timers.count_documents(query)
+
     def count_active(self) -> dict[State, int]:
         # Each count matches its partial index's filter exactly, so the index alone answers.
         with translate_errors():

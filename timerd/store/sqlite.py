@@ -448,6 +448,14 @@ class SqliteStore(Store):
         sql = "SELECT state, count(*) FROM timers GROUP BY state"
         return {State(state): n for state, n in self._run(lambda c: c.execute(sql).fetchall())}
 
+    def count_series(self) -> int:
+        sql = (
+            "SELECT count(*) FROM timers INDEXED BY timers_tenant_series"
+            " WHERE schedule IS NOT NULL AND state IN ('pending', 'firing', 'paused')"
+        )
+        count: int = self._run(lambda c: c.execute(sql).fetchone()[0])
+        return count
+
     def count_active(self) -> dict[State, int]:
         pending = self._run(lambda c: c.execute(COUNT_PENDING_SQL).fetchone()[0])
         firing = self._run(lambda c: c.execute(COUNT_FIRING_SQL).fetchone()[0])
