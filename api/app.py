@@ -33,9 +33,9 @@ from api.series import (
     refuse_series_fields,
 )
 from api.validation import (
-    DURATION_FIELDS,
     MAX_BODY_BYTES,
     SERIES_FIELDS,
+    TIME_FIELDS,
     Rules,
     parse_changes,
     parse_create,
@@ -210,11 +210,11 @@ class TimerRoutes:
         """The changes a PATCH body asks of the timer: a series' schedule fields and a
         one-off's time fields are each refused on the other kind."""
         asked = set(data)
-        if not asked & (SERIES_FIELDS | {"fire_at", *DURATION_FIELDS}):
+        if not asked & (SERIES_FIELDS | TIME_FIELDS):
             return parse_changes(data, now_ms, self.rules)
         current = self.store.get(timer_id, tenant)
         if current.schedule is None:
-            stray = sorted(asked & SERIES_FIELDS)
+            stray = sorted(asked & (SERIES_FIELDS - {"timezone"}))
             if stray:
                 raise ApiError(
                     422,
@@ -224,7 +224,7 @@ class TimerRoutes:
                 )
             return parse_changes(data, now_ms, self.rules)
         if not asked & SERIES_FIELDS:
-            field = "fire_at" if "fire_at" in asked else sorted(asked & set(DURATION_FIELDS))[0]
+            field = sorted(asked & TIME_FIELDS)[0]
             raise ApiError(422, "invalid_field", "a series is timed by its schedule", field=field)
         schedule, first = change_schedule(current.schedule, data, now_ms, self.rules)
         return parse_changes(data, now_ms, self.rules, schedule=(schedule.to_json(), first))

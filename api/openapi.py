@@ -72,6 +72,16 @@ FIRE_AT: Schema = {
     "examples": ["2030-01-01T12:00:00Z"],
 }
 
+FIRE_AT_LOCAL: Schema = {
+    "type": "string",
+    "description": "A wall-clock time without an offset (`2026-12-24T09:00:00`) in `timezone` "
+    "(required with it). A time that does not exist there (skipped when clocks spring forward) "
+    "fires at the first valid instant, the moment of the jump (02:30 → 03:00); a time that "
+    "happens twice (clocks falling back) fires at its first occurrence. Not with `fire_at` or "
+    "a duration.",
+    "examples": ["2026-12-24T09:00:00"],
+}
+
 URL: Schema = {
     "type": "string",
     "format": "uri",
@@ -167,6 +177,7 @@ CREATE_TIMER: Schema = {
     "properties": {
         **DURATION_FIELDS,
         "fire_at": FIRE_AT,
+        "fire_at_local": FIRE_AT_LOCAL,
         **SERIES_FIELDS,
         "url": URL,
         "payload": PAYLOAD,
@@ -181,7 +192,12 @@ CREATE_TIMER: Schema = {
     },
     "required": ["url"],
     "additionalProperties": False,
-    "anyOf": [{"required": ["fire_at"]}, *ANY_DURATION_FIELD, *ANY_SCHEDULE],
+    "anyOf": [
+        {"required": ["fire_at"]},
+        {"required": ["fire_at_local"]},
+        *ANY_DURATION_FIELD,
+        *ANY_SCHEDULE,
+    ],
     **NOT_BOTH,
     "examples": [{"hours": 4, "minutes": 0, "seconds": 1, "url": "https://example.com/hooks"}],
 }
@@ -198,6 +214,7 @@ CHANGE_TIMER: Schema = {
     "properties": {
         **DURATION_FIELDS,
         "fire_at": FIRE_AT,
+        "fire_at_local": FIRE_AT_LOCAL,
         **SERIES_FIELDS,
         "url": URL,
         "payload": PAYLOAD,

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from api.errors import ApiError
-from api.validation import DURATION_FIELDS, MAX_DUE_AT_MS, SERIES_FIELDS, Rules, parse_rfc3339
+from api.validation import MAX_DUE_AT_MS, SERIES_FIELDS, TIME_FIELDS, Rules, parse_rfc3339
 from timerd.durations import parse_duration_s
 from timerd.errors import ConfigError
 from timerd.schedules import (
@@ -69,7 +69,7 @@ def _refuse_mixing(data: dict[str, Any]) -> None:
     if "every" in data and "cron" in data:
         raise _invalid("cron", "give either every or cron, not both")
     kind = "cron" if "cron" in data else "every"
-    for other in ("fire_at", "fire_at_local", *DURATION_FIELDS):
+    for other in sorted(TIME_FIELDS):
         if other in data:
             raise _invalid(
                 kind, f"a series is timed by its schedule: {kind} cannot go with {other}"

@@ -14,6 +14,7 @@ from typing import Any
 
 from api.errors import ApiError
 from timerd.models import State, TimerChanges, is_timer_id
+from timerd.schedules import ScheduleError, local_to_ms
 from timerd.settings import Settings, default
 from timerd.ssrf import PUBLIC_ONLY, AddressPolicy
 from timerd.targets import url_problem
@@ -28,8 +29,9 @@ SECONDS_PER = {"hours": 3600, "minutes": 60, "seconds": 1}
 SERIES_FIELDS = frozenset(
     {"every", "start_at", "cron", "timezone", "until", "max_occurrences", "catch_up"}
 )  # checked by api/series.py
+TIME_FIELDS = frozenset({*DURATION_FIELDS, "fire_at", "fire_at_local"})  # a one-off's time
 CREATE_FIELDS = frozenset(
-    {*DURATION_FIELDS, *SERIES_FIELDS, "fire_at", "url", "payload", "headers", "max_attempts"}
+    {*TIME_FIELDS, *SERIES_FIELDS, "url", "payload", "headers", "max_attempts"}
 )
 MAX_PAYLOAD_BYTES: int = default("max_payload_bytes")
 MAX_PAYLOAD_DEPTH = 100  # arrays and objects within one another: far from the recursion limit
@@ -62,6 +64,7 @@ HEADER_VALUE = re.compile(r"[\x20-\x7e\t]{0,1024}", re.ASCII)
 RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
 )
+LOCAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?", re.ASCII)
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what a JSON \u escape can make but UTF-8 cannot
 
 
@@ -169,15 +172,21 @@ def parse_create(
 
 
 def _due_at_ms(data: dict[str, Any], now_ms: int, max_delay_s: float) -> int:
-    """The due time a body asks for: `fire_at`, or hours/minutes/seconds from now."""
+    """The due time a body asks for: `fire_at`, `fire_at_local` in `timezone`, or
+    hours/minutes/seconds from now."""
     has_duration = any(name in data for name in DURATION_FIELDS)
+    absolute = [name for name in ("fire_at", "fire_at_local") if name in data]
+    if len(absolute) > 1 or (absolute and has_duration):
+        raise _invalid(absolute[-1], "give one of fire_at, fire_at_local or a duration")
+    if "timezone" in data and "fire_at_local" not in data:
+        raise _invalid("timezone", "timezone goes with fire_at_local or cron")
     if "fire_at" in data:
-        if has_duration:
-            raise _invalid("fire_at", "give either fire_at or hours/minutes/seconds, not both")
         due_at_ms = max(now_ms, parse_fire_at(data["fire_at"]))
+    elif "fire_at_local" in data:
+        due_at_ms = max(now_ms, parse_fire_at_local(data["fire_at_local"], data.get("timezone")))
     else:
         due_at_ms = now_ms + parse_duration_ms(data)
-    field = "fire_at" if "fire_at" in data else _largest_duration_field(data)
+    field = absolute[0] if absolute else _largest_duration_field(data)
     if due_at_ms - now_ms > max_delay_s * 1000:
         raise _invalid(field, f"the delay may be at most {max_delay_s:g} seconds")
     if due_at_ms > MAX_DUE_AT_MS:
@@ -272,6 +281,27 @@ def parse_duration_ms(data: dict[str, Any]) -> int:
 def parse_fire_at(value: Any) -> int:
     """An RFC 3339 time with an offset, as UTC epoch milliseconds."""
     return parse_rfc3339(value, "fire_at")
+
+
+def parse_fire_at_local(value: Any, timezone: Any) -> int:
+    """A wall-clock time without an offset in the IANA zone `timezone`, as UTC epoch
+    milliseconds: a time skipped by a spring-forward moves to the instant of the jump, a time
+    that happens twice is the first (see `timerd.schedules.local_to_ms`)."""
+    if not isinstance(value, str) or not LOCAL_TIME.fullmatch(value):
+        raise _invalid(
+            "fire_at_local",
+            "fire_at_local must be a local time without an offset, like 2026-12-24T09:00:00",
+        )
+    if timezone is None:
+        raise _invalid("timezone", "fire_at_local needs a timezone, like Europe/Berlin")
+    if not isinstance(timezone, str) or not timezone.strip() or len(timezone) > 200:
+        raise _invalid("timezone", "timezone must be an IANA time zone name")
+    try:
+        return local_to_ms(datetime.fromisoformat(value.upper()), timezone.strip())
+    except ScheduleError as exc:
+        raise _invalid(exc.field, str(exc)) from exc
+    except (OverflowError, ValueError) as exc:  # 2026-02-31, a 25:00 hour
+        raise _invalid("fire_at_local", "fire_at_local is not a valid time") from exc
 
 
 def parse_rfc3339(value: Any, field: str) -> int:
@@ -372,9 +402,7 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
 
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)
-CHANGE_FIELDS = frozenset(
-    {*DURATION_FIELDS, *SERIES_FIELDS, "fire_at", "url", "payload", "headers"}
-)
+CHANGE_FIELDS = frozenset({*TIME_FIELDS, *SERIES_FIELDS, "url", "payload", "headers"})
 
 
 def parse_idempotency_key(value: str | None) -> str | None:
@@ -417,7 +445,7 @@ def parse_changes(
             payload=parse_payload(data["payload"], rules) if "payload" in data else None,
             headers=parse_headers(data["headers"], rules) if "headers" in data else None,
         )
-    has_time = "fire_at" in data or any(name in data for name in DURATION_FIELDS)
+    has_time = bool(TIME_FIELDS & set(data)) or "timezone" in data
     return TimerChanges(
         due_at_ms=_due_at_ms(data, now_ms, rules.max_delay_s) if has_time else None,
         url=parse_url(data["url"], rules) if "url" in data else None,

@@ -15,7 +15,14 @@ from timerd.delivery import Attempt, webhook_body
 from timerd.models import State, Timer, new_timer_id
 from timerd.outcomes import judge
 from timerd.retry import RetryPolicy
-from timerd.schedules import Schedule, ScheduleError, cron_trigger, missed_by, next_occurrence
+from timerd.schedules import (
+    Schedule,
+    ScheduleError,
+    cron_trigger,
+    local_to_ms,
+    missed_by,
+    next_occurrence,
+)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -277,3 +284,21 @@ def test_each_occurrence_has_its_own_webhook_id() -> None:
     timer = series(EVERY_MINUTE, 7, START)
     assert timer.webhook_id == f"{timer.id}_7"
     assert dataclasses.replace(timer, schedule=None).webhook_id == timer.id
+
+
+LOCAL_CASES = {
+    "an ordinary day": ("2026-12-24T09:00:00", "Europe/Berlin", "2026-12-24T08:00:00Z"),
+    # 02:00-03:00 does not exist in Berlin on 2026-03-29: forward to the jump, 03:00 CEST.
+    "berlin spring forward": ("2026-03-29T02:30:00", "Europe/Berlin", "2026-03-29T01:00:00Z"),
+    # 02:00-03:00 happens twice in Berlin on 2026-10-25: the first, still CEST.
+    "berlin fall back": ("2026-10-25T02:30:00", "Europe/Berlin", "2026-10-25T00:30:00Z"),
+    "new york spring forward": ("2026-03-08T02:30:00", "America/New_York", "2026-03-08T07:00:00Z"),
+    "new york fall back": ("2026-11-01T01:30:00", "America/New_York", "2026-11-01T05:30:00Z"),
+}
+
+
+@pytest.mark.parametrize(("local", "tz", "expected"), LOCAL_CASES.values(), ids=LOCAL_CASES)
+def test_local_times_in_gaps_move_forward_and_repeated_ones_take_the_first(
+    local: str, tz: str, expected: str
+) -> None:
+    assert utc(local_to_ms(datetime.fromisoformat(local), tz)) == expected

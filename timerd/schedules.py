@@ -240,3 +240,28 @@ def next_occurrence(timer: Timer, at_ms: int) -> tuple[int, int] | None:
     schedule = parse_stored(timer.schedule)
     missed = missed_by(timer, at_ms)
     return schedule.next_after(timer.occurrence, timer.occurrence_at_ms, missed)
+
+
+def local_to_ms(local: datetime, timezone: str) -> int:
+    """A wall-clock time (naive `local`) in `timezone` as UTC epoch milliseconds.
+
+    A time that does not exist there (skipped when clocks spring forward) moves forward to the
+    first valid instant, the moment of the jump (02:30 on a night that jumps from 02:00 to 03:00
+    is 03:00). A time that happens twice (when clocks fall back) is its first occurrence, the one
+    before the change (`fold=0`). Raises `ScheduleError` on `timezone` for an unknown zone."""
+    tz = zone(timezone)
+    first = local.replace(tzinfo=tz, fold=0)
+    at_ms = to_ms(first)
+    if to_datetime(at_ms).astimezone(tz).replace(tzinfo=None) == local:
+        return at_ms
+    # In a gap: `fold=0` read it with the offset before the jump, which lands after the jump;
+    # the jump itself is the first instant from which the later offset holds.
+    after_offset = local.replace(tzinfo=tz, fold=1).utcoffset()
+    low_ms, high_ms = to_ms(local.replace(tzinfo=tz, fold=1)), at_ms
+    while high_ms - low_ms > 1:
+        middle_ms = (low_ms + high_ms) // 2
+        if to_datetime(middle_ms).astimezone(tz).utcoffset() == after_offset:
+            high_ms = middle_ms
+        else:
+            low_ms = middle_ms
+    return high_ms
