@@ -22,6 +22,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import Authenticator
+from api.console import Console
 from api.errors import EXCEPTION_HANDLERS, ApiError, log
 from api.limits import RequestHeadLimit
 from api.openapi import openapi_json
@@ -32,10 +33,12 @@ from api.series import (
     parse_schedule,
     refuse_series_fields,
 )
+from api.stats import StatsCache
 from api.validation import (
     MAX_BODY_BYTES,
     SERIES_FIELDS,
     TIME_FIELDS,
+    URL_SCAN,
     Rules,
     parse_changes,
     parse_create,
@@ -92,6 +95,7 @@ class TimerRoutes:
         self.on_insert = on_insert
         self.auth = Authenticator(settings, store)
         self.cap = PendingCap(store, settings.max_pending_per_tenant)
+        self.stats_cache = StatsCache(store)
 
     def _tenant(self, request: Request) -> str:
         return self.auth.tenant(request.headers.get("authorization"))
@@ -256,20 +260,35 @@ class TimerRoutes:
         return JSONResponse(timer_view(timer, now_ms))
 
     def list_timers(self, request: Request) -> JSONResponse:
-        """`GET /timers?state=failed&limit=50&cursor=<id>`: newest first, one page at a time."""
+        """`GET /timers?state=failed&limit=50&cursor=<id>`: newest first, one page at a time;
+        with `url_prefix`, each page scans at most `URL_SCAN` timers."""
         tenant = self._tenant(request)
         query = parse_list_query(request.query_params)
-        timers = self.store.list_timers(
-            query.state, query.cursor, query.limit, tenant, query.recurring
-        )
+        if query.url_prefix is None:
+            timers = self.store.list_timers(
+                query.state, query.cursor, query.limit, tenant, query.recurring
+            )
+            cursor = timers[-1].id if len(timers) == query.limit else None
+        else:
+            timers, cursor = self.store.list_timers_by_url(
+                query.url_prefix,
+                query.state,
+                query.cursor,
+                query.limit,
+                tenant=tenant,
+                scan=URL_SCAN,
+            )
+            if query.recurring is not None:  # the scan's cursor still says where to go on
+                timers = [t for t in timers if (t.schedule is not None) == query.recurring]
         now_ms = self.clock.now_ms()
-        full = len(timers) == query.limit
         return JSONResponse(
-            {
-                "timers": [timer_view(t, now_ms) for t in timers],
-                "next_cursor": timers[-1].id if full else None,
-            }
+            {"timers": [timer_view(t, now_ms) for t in timers], "next_cursor": cursor}
         )
+
+    def stats(self, request: Request) -> JSONResponse:
+        """`GET /stats`: the caller's tenant at a glance (see `api.stats`)."""
+        tenant = self._tenant(request)
+        return JSONResponse(self.stats_cache.get(tenant, self.clock.now_ms()))
 
     def replay(self, request: Request) -> JSONResponse:
         """`POST /timers/{id}/replay`: a failed or fired timer fires again now, same id."""
@@ -395,6 +414,8 @@ def create_app(
             Route("/timers/{timer_id}/pause", routes.pause, methods=["POST"]),
             Route("/timers/{timer_id}/resume", routes.resume, methods=["POST"]),
             Route("/timers/{timer_id}", routes.timer, methods=["GET", "PATCH", "DELETE"]),
+            Route("/stats", routes.stats, methods=["GET"]),
+            *Console().routes(),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[

@@ -13,6 +13,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from api.console import PAGE, load_assets
+from api.stats import RECENT
 from api.validation import (
     DEFAULT_PAGE,
     MAX_ATTEMPTS_CAP,
@@ -23,6 +25,7 @@ from api.validation import (
     MAX_PAYLOAD_BYTES,
     MAX_PAYLOAD_DEPTH,
     MAX_URL_CHARS,
+    URL_SCAN,
 )
 from timerd import __version__
 from timerd.models import State
@@ -347,6 +350,111 @@ TIMER_PAGE: Schema = {
     "additionalProperties": False,
 }
 
+
+def _counts(description: str) -> Schema:
+    return {"type": "integer", "minimum": 0, "description": description}
+
+
+STATS: Schema = {
+    "type": "object",
+    "description": "The caller's tenant at a glance. Counts and the backlog cover all of the "
+    f"tenant's timers; the recent figures come from its newest {RECENT} fired and {RECENT} "
+    "failed timers. Each replica reads them at most once a second.",
+    "properties": {
+        "now": {**DATE_TIME, "description": "The store's time the figures were read at."},
+        "counts": {
+            "type": "object",
+            "properties": {state.value: _counts(f"Timers {state.value}.") for state in State},
+            "required": [state.value for state in State],
+            "additionalProperties": False,
+        },
+        "backlog": {
+            "type": "object",
+            "properties": {
+                "pending": _counts("Pending timers."),
+                "next": _nullable(
+                    {
+                        "type": "object",
+                        "description": "The earliest pending timer; null when none is pending.",
+                        "properties": {
+                            "id": {"type": "string", "pattern": TIMER_ID_PATTERN},
+                            "fire_at": DATE_TIME,
+                            "overdue_ms": _counts("How long it has been due; 0 if not yet."),
+                        },
+                        "required": ["id", "fire_at", "overdue_ms"],
+                        "additionalProperties": False,
+                    }
+                ),
+            },
+            "required": ["pending", "next"],
+            "additionalProperties": False,
+        },
+        "recent": {
+            "type": "object",
+            "properties": {
+                "window_s": _counts("How far back `fired`, `failed` and `lateness_ms` look."),
+                "sample": _counts("How many of the newest fired (and failed) timers are read."),
+                "fired": _counts("Timers delivered within the window."),
+                "fired_per_s": {
+                    "type": "number",
+                    "minimum": 0,
+                    "description": "Timers delivered per second over the last minute.",
+                },
+                "failed": _counts("Timers that ended failed (dead letters) within the window."),
+                "failed_attempts": _counts("Attempts without a 2xx answer within the window."),
+                "lateness_ms": _nullable(
+                    {
+                        "type": "object",
+                        "description": "Fired minus due, of the timers delivered within the "
+                        "window; null when none was.",
+                        "properties": {
+                            "p50": {"type": "number"},
+                            "p99": {"type": "number"},
+                            "max": {"type": "number"},
+                        },
+                        "required": ["p50", "p99", "max"],
+                        "additionalProperties": False,
+                    }
+                ),
+            },
+            "required": [
+                "window_s",
+                "sample",
+                "fired",
+                "fired_per_s",
+                "failed",
+                "failed_attempts",
+                "lateness_ms",
+            ],
+            "additionalProperties": False,
+        },
+        "firing": {
+            "type": "object",
+            "description": "Who fires: the live daemons and the partitions each holds.",
+            "properties": {
+                "partitions": {"type": "integer", "minimum": 1},
+                "held": {"type": "integer", "minimum": 0},
+                "daemons": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "holder": {"type": "string"},
+                            "partitions": {"type": "integer", "minimum": 0},
+                        },
+                        "required": ["holder", "partitions"],
+                        "additionalProperties": False,
+                    },
+                },
+            },
+            "required": ["partitions", "held", "daemons"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["now", "counts", "backlog", "recent", "firing"],
+    "additionalProperties": False,
+}
+
 ERROR: Schema = {
     "type": "object",
     "properties": {
@@ -465,6 +573,12 @@ TIMER_ID_PARAM: Schema = {
     "description": "A timer id (24 hex digits); any other text answers 404.",
     "schema": {"type": "string", "pattern": TIMER_ID_PATTERN},
 }
+CONSOLE_FILES = sorted(name for name in load_assets() if name != PAGE)
+CONSOLE_HEADERS: dict[str, Schema] = {
+    "Content-Security-Policy": _header("Only this origin's own scripts, styles and connections."),
+    "X-Content-Type-Options": _header("`nosniff`."),
+    "ETag": _header("Revalidate with `If-None-Match` (`Cache-Control: no-cache`)."),
+}
 TIMERS_SECURITY: list[Schema] = [{"apiKey": []}, {}]  # {}: no key, when none is configured
 TIMER_OK = _ok("The timer as it now is.", _ref("Timer"))
 
@@ -566,6 +680,20 @@ OPENAPI: Schema = {
                         "in": "query",
                         "description": "`true`: series only; `false`: one-off timers only.",
                         "schema": {"type": "string", "enum": ["true", "false"]},
+                    },
+                    {
+                        "name": "url_prefix",
+                        "in": "query",
+                        "description": "Only timers whose `url` starts with this text "
+                        "(`https://api.example.com/` for one host). Each page then looks at no "
+                        f"more than the {URL_SCAN} next timers, so a page may hold fewer than "
+                        "`limit` timers, or none, and still have a `next_cursor`.",
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": MAX_URL_CHARS,
+                            "pattern": "^[^\\x00-\\x1f\\x7f]*$",
+                        },
                     },
                 ],
                 "responses": _answers(
@@ -674,6 +802,58 @@ OPENAPI: Schema = {
                 ),
             },
         },
+        "/stats": {
+            "get": {
+                "operationId": "stats",
+                "summary": "The caller's timers at a glance",
+                "description": "What the web console's overview shows: counts by state, the "
+                "backlog and its earliest timer, recent deliveries, failures and lateness, and "
+                "who fires.",
+                "responses": _answers({"200": _ok("The figures.", _ref("Stats"))}),
+            }
+        },
+        "/ui": {
+            "get": {
+                "operationId": "console",
+                "summary": "The web console",
+                "description": "An HTML page that uses this API from the browser (it asks for "
+                "an API key when one is needed). Served with a strict Content-Security-Policy.",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The console's page.",
+                        "headers": CONSOLE_HEADERS,
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/ui/static/{name}": {
+            "get": {
+                "operationId": "consoleAsset",
+                "summary": "A file of the web console (script, stylesheet, icon)",
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": CONSOLE_FILES},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The file.",
+                        "headers": CONSOLE_HEADERS,
+                        "content": {
+                            media: {"schema": {"type": "string"}}
+                            for media in ("text/javascript", "text/css", "image/svg+xml")
+                        },
+                    },
+                    "404": _error("No such file.", "not_found"),
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "operationId": "healthz",
@@ -733,6 +913,7 @@ OPENAPI: Schema = {
             "Timer": TIMER,
             "Attempt": ATTEMPT,
             "TimerPage": TIMER_PAGE,
+            "Stats": STATS,
             "State": {"type": "string", "enum": [state.value for state in State]},
             "Error": ERROR,
         },

@@ -39,6 +39,7 @@ MAX_HEADERS = 20
 MAX_HEADER_BYTES: int = default("max_headers_bytes")  # names and values together
 MAX_ATTEMPTS_CAP = 100
 DEFAULT_PAGE, MAX_PAGE = 50, 100
+URL_SCAN = 1000  # timers one page of a `url_prefix` listing looks at, at most
 LIMIT = re.compile(r"[0-9]{1,9}")
 # Headers a client may not set: hop-by-hop ones, framing, and what timerd itself sends.
 FORBIDDEN_HEADERS = frozenset(
@@ -374,15 +375,24 @@ class ListQuery:
     cursor: str | None
     limit: int
     recurring: bool | None = None
+    url_prefix: str | None = None
+
+
+URL_PREFIX = re.compile(rf"[^\x00-\x1f\x7f]{{1,{MAX_URL_CHARS}}}")
 
 
 def parse_list_query(params: Mapping[str, str]) -> ListQuery:
     """`state` (optional), `cursor` (the `next_cursor` of the previous page), `limit` (1-100),
-    `recurring` (optional: `true` lists series only, `false` one-off timers only)."""
-    _refuse_unknown(params, {"state", "cursor", "limit", "recurring"}, "parameter")
+    `recurring` (optional: `true` lists series only, `false` one-off timers only), `url_prefix`
+    (optional: only timers whose URL starts with it)."""
+    _refuse_unknown(params, {"state", "cursor", "limit", "recurring", "url_prefix"}, "parameter")
     recurring = params.get("recurring")
     if recurring is not None and recurring not in {"true", "false"}:
         raise _invalid("recurring", "recurring must be true or false")
+    url_prefix = params.get("url_prefix")
+    if url_prefix is not None and not URL_PREFIX.fullmatch(url_prefix):
+        message = f"url_prefix must be 1 to {MAX_URL_CHARS} characters without control characters"
+        raise _invalid("url_prefix", message)
     state = params.get("state")
     if state is not None and state not in {s.value for s in State}:
         raise _invalid("state", f"state must be one of {', '.join(s.value for s in State)}")
@@ -398,6 +408,7 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
         cursor,
         int(limit),
         None if recurring is None else recurring == "true",
+        url_prefix,
     )
 
 

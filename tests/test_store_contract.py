@@ -1305,3 +1305,64 @@ def test_list_timers_filters_series(store: Store) -> None:
     assert store.list_timers(None, None, 10, recurring=True) == [second, first]
     assert store.list_timers(None, None, 10, recurring=False) == [one_off]
     assert store.list_timers(None, None, 10, "", recurring=True) == [second, first]
+
+
+# reads for the console
+
+
+def test_count_by_state_of_counts_one_tenants_timers(store: Store) -> None:
+    in_every_state(store)  # the anonymous tenant's
+    inserted(store, tenant="acme")
+    inserted(store, tenant="acme", state=State.FAILED)
+    inserted(store, tenant="acme", state=State.FAILED)
+    assert store.count_by_state_of("acme") == {State.PENDING: 1, State.FAILED: 2}
+    assert store.count_by_state_of("") == dict.fromkeys(State, 1)
+    assert store.count_by_state_of("globex") == {}
+
+
+def test_earliest_pending_of_is_the_tenants_earliest_pending_timer(store: Store) -> None:
+    assert store.earliest_pending_of("acme") is None
+    inserted(store, NOW_MS - 9_000)  # another tenant's, earlier
+    inserted(store, NOW_MS - 8_000, tenant="acme", state=State.FAILED)  # not pending
+    later = inserted(store, NOW_MS + 5_000, tenant="acme")
+    earliest = inserted(store, NOW_MS - 1_000, tenant="acme")
+    assert store.earliest_pending_of("acme") == Due(earliest.id, earliest.due_at_ms, URL)
+    store.cancel(earliest.id, NOW_MS)
+    assert store.earliest_pending_of("acme") == Due(later.id, later.due_at_ms, URL)
+
+
+def test_list_timers_by_url_pages_newest_first_through_a_bounded_scan(store: Store) -> None:
+    hosts = ["https://a.example/x", "https://b.example/y", "https://a.example/z"] * 4
+    timers = [inserted(store, url=url, tenant="acme") for url in hosts]
+    inserted(store, url=hosts[0])  # another tenant's
+    newest_first = sorted(timers, key=lambda t: t.id, reverse=True)
+    wanted = [t for t in newest_first if t.url.startswith("https://a.example/")]
+
+    def page(before_id: str | None, limit: int, scan: int) -> tuple[list[Timer], str | None]:
+        return store.list_timers_by_url(
+            "https://a.example/", None, before_id, limit, tenant="acme", scan=scan
+        )
+
+    assert page(None, 100, 100) == (wanted, None)  # all of them, nothing older left
+    first, cursor = page(None, 3, 100)  # `limit` found: the cursor is the last one's id
+    assert (first, cursor) == (wanted[:3], wanted[2].id)
+    assert page(cursor, 100, 100) == (wanted[3:], None)
+    scanned, cursor = page(None, 100, 5)  # the scan stops at 5 timers, then goes on
+    assert scanned == [t for t in newest_first[:5] if t in wanted]
+    assert cursor == newest_first[4].id
+    assert page(cursor, 100, 100)[0] == [t for t in newest_first[5:] if t in wanted]
+    everyone, _ = store.list_timers_by_url(
+        "https://a.example/x", None, None, 10, tenant=None, scan=100
+    )
+    assert len(everyone) == 5  # without a tenant, the other tenant's timer too
+
+
+def test_list_timers_by_url_matches_a_literal_prefix_in_one_state(store: Store) -> None:
+    plain = inserted(store, url="https://a.example/h.x", state=State.FAILED)
+    inserted(store, url="https://a.example/hax", state=State.FAILED)  # "." is no wildcard
+    inserted(store, url="https://a.example/h.x")  # pending
+    found = store.list_timers_by_url(
+        "https://a.example/h.", State.FAILED, None, 10, tenant=None, scan=100
+    )
+    assert found == ([plain], None)
+    assert store.list_timers_by_url("https://", None, None, 0, tenant=None, scan=10) == ([], None)

@@ -1,25 +1,30 @@
 """`timerd bench`: how fast timerd creates and fires timers on this machine, over loopback.
 
     timerd bench --shape burst   --n 20000              # every timer due at one instant
+    timerd bench --shape burst   --n 20000 --workers 2  # … fired by two processes
     timerd bench --shape spread  --n 20000 --rate 1000  # due evenly, `rate` per second
     timerd bench --shape backlog --n 1000000            # memory and start-up over a big backlog
+    timerd bench --shape store-scale --n 1000000        # hot store calls over 1M finished timers
 
 Burst and spread start, as child processes, a raw-asyncio HTTP receiver, one `timerd api` and one
-`timerd daemon` (random free ports, a temporary SQLite file unless --store is given), create the
-timers through the API from --clients concurrent clients with absolute `fire_at` times, and wait
-for them to arrive. Backlog writes N pending timers due a day from now straight into the SQLite
-file, plus one due a second after the daemon starts, starts only the daemon, and reports when that
-timer arrived and the daemon's resident memory.
+`timerd daemon` (random free ports, a temporary SQLite file unless --store is given; the daemon
+runs --workers firing processes, by default its own default: one per core), create the timers
+through the API from --clients concurrent clients with absolute `fire_at` times, each with a URL of
+its own (`…/hooks/<n>`; --same-url for one URL), and wait for them to arrive. Then, in the same
+run, they run `ceiling.py --uvloop` of the same shape (--ceiling; `none` skips it) and report
+timerd's fires/s as a ratio of the ceiling's. Backlog writes N pending timers due a day from now
+straight into the SQLite file, plus one due a second after the daemon starts, starts only the
+daemon, and reports when that timer arrived and the daemon's resident memory. Store-scale writes
+N finished timers and --pending pending ones over a few tenants through the store's `insert_many`,
+then times the store calls on the hot paths (--repeat times each) and the same through a
+`timerd api` process over HTTP.
 
 Prints one JSON line with every figure on stdout and a short summary on stderr. Children log at
---log-level (warning by default, so per-delivery lines do not dominate); other `TIMERD_*`
-variables in the environment reach them unchanged. Every child and temporary file is removed at
-the end. The ceiling to compare with (every due time in one process's memory, no store) is a
-separate script; run it in the same sitting:
+the daemon's default level (info) unless --log-level or TIMERD_LOG_LEVEL says otherwise; the
+output says which. Other `TIMERD_*` variables in the environment reach them unchanged. Every
+child and temporary file is removed at the end.
 
-    python ../shared/bench/ceiling.py --shape burst --n 20000
-
-A benchmark, not a test: the suite never runs it.
+A benchmark, not a test: the suite runs it only at a tiny size, to check that it works.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import http.client
 import json
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -50,14 +58,24 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import aiohttp
 
-from timerd.models import Timer, new_timer_id, partition_lease
+from timerd.lease import owners
+from timerd.models import (
+    MEMBER_PREFIX,
+    AttemptRecord,
+    State,
+    Timer,
+    new_timer_id,
+    partition_lease,
+)
+from timerd.settings import Settings
 from timerd.store import open_store
+from timerd.store.base import Store
 from timerd.store.sqlite import SqliteStore
 
 T = TypeVar("T")
 Arrival = tuple[str, float]  # (timer id from the path, arrival time in epoch seconds)
 
-HOOK_PATH = "/hook"
+HOOK_PATH = "/hooks"  # the receiver's: `/hooks/<n>/<id>`, or `/hooks/<id>` with --same-url
 START_TIMEOUT_S = 20.0  # for the receiver, /healthz and the leader lease
 STOP_TIMEOUT_S = 25.0  # SIGTERM lets the daemon drain; SIGKILL after this
 SETTLE_S = 1.0  # after the last expected arrival, to catch duplicates
@@ -68,6 +86,10 @@ BACKLOG_CHUNK = 20_000  # timers per transaction when writing the backlog
 BACKLOG_DUE_AFTER_MS = 86_400_000  # backlog timers are due a day from now
 DUE_AFTER_START_MS = 1000  # the backlog's one due timer, after the daemon starts
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CEILING = "../shared/bench/ceiling.py"  # relative to the repository's root
+CEILING_TIMEOUT_S = 600.0
+SHAPES = ("burst", "spread", "backlog", "store-scale")
 
 
 class BenchError(Exception):
@@ -83,9 +105,14 @@ class Options:
     rate: float
     clients: int
     store: str | None
-    log_level: str
+    log_level: str | None  # None: the children's default (info) or TIMERD_LOG_LEVEL
     lead_s: float | None
     margin_s: float | None
+    workers: int | None = None  # None: the daemon's default (TIMERD_WORKERS, else one per core)
+    same_url: bool = False
+    ceiling: str = DEFAULT_CEILING
+    pending: int = 10_000
+    repeat: int = 200
 
     @property
     def margin(self) -> float:
@@ -95,16 +122,45 @@ class Options:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `timerd bench`."""
-    parser.add_argument("--shape", choices=("burst", "spread", "backlog"), default="burst")
-    parser.add_argument("--n", type=int, default=20_000, help="how many timers (default 20000)")
+    parser.add_argument("--shape", choices=SHAPES, default="burst")
+    parser.add_argument(
+        "--n", type=int, default=20_000, help="how many timers (store-scale: finished timers)"
+    )
     parser.add_argument("--rate", type=float, default=1000.0, help="timers/s due for spread")
     parser.add_argument("--clients", type=int, default=64, help="concurrent create requests")
-    parser.add_argument("--store", help="store URL (default: a temporary SQLite file)")
     parser.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), default="warning"
+        "--store",
+        help="store URL (default: a temporary SQLite file); store-scale reuses a file that"
+        " already holds timers instead of building it",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="of the children (default: theirs, info, or TIMERD_LOG_LEVEL)",
     )
     parser.add_argument("--lead-s", type=float, help="seconds from creation start to the due time")
     parser.add_argument("--margin-s", type=float, help="wait this long past the last due time")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="firing processes of the daemon, as TIMERD_WORKERS (default: the daemon's, one per"
+        " core)",
+    )
+    parser.add_argument(
+        "--same-url", action="store_true", help="one URL for every timer (default: one each)"
+    )
+    parser.add_argument(
+        "--ceiling",
+        default=DEFAULT_CEILING,
+        help="ceiling.py to run after burst and spread (relative paths from the repository's"
+        f" root; default {DEFAULT_CEILING}); none: skip it",
+    )
+    parser.add_argument(
+        "--pending", type=int, default=10_000, help="store-scale: pending timers besides the N"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=200, help="store-scale: timed calls of each kind"
+    )
 
 
 def options(args: argparse.Namespace) -> Options:
@@ -118,12 +174,43 @@ def options(args: argparse.Namespace) -> Options:
         log_level=args.log_level,
         lead_s=args.lead_s,
         margin_s=args.margin_s,
+        workers=args.workers,
+        same_url=args.same_url,
+        ceiling=args.ceiling,
+        pending=args.pending,
+        repeat=args.repeat,
     )
-    if opts.n < (0 if opts.shape == "backlog" else 1) or opts.rate <= 0 or opts.clients < 1:
+    least_n = 0 if opts.shape in ("backlog", "store-scale") else 1
+    if opts.n < least_n or opts.rate <= 0 or opts.clients < 1:
         raise BenchError("--n, --rate and --clients must be positive")
-    if opts.shape == "backlog" and opts.store and not opts.store.startswith("sqlite:"):
-        raise BenchError("the backlog shape writes into a SQLite file: give a sqlite:/// URL")
+    if opts.workers is not None and opts.workers < 0:
+        raise BenchError("--workers must not be negative (0: one per core)")
+    if opts.pending < 0 or opts.repeat < 1:
+        raise BenchError("--pending must not be negative, --repeat must be positive")
+    file_shape = opts.shape in ("backlog", "store-scale")
+    if file_shape and opts.store and not opts.store.startswith("sqlite:"):
+        raise BenchError(f"the {opts.shape} shape writes a SQLite file: give a sqlite:/// URL")
     return opts
+
+
+def log_level(opts: Options) -> tuple[str, str]:
+    """The children's log level and where it comes from."""
+    if opts.log_level:
+        return opts.log_level, "--log-level"
+    if os.environ.get("TIMERD_LOG_LEVEL"):
+        return os.environ["TIMERD_LOG_LEVEL"], "TIMERD_LOG_LEVEL"
+    return Settings().log_level, "default"
+
+
+def workers(opts: Options) -> tuple[int, str]:
+    """How many firing processes the daemon runs, and where that comes from."""
+    if opts.workers is not None:
+        setting, source = opts.workers, "--workers"
+    elif os.environ.get("TIMERD_WORKERS"):
+        setting, source = int(os.environ["TIMERD_WORKERS"]), "TIMERD_WORKERS"
+    else:
+        setting, source = Settings().workers, "default"
+    return (setting or os.cpu_count() or 1), source
 
 
 def now_ms() -> int:
@@ -140,7 +227,8 @@ def fire_at(ms: int) -> str:
 
 
 class _HookProtocol(asyncio.Protocol):
-    """Minimal HTTP/1.1: records `(id, arrival)` for each `POST /hook/<id>`, answers 200."""
+    """Minimal HTTP/1.1: records `(id, arrival)` for each `POST /hooks/[<n>/]<id>` (the id is
+    the last segment: the one timerd appends), answers 200."""
 
     def __init__(self, arrivals: list[Arrival], seen: set[str]) -> None:
         self._arrivals = arrivals
@@ -156,7 +244,7 @@ class _HookProtocol(asyncio.Protocol):
         self._buf += data
         while (path := self._next_request_path()) is not None:
             if path.startswith(HOOK_PATH + "/"):
-                timer_id = path[len(HOOK_PATH) + 1 :].split("?")[0]
+                timer_id = path.split("?")[0].rsplit("/", 1)[1]
                 self._arrivals.append((timer_id, now))
                 self._seen.add(timer_id)
             assert self._transport is not None
@@ -354,11 +442,11 @@ class Lab:
 
     def _env(self, port: int | None) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(
-            TIMERD_STORE=self.store_url,
-            TIMERD_HOST="127.0.0.1",
-            TIMERD_LOG_LEVEL=self.opts.log_level,
-        )
+        env.update(TIMERD_STORE=self.store_url, TIMERD_HOST="127.0.0.1")
+        if self.opts.log_level:
+            env["TIMERD_LOG_LEVEL"] = self.opts.log_level
+        if self.opts.workers is not None:
+            env["TIMERD_WORKERS"] = str(self.opts.workers)
         allowed = (env.get("TIMERD_ALLOWED_NETWORKS", ""), "127.0.0.0/8")  # the receiver's
         env["TIMERD_ALLOWED_NETWORKS"] = ",".join(filter(None, allowed))
         if port is not None:
@@ -399,17 +487,53 @@ def healthz_ok(port: int) -> bool:
         conn.close()
 
 
-def wait_for_leader(store_url: str, daemon: Child) -> None:
+def settled_holders(store: Store, members_expected: int) -> dict[str, int] | None:
+    """Partitions per holder once `members_expected` daemons are live and every partition is
+    leased to the one rendezvous hashing gives it (the share they keep); None before that."""
+    now = now_ms()
+    leases = {lease.name: lease for lease in store.leases() if lease.expires_at_ms > now}
+    members = [name[len(MEMBER_PREFIX) :] for name in leases if name.startswith(MEMBER_PREFIX)]
+    if len(members) != members_expected:
+        return None
+    held: Counter[str] = Counter()
+    for partition, owner in enumerate(owners(store.partitions(), members)):
+        lease = leases.get(partition_lease(partition))
+        if lease is None or lease.holder != owner:
+            return None
+        held[lease.holder] += 1
+    return dict(held)
+
+
+def wait_for_partitions(store_url: str, daemon: Child, members: int) -> dict[str, int]:
+    """Wait until the daemon's `members` firing processes hold their shares of the partitions;
+    return how many each holds."""
     store = open_store(store_url)
     try:
+        held: dict[str, int] | None = None
 
-        def leading() -> bool:
-            lease = store.get_lease(partition_lease(0))
-            return lease is not None and lease.expires_at_ms > now_ms()
+        def settled() -> bool:
+            nonlocal held
+            held = settled_holders(store, members)
+            return held is not None
 
-        wait_until(leading, daemon, "the daemon to take the leader lease")
+        wait_until(settled, daemon, f"{members} firing process(es) to share the partitions")
+        assert held is not None
+        return held
     finally:
         store.close()
+
+
+def process_children(pid: int) -> list[int]:
+    """The child processes of `pid` (the daemon's workers), from /proc."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    with contextlib.suppress(OSError):
+        return [int(p) for p in children.read_text().split()]
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def state_counts(sqlite_path: str) -> dict[str, int]:
@@ -417,6 +541,15 @@ def state_counts(sqlite_path: str) -> dict[str, int]:
     with contextlib.closing(sqlite3.connect(sqlite_path)) as conn:
         rows = conn.execute("SELECT state, COUNT(*) FROM timers GROUP BY state").fetchall()
     return {str(state): int(count) for state, count in rows}
+
+
+def fired_by_counts(sqlite_path: str) -> list[int]:
+    """How many timers each firing process delivered, most first (after the children stopped)."""
+    with contextlib.closing(sqlite3.connect(sqlite_path)) as conn:
+        rows = conn.execute(
+            "SELECT COUNT(*) FROM timers WHERE state = 'fired' GROUP BY fired_by"
+        ).fetchall()
+    return sorted((int(count) for (count,) in rows), reverse=True)
 
 
 # creating timers through the API
@@ -441,15 +574,22 @@ async def for_each(
 class ApiClient:
     """Creates (and cancels) timers through one API over one aiohttp session."""
 
-    def __init__(self, session: aiohttp.ClientSession, port: int, hook_url: str) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, port: int, hook_url: str, same_url: bool
+    ) -> None:
         self.session = session
         self.base = f"http://127.0.0.1:{port}"
         self.hook_url = hook_url
+        self.same_url = same_url
         self.created: dict[str, int] = {}  # timer id -> due time (epoch ms)
         self.errors: Counter[str] = Counter()
 
-    async def create(self, due_ms: int) -> None:
-        body = {"url": self.hook_url, "fire_at": fire_at(due_ms)}
+    async def create(self, item: tuple[str, int]) -> None:
+        """Create the timer `(label, due time)`: its URL is `…/hooks/<label>` (as real clients
+        give each timer a URL of its own), or `…/hooks` for all with --same-url."""
+        label, due_ms = item
+        url = self.hook_url if self.same_url else f"{self.hook_url}/{label}"
+        body = {"url": url, "fire_at": fire_at(due_ms)}
         try:
             async with self.session.post(f"{self.base}/timers", json=body) as response:
                 if response.status != 201:
@@ -487,7 +627,8 @@ async def calibrate(api: ApiClient, opts: Options) -> tuple[float, float]:
     count = min(opts.n, CALIBRATION_MAX)
     due = now_ms() + BACKLOG_DUE_AFTER_MS
     started = time.monotonic()
-    await for_each([due] * count, opts.clients, started + 120, api.create)
+    items = [(f"c{i}", due) for i in range(count)]
+    await for_each(items, opts.clients, started + 120, api.create)
     rate = max(len(api.created), 1) / (time.monotonic() - started)
     # cancels are single autocommit writes: 64 at once make some wait out SQLite's busy timeout
     await for_each(list(api.created), CANCEL_CLIENTS, time.monotonic() + 120, api.cancel)
@@ -495,17 +636,18 @@ async def calibrate(api: ApiClient, opts: Options) -> tuple[float, float]:
     return rate, min(300.0, 3 + 1.5 * opts.n / rate)
 
 
-def due_times(opts: Options, t_ms: int) -> Iterator[int]:
+def due_times(opts: Options, t_ms: int) -> Iterator[tuple[str, int]]:
+    """`(label, due time)` of each timer to create."""
     if opts.shape == "burst":
-        return (t_ms for _ in range(opts.n))
-    return (t_ms + round(i * 1000 / opts.rate) for i in range(opts.n))
+        return ((str(i), t_ms) for i in range(opts.n))
+    return ((str(i), t_ms + round(i * 1000 / opts.rate)) for i in range(opts.n))
 
 
 async def create_timers(opts: Options, api_port: int, hook_url: str) -> Creation:
     """Create the N timers due at T = start + lead; no create starts after T."""
     connector = aiohttp.TCPConnector(limit=opts.clients)
     async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
-        api = ApiClient(session, api_port, hook_url)
+        api = ApiClient(session, api_port, hook_url, opts.same_url)
         measured, lead_s = (None, opts.lead_s) if opts.lead_s else await calibrate(api, opts)
         calibration_errors, api.errors = dict(api.errors), Counter()
         t_ms = now_ms() + round(lead_s * 1000)
@@ -598,23 +740,29 @@ class CpuMeter:
         return lap
 
 
-def start_api_and_daemon(lab: Lab) -> tuple[int, Child]:
+def start_api_and_daemon(lab: Lab, members: int) -> tuple[int, Child, dict[str, int]]:
+    """Start the API, then the daemon; wait until its `members` firing processes hold their
+    shares of the partitions (returned: partitions per holder)."""
     if lab.temp_store:
         SqliteStore(lab.sqlite_path()).close()  # the schema, before two processes race for it
     port = free_port()
     api = lab.start("api", port)
     wait_until(lambda: healthz_ok(port), api, "the API's /healthz")
     daemon = lab.start("daemon")
-    wait_for_leader(lab.store_url, daemon)
-    return port, daemon
+    held = wait_for_partitions(lab.store_url, daemon, members)
+    return port, daemon, held
 
 
 def run_firing(opts: Options) -> dict[str, Any]:
-    """The burst and spread shapes."""
+    """The burst and spread shapes, then the ceiling of the same shape."""
+    members, _ = workers(opts)
     with Lab(opts) as lab:
         receiver = lab.start_receiver()
-        api_port, daemon = start_api_and_daemon(lab)
+        api_port, daemon, held = start_api_and_daemon(lab, members)
         pids = {name: child.proc.pid for name, child in lab.children.items()}
+        if members > 1:  # the daemon is the parent of its firing processes
+            children = process_children(daemon.proc.pid)
+            pids |= {f"worker{i}": pid for i, pid in enumerate(sorted(children))}
         meter = CpuMeter(pids | {"receiver": receiver.process.pid or 0})
         creation = asyncio.run(create_timers(opts, api_port, receiver.url))
         cpu_create = meter.lap()
@@ -624,24 +772,85 @@ def run_firing(opts: Options) -> dict[str, Any]:
         daemon.check_alive()
         lab.stop()
         states = state_counts(lab.sqlite_path()) if lab.temp_store else None
-    return {
+        fired_by = fired_by_counts(lab.sqlite_path()) if lab.temp_store else None
+    result = {
         **run_header(opts, lab),
+        "partitions_held": sorted(held.values(), reverse=True),
         **creation_figures(creation, opts),
         **firing_figures(opts.shape, creation, arrivals),
         "states": states,
+        "fired_by_process": fired_by,
         "cpu_s_create": cpu_create,
         "cpu_s_fire": cpu_fire,
     }
+    return result | ceiling_figures(opts, result.get("fires_per_s"))
 
 
 def run_header(opts: Options, lab: Lab) -> dict[str, Any]:
     header: dict[str, Any] = {"shape": opts.shape, "n": opts.n}
     if opts.shape == "spread":
         header["rate"] = opts.rate
-    if opts.shape != "backlog":
+    if opts.shape in ("burst", "spread"):
         header["clients"] = opts.clients
+        header["urls"] = "one" if opts.same_url else "one per timer"
+    if opts.shape != "store-scale":
+        header["workers"], header["workers_from"] = workers(opts)
     store = "temporary sqlite" if lab.temp_store else opts.store
-    return header | {"store": store, "log_level": opts.log_level, "cpus": os.cpu_count()}
+    level, level_from = log_level(opts)
+    return header | {
+        "store": store,
+        "log_level": level,
+        "log_level_from": level_from,
+        "cpus": os.cpu_count(),
+        "load_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+# the ceiling: ceiling.py of the same shape, run right after timerd's
+
+
+def ceiling_path(opts: Options) -> Path | None:
+    """The ceiling script (relative paths from the repository's root); None to skip it."""
+    if opts.ceiling.lower() == "none":
+        return None
+    path = Path(opts.ceiling)
+    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
+
+
+def run_ceiling(opts: Options, script: Path) -> dict[str, Any]:
+    """Run `ceiling.py --uvloop` of the run's shape and size; return its JSON line."""
+    command = [sys.executable, str(script), "--uvloop", "--shape", opts.shape, "--n", str(opts.n)]
+    if opts.shape == "spread":
+        command += ["--rate", str(opts.rate)]
+    try:
+        done = subprocess.run(  # noqa: S603 -- the ceiling script the user pointed at
+            command, capture_output=True, timeout=CEILING_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{script} ran longer than {CEILING_TIMEOUT_S:.0f} s") from None
+    lines = done.stdout.decode(errors="replace").strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-5:]
+        raise BenchError(f"{script} exited with {done.returncode}: {' / '.join(tail)}")
+    try:
+        return cast(dict[str, Any], json.loads(lines[-1]))
+    except json.JSONDecodeError:
+        raise BenchError(f"{script} printed no JSON line: {lines[-1][:200]}") from None
+
+
+def ceiling_figures(opts: Options, fires_per_s: float | None) -> dict[str, Any]:
+    """The ceiling's figures next to timerd's, and timerd's fires/s as a ratio of its."""
+    script = ceiling_path(opts)
+    if script is None:
+        return {"ceiling": None}
+    if not script.exists():
+        raise BenchError(f"no ceiling script at {script} (--ceiling PATH, or none to skip it)")
+    ceiling = run_ceiling(opts, script)
+    figures: dict[str, Any] = {"ceiling": ceiling | {"script": str(script)}}
+    ceiling_rate = ceiling.get("fires_per_s")
+    if opts.shape == "burst" and fires_per_s and ceiling_rate:
+        figures["ratio_to_ceiling"] = round(fires_per_s / ceiling_rate, 3)
+    return figures
 
 
 # backlog: memory and start-up over N pending timers
@@ -696,6 +905,8 @@ def run_backlog(opts: Options) -> dict[str, Any]:
         time.sleep(SETTLE_S)  # a poll or two more, then read its memory
         pid = daemon.proc.pid
         rss_kb, hwm_kb = memory_kb(pid, "VmRSS"), memory_kb(pid, "VmHWM")
+        firing = process_children(pid) if workers(opts)[0] > 1 else []
+        firing_kb = [(memory_kb(p, "VmRSS"), memory_kb(p, "VmHWM")) for p in firing]
         db_mb = sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*")) / 1e6
     arrived = [at for i, at in arrivals if i == timer_id]
     return {
@@ -707,6 +918,294 @@ def run_backlog(opts: Options) -> dict[str, Any]:
         "late_ms": round(arrived[0] * 1000 - due_ms, 2) if arrived else None,
         "rss_mb": round(rss_kb / 1024, 1),
         "hwm_mb": round(hwm_kb / 1024, 1),
+        "workers_rss_hwm_mb": [[round(r / 1024, 1), round(h / 1024, 1)] for r, h in firing_kb],
+    }
+
+
+# store-scale: the hot store calls over millions of finished timers
+
+SCALE_CHUNK = 20_000  # timers per insert_many (one transaction), so memory stays bounded
+SCALE_TENANTS = ("", "acme", "globex", "initech")  # "": the tenant of requests without keys
+FINISHED_TENANT_OF = (0, 0, 0, 0, 1, 1, 1, 2, 2, 3)  # by i % 10: 40, 30, 20, 10 %
+PENDING_TENANT_OF = (0,) * 12 + (1,) * 4 + (2,) * 3 + (3,)  # by i % 20: 60, 20, 15, 5 %
+DAY_MS = 86_400_000
+SCALE_SPAN_MS = 6 * DAY_MS  # finished timers were created over the six days before the build
+RECENT_MS = 3_600_000  # pending timers were created over the last hour, due within a day
+FAILED_ATTEMPTS = 5
+SCALE_PARTITION_SHARE = 2  # the due poll is timed for one of two firing processes' partitions
+PROGRESS_EVERY = 1_000_000  # rows between progress lines on stderr while building
+
+
+class IdMaker:
+    """ObjectId-shaped ids (4 bytes of seconds, 5 random bytes, a 3-byte counter) for a given
+    creation time, so timers created days ago sort (and list) as they would have."""
+
+    def __init__(self) -> None:
+        self._random = secrets.token_hex(5)
+        self._counter = secrets.randbelow(1 << 24)
+
+    def __call__(self, created_ms: int) -> str:
+        self._counter = (self._counter + 1) % (1 << 24)
+        return f"{created_ms // 1000:08x}{self._random}{self._counter:06x}"
+
+
+def scrambled(i: int) -> int:
+    """`i` hashed (Knuth's multiplicative hash), so that kind, key and tenant, all taken from
+    `i`, do not move together."""
+    return (i * 2_654_435_761) % (1 << 32)
+
+
+def finished_kind(i: int) -> State:
+    """The final state of the `i`-th finished timer: 90 % fired, 7 % failed, 3 % cancelled."""
+    kind = scrambled(i) % 100
+    return State.FIRED if kind < 90 else State.FAILED if kind < 97 else State.CANCELLED
+
+
+def finished_keyed(i: int) -> bool:
+    """Whether the `i`-th finished timer was created with an idempotency key (half are)."""
+    return scrambled(i) >> 16 & 1 == 0
+
+
+def finished_timer(i: int, created_ms: int, new_id: IdMaker) -> Timer:
+    """The `i`-th finished timer, as the daemon leaves one (`finished_kind`): fired (one in eight
+    on a second attempt), failed after five attempts, or cancelled; half with an idempotency
+    key; its own URL and payload; its tenant `FINISHED_TENANT_OF[i % 10]`."""
+    due_ms = created_ms + 1000 + (i % 3600) * 1000
+    kind = finished_kind(i)
+    keyed = finished_keyed(i)
+    timer = Timer(
+        id=new_id(created_ms),
+        url=f"https://hooks.example.com/orders/{i}",
+        due_at_ms=due_ms,
+        created_at_ms=created_ms,
+        payload=f'{{"order":{i},"kind":"reminder"}}',
+        tenant=SCALE_TENANTS[FINISHED_TENANT_OF[i % 10]],
+        idempotency_key=f"order-{i}" if keyed else None,
+        request_hash=f"{i:064x}" if keyed else None,
+    )
+    if kind is State.CANCELLED:
+        return dataclasses.replace(timer, state=State.CANCELLED, finished_at_ms=created_ms + 500)
+    if kind is State.FAILED:
+        history = tuple(
+            AttemptRecord(a, due_ms + (a - 1) * 5000 + 3, 30.0, 503, None, "busy")
+            for a in range(1, FAILED_ATTEMPTS + 1)
+        )
+        return dataclasses.replace(
+            timer,
+            state=State.FAILED,
+            attempts=FAILED_ATTEMPTS,
+            last_status=503,
+            history=history,
+            finished_at_ms=history[-1].at_ms,
+        )
+    first = AttemptRecord(1, due_ms + 3, 4.2, 200, None, "ok")
+    if scrambled(i) >> 8 & 7 == 0:
+        first = AttemptRecord(1, due_ms + 3, 30.0, 503, None, "busy")
+        history = (first, AttemptRecord(2, due_ms + 5003, 4.2, 200, None, "ok"))
+    else:
+        history = (first,)
+    return dataclasses.replace(
+        timer,
+        state=State.FIRED,
+        attempts=len(history),
+        fired_at_ms=history[-1].at_ms,
+        finished_at_ms=history[-1].at_ms,
+        fired_by=f"bench-host:{4242 + i % 2}:0badc0de",
+        last_status=200,
+        history=history,
+    )
+
+
+def pending_timer(j: int, pending: int, now: int, new_id: IdMaker) -> Timer:
+    """The `j`-th of `pending` timers: created in the last hour, due over the next day."""
+    created_ms = now - RECENT_MS + j * RECENT_MS // max(pending, 1)
+    keyed = j % 2 == 0
+    return Timer(
+        id=new_id(created_ms),
+        url=f"https://hooks.example.com/orders/p{j}",
+        due_at_ms=now + 600_000 + j * DAY_MS // max(pending, 1),
+        created_at_ms=created_ms,
+        payload=f'{{"order":"p{j}","kind":"reminder"}}',
+        tenant=SCALE_TENANTS[PENDING_TENANT_OF[j % 20]],
+        idempotency_key=f"pending-{j}" if keyed else None,
+        request_hash=f"{j:064x}" if keyed else None,
+    )
+
+
+def build_scale_store(path: str, n: int, pending: int) -> float:
+    """Write `n` finished and `pending` pending timers through the store's own `insert_many`,
+    a chunk per transaction (durability off: a scratch file); return seconds."""
+    started = time.monotonic()
+    store = SqliteStore(path, synchronous="OFF")
+    try:
+        now, new_id = now_ms(), IdMaker()
+        first_ms = now - SCALE_SPAN_MS - 60_000
+        for lo in range(0, n, SCALE_CHUNK):
+            store.insert_many(
+                [
+                    finished_timer(i, first_ms + i * SCALE_SPAN_MS // n, new_id)
+                    for i in range(lo, min(n, lo + SCALE_CHUNK))
+                ]
+            )
+            if (lo + SCALE_CHUNK) % PROGRESS_EVERY == 0:
+                done = lo + SCALE_CHUNK
+                took = time.monotonic() - started
+                print(f"timerd bench: {done:,} of {n:,} finished timers ({took:.0f} s)",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        for lo in range(0, pending, SCALE_CHUNK):
+            chunk = range(lo, min(pending, lo + SCALE_CHUNK))
+            store.insert_many([pending_timer(j, pending, now, new_id) for j in chunk])
+    finally:
+        store.close()
+    return time.monotonic() - started
+
+
+def holds_timers(path: str) -> bool:
+    """Whether the SQLite file exists with timers in it already (a store-scale file to reuse)."""
+    if not Path(path).exists():
+        return False
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        try:
+            return conn.execute("SELECT 1 FROM timers LIMIT 1").fetchone() is not None
+        except sqlite3.OperationalError:
+            return False
+
+
+def timings(call: Callable[[], object], repeat: int) -> dict[str, float]:
+    """Milliseconds of `repeat` calls: the first, min, median, p99 and max."""
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    first = times[0]
+    times.sort()
+    return {
+        "first": round(first, 3),
+        "min": round(times[0], 3),
+        "median": round(percentile(times, 50), 3),
+        "p99": round(percentile(times, 99), 3),
+        "max": round(times[-1], 3),
+    }
+
+
+def keyed_finished(n: int, tenant_index: int) -> str | None:
+    """The idempotency key of the newest finished timer of that tenant that has one."""
+    for i in range(n - 1, max(n - 1000, -1), -1):
+        if finished_keyed(i) and FINISHED_TENANT_OF[i % 10] == tenant_index:
+            return f"order-{i}"
+    return None
+
+
+def time_store_calls(store: Store, n: int, repeat: int) -> dict[str, Any]:
+    """The store calls of the hot paths, each timed `repeat` times, on the store as the API
+    and the daemon open it."""
+    cap = Settings().max_pending_per_tenant
+    many, few = SCALE_TENANTS[0], SCALE_TENANTS[3]  # the tenants with most and fewest timers
+    share = store.partitions() // SCALE_PARTITION_SHARE
+    half = list(range(share))
+    batch = Settings().batch_size
+    now = now_ms()
+    newest = store.list_timers(None, None, 1, many)
+    newest_s = int(newest[0].id[:8], 16) if newest else now // 1000
+    deep = f"{newest_s - SCALE_SPAN_MS // 2000:08x}{'f' * 16}"  # a cursor three days back
+    key = keyed_finished(n, 1) or "pending-12"
+    calls: dict[str, Callable[[], object]] = {
+        "metrics": lambda: (store.count_active(), store.next_due_at_ms()),
+        "cap_check": lambda: store.count_pending(many, cap),
+        "cap_check_few": lambda: store.count_pending(few, cap),
+        "cap_check_at_1000": lambda: store.count_pending(many, 1000),
+        "list": lambda: store.list_timers(None, None, 50, many),
+        "list_deep": lambda: store.list_timers(None, deep, 50, many),
+        "list_fired": lambda: store.list_timers(State.FIRED, None, 50, many),
+        "list_failed": lambda: store.list_timers(State.FAILED, None, 50, many),
+        "list_failed_few": lambda: store.list_timers(State.FAILED, None, 50, few),
+        "due_poll_idle": lambda: store.pending_due(now + 5000, batch, None, half),
+        "due_poll_page": lambda: store.pending_due(now + 2 * DAY_MS, batch, None, half),
+        "idempotency_hit": lambda: store.find_by_idempotency_key(SCALE_TENANTS[1], key),
+        "idempotency_miss": lambda: store.find_by_idempotency_key(SCALE_TENANTS[1], "none"),
+    }
+    checks = {
+        "pending": store.count_active()[State.PENDING],
+        "cap_check_counted": store.count_pending(many, cap),
+        "list_rows": len(store.list_timers(None, None, 50, many)),
+        "list_deep_rows": len(store.list_timers(None, deep, 50, many)),
+        "list_failed_rows": len(store.list_timers(State.FAILED, None, 50, many)),
+        "due_poll_page_rows": len(store.pending_due(now + 2 * DAY_MS, batch, None, half)),
+        "idempotency_hit_found": store.find_by_idempotency_key(SCALE_TENANTS[1], key) is not None,
+    }
+    return {"store_checks": checks} | {
+        "store_ms": {name: timings(call, repeat) for name, call in calls.items()}
+    }
+
+
+def time_http_calls(port: int, repeat: int) -> dict[str, Any]:
+    """GET /metrics and list pages through a `timerd api` process, one keep-alive connection,
+    one request at a time."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    paths = {
+        "metrics": "/metrics",
+        "list": "/timers?limit=50",
+        "list_failed": "/timers?limit=50&state=failed",
+    }
+    try:
+        bodies: dict[str, bytes] = {}
+
+        def get(name: str) -> None:
+            conn.request("GET", paths[name])
+            response = conn.getresponse()
+            bodies[name] = response.read()
+            if response.status != 200:
+                raise BenchError(f"GET {paths[name]} answered {response.status}")
+
+        figures = {name: timings(functools.partial(get, name), repeat) for name in paths}
+    finally:
+        conn.close()
+    return {
+        "http_checks": {
+            "list_rows": len(json.loads(bodies["list"])["timers"]),
+            "metrics_has_timers": b"timerd_timers{" in bodies["metrics"],
+        },
+        "http_ms": figures,
+    }
+
+
+def db_mb(path: str) -> float:
+    """The SQLite file with its -wal and -shm, in MB."""
+    files = Path(path).parent.glob(Path(path).name + "*")
+    return round(sum(p.stat().st_size for p in files) / 1e6, 1)
+
+
+def run_store_scale(opts: Options) -> dict[str, Any]:
+    """The store-scale shape: build (or reuse) the file, time the store calls in this process,
+    then the same reads through a `timerd api` process."""
+    with Lab(opts) as lab:
+        path = lab.sqlite_path()
+        reuse = not lab.temp_store and holds_timers(path)
+        build_s = None if reuse else build_scale_store(path, opts.n, opts.pending)
+        store = SqliteStore(path)  # as the API opens it
+        try:
+            rows = {} if build_s is not None else {"counted": store.count_by_state()}
+            figures = time_store_calls(store, opts.n, opts.repeat)
+        finally:
+            store.close()
+        port = free_port()
+        api = lab.start("api", port)
+        wait_until(lambda: healthz_ok(port), api, "the API's /healthz")
+        figures |= time_http_calls(port, opts.repeat)
+        api.check_alive()
+        size = db_mb(path)
+    return {
+        **run_header(opts, lab),
+        "pending": opts.pending,
+        "tenants": len(SCALE_TENANTS),
+        "repeat": opts.repeat,
+        "built": build_s is not None,
+        **{key: {str(s): c for s, c in value.items()} for key, value in rows.items()},
+        "build_s": build_s and round(build_s, 1),
+        "rows_per_s": build_s and round((opts.n + opts.pending) / max(build_s, 1e-9)),
+        "db_mb": size,
+        **figures,
     }
 
 
@@ -715,19 +1214,42 @@ def run_backlog(opts: Options) -> dict[str, Any]:
 
 def summary(result: dict[str, Any]) -> str:
     """A few human-readable lines for stderr."""
-    head = f"timerd bench {result['shape']} n={result['n']} (children log at {result['log_level']})"
+    head = (
+        f"timerd bench {result['shape']} n={result['n']}"
+        f" (children log at {result['log_level']}, from {result['log_level_from']}"
+    )
+    if "workers" in result:
+        head += f"; {result['workers']} firing process(es), from {result['workers_from']}"
+    head += ")"
     if result["shape"] == "backlog":
         return (
             f"{head}\n  due timer fired {result['fired_s_after_start']} s after the daemon"
             f" started (due at +1 s); daemon RSS {result['rss_mb']} MB, peak {result['hwm_mb']} MB"
         )
+    if result["shape"] == "store-scale":
+        lines = [f"{head}, {result['pending']} pending, {result['db_mb']} MB"]
+        for where in ("store_ms", "http_ms"):
+            for name, ms in result[where].items():
+                lines.append(
+                    f"  {where[:-3]:5} {name:18} median {ms['median']:8.3f} ms"
+                    f"  p99 {ms['p99']:8.3f} ms"
+                )
+        return "\n".join(lines)
+    if result.get("ratio_to_ceiling") is not None:
+        ceiling = (
+            f"; ceiling.py --uvloop {result['ceiling']['fires_per_s']}/s:"
+            f" ratio {result['ratio_to_ceiling']}"
+        )
+    else:
+        ceiling = ""
     before = "finished" if result["created_before_due"] else "NOT finished"
     return (
         f"{head}\n  created {result['created']} at {result['creates_per_s']}/s, {before}"
         f" {result['creation_done_s_before_due']} s before the first due time"
         f"\n  fired {result.get('fires_per_s')}/s; late ms p50 {result.get('late_ms_p50')}"
         f" p99 {result.get('late_ms_p99')} max {result.get('late_ms_max')};"
-        f" lost {result['lost']}, duplicates {result['duplicates']}"
+        f" lost {result['lost']}, duplicates {result['duplicates']}, early"
+        f" {result.get('early')}{ceiling}"
     )
 
 
@@ -740,7 +1262,8 @@ def run_bench(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         opts = options(args)
-        result = run_backlog(opts) if opts.shape == "backlog" else run_firing(opts)
+        runs = {"backlog": run_backlog, "store-scale": run_store_scale}
+        result = runs.get(opts.shape, run_firing)(opts)
     except BenchError as exc:
         print(f"timerd bench: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc

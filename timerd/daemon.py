@@ -1,6 +1,7 @@
-"""The firing daemon: one leader claims due timers at their instant and fires them.
+"""The firing daemon: claims the due timers of the partitions it holds at their instant and
+fires them.
 
-The leader reads the pending timers due within `lookahead_s` (never claiming them yet) into a
+It reads those partitions' pending timers due within `lookahead_s` (never claiming them yet) into a
 small heap, sleeps until the earliest is due, a poll is due, or news arrives, then claims what
 is due in one conditional write and starts exactly those deliveries. Memory holds at most one
 batch of due times, whatever the backlog.
@@ -71,7 +72,7 @@ class Counters:
 
 
 class Daemon:
-    """Fires the timers of one store while it holds the leader lease."""
+    """Fires the timers of the partitions of one store that it holds."""
 
     def __init__(
         self,
@@ -476,8 +477,8 @@ class Daemon:
         changed.cancel()
 
     async def recover_expired(self) -> None:
-        """Settle the claims whose owner died or stalled (leader only): each counts as a
-        failed attempt, so the attempt budget holds across crashes."""
+        """Settle the claims whose owner died or stalled, in the partitions held here: each
+        counts as a failed attempt, so the attempt budget holds across crashes."""
         held = self.lease.held()
         if not held:
             return

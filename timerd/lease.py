@@ -1,8 +1,9 @@
 """Sharing the partitions of the timer space between live daemons, through lease documents.
 
 Every daemon keeps a lease named `member:<holder>` alive while it runs, so each knows who else
-is live. Each partition goes to the live member that rendezvous hashing picks for it, so every
-daemon computes the same owners and a join or a leave moves only the partitions it must. At each
+is live. Each partition goes to the live member that rendezvous hashing picks for it, capped so
+the shares differ by one at most; every daemon computes the same owners, and a join or a leave
+moves few partitions. At each
 tick a daemon renews what it holds, hands over at once the partitions another member should
 have, and takes those that should be its own once they are free (released, or expired because
 their holder died). One daemon alone holds them all.
@@ -41,14 +42,46 @@ def daemon_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def owner_of(partition: int, members: Iterable[str]) -> str:
-    """The member that should hold `partition` (rendezvous hashing: the highest score wins)."""
-    return max(members, key=lambda member: (_score(partition, member), member))
+def owners(partitions: int, members: Iterable[str]) -> list[str]:
+    """The member that should hold each partition: rendezvous hashing (each partition ranks
+    the members by a hash of the pair), each member capped at its fair share, so the shares
+    differ by one at most, every daemon computes the same owners from the same members,
+    and a join or a leave moves few partitions."""
+    ranked = sorted(set(members))
+    floor, extra = divmod(partitions, len(ranked))  # `extra` members hold one more than `floor`
+    load = dict.fromkeys(ranked, 0)
+    chosen = []
+    for partition in range(partitions):
+        order = sorted(ranked, key=lambda m: (_score(partition, m), m), reverse=True)
+        owner = next(m for m in order if load[m] < floor or (load[m] == floor and extra))
+        if load[owner] == floor:
+            extra -= 1
+        load[owner] += 1
+        chosen.append(owner)
+    return chosen
 
 
 def _score(partition: int, member: str) -> bytes:
     # A real hash: CRC32's scores for names that differ in one byte move together.
     return hashlib.blake2b(f"{partition}/{member}".encode(), digest_size=8).digest()
+
+
+def live_daemons(leases: Iterable[Lease], now_ms: int) -> dict[str, list[int]]:
+    """Each live daemon (by its membership lease) and the partitions it holds live, in order."""
+    live = [lease for lease in leases if lease.expires_at_ms >= now_ms]
+    members = sorted(m.name.removeprefix(MEMBER_PREFIX) for m in live if _is_member(m))
+    return {
+        member: sorted(
+            int(lease.name[1:])
+            for lease in live
+            if lease.holder == member and not _is_member(lease)
+        )
+        for member in members
+    }
+
+
+def _is_member(lease: Lease) -> bool:
+    return lease.name.startswith(MEMBER_PREFIX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +175,8 @@ class PartitionKeeper:
         live = {lease.name: lease for lease in leases if lease.expires_at_ms >= now_ms}
         members = {n.removeprefix(MEMBER_PREFIX) for n in live if n.startswith(MEMBER_PREFIX)}
         members.add(self.holder)
-        mine = {p for p in range(self.partitions) if owner_of(p, members) == self.holder}
+        chosen = owners(self.partitions, members)
+        mine = {p for p, owner in enumerate(chosen) if owner == self.holder}
         for partition in sorted(set(self._held) - mine):
             await self._hand_over(partition)
         for partition in sorted(mine - set(self._held)):

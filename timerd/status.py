@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from timerd.models import MEMBER_PREFIX, Lease, State, Timer
+from timerd.lease import live_daemons
+from timerd.models import Lease, State, Timer
 from timerd.store import Store
 
 RECENT = 200  # fired timers whose lateness `status` summarises
@@ -50,18 +51,15 @@ def take_report(store: Store, store_url: str, now_ms: int) -> Report:
 
 
 def _daemons(leases: list[Lease], fired: list[Timer], now_ms: int) -> list[DaemonStatus]:
-    live = [lease for lease in leases if lease.expires_at_ms >= now_ms]
-    members = sorted(m.name.removeprefix(MEMBER_PREFIX) for m in live if m.name[0] == "m")
-    held = [lease for lease in live if not lease.name.startswith(MEMBER_PREFIX)]
     span_s = _span_s(fired)
     return [
         DaemonStatus(
             holder,
-            sorted(int(lease.name[1:]) for lease in held if lease.holder == holder),
+            partitions,
             fires := sum(t.fired_by == holder for t in fired),
             fires / span_s if span_s else 0.0,
         )
-        for holder in members
+        for holder, partitions in live_daemons(leases, now_ms).items()
     ]
 
 

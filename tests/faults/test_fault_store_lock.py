@@ -1,13 +1,16 @@
 """Fault: another process holds the SQLite write lock past the busy timeout while one host's
 timers fall due (issue 9, defect 1: a claim that fails must give its host slots back).
 
-One `timerd api` and one `timerd daemon` (2 s lease, per-host limit 4, busy timeout 1 s). 56
-timers for one receiver fall due in bursts of 8 every 0.7 s, from just after an outside process
-took the write lock (`BEGIN IMMEDIATE`) until a second after it let go 3.5 s later. A second
-receiver's timers, due after the release, are the control. In WAL mode the daemon still reads
-the due index, so it takes slots at the host for a burst and tries to claim it; the claim waits
-out the busy timeout and fails. After the release every timer of both hosts must arrive
-(bounded): at 88125b5 none of the first host's does, because the failed claim kept its slots.
+One `timerd api` and one `timerd daemon` (alone, it holds all 64 partitions; 2 s leases,
+per-host limit 4, busy timeout 1 s). 56 timers for one receiver fall due in bursts of 8 every
+0.7 s, from just after an outside process took the write lock (`BEGIN IMMEDIATE`) until a second
+after it let go 3.5 s later. A second receiver's timers, due after the release, are the control.
+In WAL mode the daemon still reads the due index, so it takes slots at the host for a burst and
+tries to claim it; the claim waits out the busy timeout and fails (and the lease renewals fail
+too: the daemon stops claiming once it can no longer prove its partitions are its own, and takes
+them again after the release). After the release every timer of both hosts must arrive
+(bounded): at 88125b5 none of the first host's did, because the failed claim kept its slots;
+since the daemon gives a failed claim's slots back and releases the claim, it passes.
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ def test_every_timer_of_a_host_arrives_after_the_write_lock_is_released(
                 "host_delivered_after_release": len(after_release),
                 "per_host_limit": PER_HOST,
                 "daemon_store_unavailable": len(logged(daemon, "store_unavailable")),
+                "partitions_lost": len(logged(daemon, "partition_lost")),
+                "claims_released": len(logged(daemon, "claim_released")),
             },
             problems=problems,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from tests.sim.run import SimResult, run_for_report
 from tests.sim.world import SimConfig
 
 STORES = ("sqlite", "mongo")
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join(result.trace))
             if not result.ok:
                 failed.append(result)
-                kinds.update({_kind(v) for v in result.violations})
+                kinds.update({kind_of(v) for v in result.violations})
                 print(result.report(), flush=True)
             elif done % 1000 == 0:
                 print(f"... {done}/{len(configs)} runs, {len(failed)} failed", flush=True)
@@ -79,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _kind(violation: str) -> str:
+def kind_of(violation: str) -> str:
     """A violation without its numbers and ids: what groups failures of one defect."""
-    words = ["N" if any(c.isdigit() for c in w) else w for w in violation.split()]
+    words = [
+        "N" if any(c.isdigit() for c in w) or (len(w) >= 6 and _HEX.fullmatch(w)) else w
+        for w in violation.split()
+    ]
     return " ".join(words)[:110]
 
 

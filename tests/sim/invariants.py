@@ -36,6 +36,8 @@ def check_final(world: World) -> None:
         world.violate(problem)
     for problem in _quiet_lateness(world):
         world.violate(problem)
+    for problem in _late_claims(world):
+        world.violate(problem)
     for actor in world.actors:
         if actor.alive and any(vars_of(actor.daemon.counters()).values()):
             world.violate(
@@ -162,6 +164,21 @@ def _retry_after(world: World, timer: Timer, deliveries: list[Delivery]) -> list
     return problems
 
 
+def _late_claims(world: World) -> list[str]:
+    """A claim that came back too late to cover a delivery's timeouts is released, not fired
+    (unless the process stopped after it had decided to fire: then it was in flight)."""
+    s = world.settings
+    needed_ms = int((s.delivery_timeout_s + s.connect_timeout_s) * 1000)
+    return [
+        f"fired a claim with {d.claimed_until_ms - d.start_ms} ms left, {needed_ms} needed:"
+        f" {d.describe()}"
+        for d in world.ledger.deliveries
+        if d.claimed_until_ms is not None
+        and d.start_ms > d.claimed_until_ms - needed_ms + STAMP_TOLERANCE_MS
+        and not _in_flight_disruption(world, d, d.start_ms)
+    ]
+
+
 def _quiet_lateness(world: World) -> list[str]:
     """Once the quiet world has had time to settle on its leaders and sweep what the dead
     left, a timer due fires within about a poll interval of its due time."""
@@ -217,15 +234,22 @@ def _history(world: World, timer: Timer, deliveries: list[Delivery]) -> list[str
 
 def _duplicates(world: World, now_ms: int) -> list[str]:
     """A timer is delivered again, after a 2xx or while a delivery of it is in flight, only when
-    the first delivery's daemon was killed or stalled while that delivery was in flight (from
-    the moment it learnt of its claim until its outcome could have been written)."""
+    a daemon was killed or stalled while a delivery was in flight: the first one, from the
+    moment its daemon learnt of its claim until its outcome could have been written, or the
+    second one, between its daemon learning of its claim and the request going out."""
     problems = []
     for deliveries in world.ledger.by_timer.values():
         ordered = sorted(deliveries, key=lambda d: (d.start_ms, d.seq))
         for i, first in enumerate(ordered):
             for second in ordered[i + 1 :]:
                 overlapping = first.overlaps(second, now_ms)
-                if not (overlapping or first.delivered) or _in_flight_disruption(world, first):
+                if not (overlapping or first.delivered):
+                    continue
+                claim_ms = world.settings.claim_ttl_ms
+                first_end = (first.end_ms or now_ms) + claim_ms
+                if _in_flight_disruption(world, first, first_end) or _in_flight_disruption(
+                    world, second, second.start_ms
+                ):
                     continue
                 what = "overlapping deliveries" if overlapping else "delivered again after 2xx"
                 problems.append(
@@ -235,11 +259,12 @@ def _duplicates(world: World, now_ms: int) -> list[str]:
     return problems
 
 
-def _in_flight_disruption(world: World, d: Delivery) -> bool:
+def _in_flight_disruption(world: World, d: Delivery, until_ms: int) -> bool:
+    """Whether `d`'s daemon was killed or stopped (the kill or stall began) after learning of
+    the claim and by `until_ms`."""
     seen_ms = world.claims_seen.get((d.timer_id, d.attempt, d.actor))
     since_ms = seen_ms if seen_ms is not None and seen_ms <= d.start_ms else d.start_ms
-    until_ms = (d.end_ms or world.true.now_ms()) + world.settings.claim_ttl_ms
-    return _hit(world, d.actor, (since_ms, until_ms))
+    return any(x.actor == d.actor and since_ms <= x.start_ms <= until_ms for x in world.disruptions)
 
 
 def _hit(world: World, actor: str, window: tuple[int, int]) -> bool:

@@ -36,6 +36,7 @@ class Delivery:
     actor: str
     attempt: int  # the claimed timer's `attempts`
     due_at_ms: int  # as claimed
+    claimed_until_ms: int | None  # the claim's deadline
     start_ms: int
     end_ms: int | None = None
     kind: str = "open"
@@ -84,6 +85,7 @@ class Ledger:
             actor=actor,
             attempt=timer.attempts,
             due_at_ms=timer.due_at_ms,
+            claimed_until_ms=timer.claimed_until_ms,
             start_ms=self._true.now_ms(),
         )
         if d.start_ms + self.early_tolerance_ms < timer.due_at_ms:
@@ -133,13 +135,17 @@ class Receivers:
         self.ledger = ledger
         self.timeout_s = delivery_timeout_s
         self.quiet = False  # answer 2xx at once, from the quiet phase on
+        # This seed's receivers: how much more or less of each kind of answer than usual.
+        profile = random.Random(rng.random())
+        self.mix = [profile.choice((0.0, 0.5, 1.0, 1.0, 2.0, 4.0)) for _ in self._table()]
+        self.mix[0] = max(self.mix[0], 0.5)  # some deliveries always succeed
         self._trace = trace
 
     def answer(self) -> Answer:
         """Draw what the receiver does with the next delivery."""
         if self.quiet:
             return Answer("2xx", self.rng.uniform(0.001, 0.05), status=200)
-        table = self._table()
+        table = [(w * m, make) for (w, make), m in zip(self._table(), self.mix, strict=True)]
         pick = self.rng.uniform(0, sum(weight for weight, _ in table))
         for weight, make in table:
             pick -= weight

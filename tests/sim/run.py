@@ -7,6 +7,7 @@ import gc
 import random
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def run_seed(config: SimConfig) -> SimResult:
             except (Deadlock, RunawayLoop) as exc:
                 world.violate(f"the world stopped: {exc!r}")
             except Exception as exc:  # a bug of the simulator itself, or an unexpected raise
+                world.trace(traceback.format_exc())
                 world.violate(f"simulation raised {exc!r}")
             finally:
                 _shut(loop, world)
@@ -68,7 +70,10 @@ def run_seed(config: SimConfig) -> SimResult:
 
 def run_for_report(config: SimConfig) -> SimResult:
     """`run_seed` for a pool worker: only a failure (or a verbose run) carries its trace home."""
-    result = run_seed(config)
+    try:
+        result = run_seed(config)
+    except Exception as exc:  # the simulator cannot run this seed: report it, keep the pool
+        return SimResult(config, [f"the simulator failed: {exc!r}"], "", [traceback.format_exc()])
     if result.ok and not config.verbose:
         result.trace = []
     return result

@@ -10,9 +10,11 @@ invariants are checked along the way and at the end (`tests/sim/invariants.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import random
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,10 +346,24 @@ class World:
         )
 
     def _open_store(self, workdir: Path) -> Store:
+        """The shared store, created with the seed's partition count (fixed at creation: the
+        first process to open a database writes it, and every later one reads it)."""
+        partitions = self.rng("shape/partitions").choice((1, 2, 3, 4, 8, 8, 64))
+        store: Store
         if self.config.store == "mongo":
             client: Any = mongomock.MongoClient()
-            return MongoStore(client, "sim", server_time=self.true.now_ms)
-        return SqliteStore(str(workdir / "sim.db"), synchronous="OFF")
+            client["sim"]["meta"].insert_one({"_id": "partitions", "value": partitions})
+            store = MongoStore(client, "sim", server_time=self.true.now_ms)
+        else:
+            path = workdir / "sim.db"
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+                conn.execute("INSERT INTO meta VALUES ('partitions', ?)", (partitions,))
+                conn.commit()
+            store = SqliteStore(str(path), synchronous="OFF")
+        count = getattr(store, "partitions", lambda: 1)()
+        self.trace(f"store {self.config.store}, {count} partitions")
+        return store
 
     def view(self, name: str, observer: Any = None) -> FaultyStore:
         self._views += 1
@@ -404,7 +420,8 @@ class World:
 
     async def run_chaos(self, until_s: float) -> None:
         rng = self.chaos
-        moments = sorted(rng.uniform(1.0, until_s) for _ in range(rng.randint(0, 6)))
+        events = rng.choice((rng.randint(0, 3), rng.randint(0, 6), rng.randint(4, 12)))
+        moments = sorted(rng.uniform(1.0, until_s) for _ in range(events))
         for moment in moments:
             await asyncio.sleep(max(0.0, moment - self.loop.time()))
             alive = [a for a in self.actors if a.alive]
@@ -421,7 +438,7 @@ class World:
     def arm_stall(self, victim: DaemonActor) -> None:
         """Stop `victim` for 2-3 lease TTLs (now and then less) around one of its store calls."""
         rng = self.chaos
-        ttls = rng.uniform(2.0, 3.0) if rng.random() < 0.8 else rng.uniform(0.3, 1.5)
+        ttls = rng.uniform(2.0, 3.0) if rng.random() < 0.7 else rng.uniform(0.3, 2.0)
         request = StallRequest(
             op=rng.choice(STALL_TARGETS),
             where=rng.choice(("before", "after")),
@@ -506,7 +523,10 @@ class World:
 
     def settled(self) -> bool:
         """Nothing firing, nothing pending due soon, every live daemon idle (cheap queries)."""
-        if not all(idle(a.daemon) for a in self.actors if a.alive):
+        alive = [a for a in self.actors if a.alive]
+        if any(a.stalled_until_s > self.loop.time() for a in alive):
+            return False  # a stopped process settles nothing
+        if not all(idle(a.daemon) for a in alive):
             return False
         next_due_ms = self.inner.next_due_at_ms()
         if next_due_ms is not None and next_due_ms <= self.true.now_ms() + QUIET_HORIZON_MS:
@@ -533,6 +553,17 @@ class World:
             elif not idle(actor.daemon):
                 self.violate(f"{actor.name}: holds {actor.daemon.counters()} after stopping")
             actor.alive = False
+        self._check_leases_released({a.holder for a in alive})
+
+    def _check_leases_released(self, holders: set[str]) -> None:
+        """A clean stop hands every lease over at once: none is left live in a stopped name."""
+        leases = getattr(self.inner, "leases", None)
+        if leases is None:
+            return
+        now_ms = self.true.now_ms()
+        for lease in leases():
+            if lease.holder in holders and lease.expires_at_ms > now_ms:
+                self.violate(f"lease {lease} still live after its holder stopped cleanly")
 
     def close(self) -> None:
         self.inner.close()

@@ -4,6 +4,9 @@
   each to its own path on one receiver, recording every 201 (id and due time).
 - `WriteLock`: an outside process holding the SQLite file's write lock until released.
 - `tally`: what a receiver got against what was acknowledged (lost, early, duplicates).
+- `Leases`, `holder`, `claimed_by`, `fired_by`, `taken_over`, `shared`: who holds which of the
+  partitions (the `leases` table, read straight from the SQLite file), which daemon a process
+  is, and what a daemon has claimed or fired.
 - `report`: each test's one-line summary, printed and appended as a JSON line to
   `$TIMERD_FAULTS_REPORT` (default `.faults/fault-report.jsonl`); `python -m
   tests.support.faults REPORT` prints those lines as the table RELIABILITY.md shows.
@@ -15,13 +18,15 @@ import json
 import os
 import random
 import select
+import sqlite3
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +38,9 @@ from tests.support.cluster import ids_in, now_ms, rfc3339
 from tests.support.procs import TimerdProcess
 from tests.support.receiver import Arrival, Receiver
 from tests.support.waiting import wait_until
+from timerd.models import MEMBER_PREFIX
+
+PARTITIONS = 64  # of a store created by this build (the `meta` table says so; asserted)
 
 REPORT_ENV = "TIMERD_FAULTS_REPORT"
 DEFAULT_REPORT = Path(__file__).resolve().parents[2] / ".faults" / "fault-report.jsonl"
@@ -235,6 +243,116 @@ def logged(proc: TimerdProcess, event: str) -> list[dict[str, Any]]:
             moment = datetime.fromisoformat(entry["timestamp"])
             found.append({**entry, "at_ms": round(moment.timestamp() * 1000)})
     return found
+
+
+def holder(proc: TimerdProcess) -> str:
+    """A daemon's holder name (`host:pid:suffix`), from its `daemon_started` log line."""
+    [event] = wait_until(lambda: logged(proc, "daemon_started"), 10, "daemon_started")
+    name: str = event["holder"]
+    return name
+
+
+def _query(db: Path, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    """Rows of a read on the SQLite file, on a connection of its own (WAL readers never wait
+    for the daemons' writes)."""
+    with closing(sqlite3.connect(db, timeout=10)) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+@dataclass(frozen=True)
+class Leases:
+    """The live leases in the store at one read: partition → holder, and the live members."""
+
+    partitions: dict[int, str]
+    members: set[str]
+
+    def of(self, name: str) -> set[int]:
+        return {p for p, h in self.partitions.items() if h == name}
+
+    def by_holder(self) -> dict[str, set[int]]:
+        found: dict[str, set[int]] = {}
+        for partition, name in self.partitions.items():
+            found.setdefault(name, set()).add(partition)
+        return found
+
+
+def leases(db: Path) -> Leases:
+    """Every lease not expired now (the store's clock is this host's for SQLite)."""
+    rows = _query(db, "SELECT name, holder, expires_at_ms FROM leases")
+    now = now_ms()
+    live = [(name, who) for name, who, expires in rows if expires > now]
+    return Leases(
+        partitions={int(n[1:]): w for n, w in live if n.startswith("p") and n[1:].isdigit()},
+        members={w for n, w in live if n.startswith(MEMBER_PREFIX)},
+    )
+
+
+def store_partitions(db: Path) -> int:
+    [(count,)] = _query(db, "SELECT value FROM meta WHERE name = 'partitions'")
+    return int(count)
+
+
+def shared(db: Path, names: Iterable[str]) -> Leases | None:
+    """The leases once every partition is held by one of `names` and each of them holds at
+    least one (the daemons have shared the partitions out), else None."""
+    now = leases(db)
+    names = set(names)
+    by_holder = now.by_holder()
+    full = len(now.partitions) == PARTITIONS and set(by_holder) <= names
+    return now if full and names <= set(by_holder) else None
+
+
+def taken_over(db: Path, partitions: set[int], gone: str) -> bool:
+    """Whether each of `partitions` is held (a live lease) by a daemon other than `gone`."""
+    held = leases(db).partitions
+    return all(held.get(p) not in (None, gone) for p in partitions)
+
+
+def claimed_by(db: Path, name: str) -> set[str]:
+    """The timers `name` has claimed and not settled (`firing`, `claimed_by` it)."""
+    rows = _query(db, "SELECT id FROM timers WHERE state = 'firing' AND claimed_by = ?", [name])
+    return {timer_id for (timer_id,) in rows}
+
+
+def fired_by(db: Path) -> dict[str, str | None]:
+    """Every fired timer's `fired_by` (the daemon whose outcome write was accepted)."""
+    return dict(_query(db, "SELECT id, fired_by FROM timers WHERE state = 'fired'"))
+
+
+def gauges_agree(procs: Sequence[TimerdProcess], names: Sequence[str], db: Path) -> str:
+    """Empty when each daemon's `timerd_partitions_held` is what the `leases` table says it holds
+    and its `timerd_leader` is 1 exactly when that is not 0; else what differs."""
+    held = leases(db).by_holder()
+    wrong = []
+    for proc, name in zip(procs, names, strict=True):
+        count = len(held.get(name, ()))
+        seen = (gauge(proc, "timerd_partitions_held"), gauge(proc, "timerd_leader"))
+        if seen != (float(count), float(count > 0)):
+            wrong.append(f"{name}: gauges (held, leader)={seen}, leases table {count}")
+    return "; ".join(wrong)
+
+
+def settled_gauges(procs: Sequence[TimerdProcess], names: Sequence[str], db: Path) -> str:
+    """What still differs between the daemons' gauges and the leases table after waiting
+    (bounded) for them to agree (a hand-over may be under way); "" once they do."""
+    wrong = ""
+
+    def agree() -> bool:
+        nonlocal wrong
+        wrong = gauges_agree(procs, names, db)
+        return not wrong
+
+    wait_quietly(agree, 5)
+    return wrong
+
+
+def wait_quietly(check: Callable[[], object], timeout_s: float) -> bool:
+    """`wait_until` that answers False instead of failing (the test reports it as a figure)."""
+    try:
+        wait_until(check, timeout_s, "a check")
+    except AssertionError:
+        return False
+    return True
 
 
 def gauge(proc: TimerdProcess, name: str) -> float | None:

@@ -1,8 +1,9 @@
 """A real webhook receiver on 127.0.0.1 with a random port, running in its own thread.
 
 It records every request (path, headers, body, arrival time) and answers with what `respond`
-returns for it: a status (200 by default), or an `Answer` with response headers too. Tests
-wait on it with `wait_for`, never with sleeps.
+returns for it: a status (200 by default), or an `Answer` with response headers too, with
+`body` as the answer's body (none by default). Tests wait on it with `wait_for`, never with
+sleeps.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ class Receiver:
     """Start with `with Receiver() as r:`; `r.url` is the base URL to give timers."""
 
     def __init__(
-        self, respond: Respond | None = None, delay_s: float = 0.0, host: str = "127.0.0.1"
+        self,
+        respond: Respond | None = None,
+        delay_s: float = 0.0,
+        host: str = "127.0.0.1",
+        body: bytes = b"",
     ) -> None:
         self.respond = respond or (lambda _: 200)
+        self.body = body  # what every answer carries
         self.delay_s = delay_s  # how long each answer takes, to keep deliveries in flight
         self.arrivals: list[Arrival] = []
         self._changed = threading.Condition()
@@ -107,7 +113,7 @@ class Receiver:
         headers = list(answer.headers)
         if 300 <= status < 400:
             headers.append(("location", "/hooks/redirected"))
-        return web.Response(status=status, headers=CIMultiDict(headers))
+        return web.Response(status=status, headers=CIMultiDict(headers), body=self.body or None)
 
     def wait_for(self, count: int, timeout_s: float = 10.0) -> list[Arrival]:
         """Block until at least `count` requests arrived; fail the test after `timeout_s`."""

@@ -131,8 +131,8 @@ class Store(abc.ABC):
     def claim_due(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
         """Claim, in one conditional write, those of `timer_ids` that are still `pending` with
         `due_at_ms <= claim.now_ms`: they become `firing` with `claimed_by = claim.owner`,
-        `epoch = claim.epoch`, `claimed_until_ms = claim.until_ms`, `claim_token = claim.token`,
-        and `attempts` one higher.
+        `claimed_until_ms = claim.until_ms`, `claim_token = claim.token`, and `attempts` one
+        higher.
 
         Returns exactly the timers this call claimed, as they now are, in no particular order.
         A timer that was cancelled, moved later, or claimed by someone else is left out.
@@ -269,3 +269,35 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections and threads. The store must not be used afterwards."""
+
+    # reads for the console (`GET /stats`, `GET /timers?url_prefix=`)
+
+    @abc.abstractmethod
+    def count_by_state_of(self, tenant: str) -> dict[State, int]:
+        """How many of `tenant`'s timers are in each state; states with none may be left out.
+        Served by the (tenant, state, id) index."""
+
+    @abc.abstractmethod
+    def earliest_pending_of(self, tenant: str) -> Due | None:
+        """`tenant`'s `pending` timer with the earliest `due_at_ms` (then the lowest id), or
+        None when it has none."""
+
+    @abc.abstractmethod
+    def list_timers_by_url(
+        self,
+        url_prefix: str,
+        state: State | None,
+        before_id: str | None,
+        limit: int,
+        *,
+        tenant: str | None,
+        scan: int,
+    ) -> tuple[list[Timer], str | None]:
+        """Up to `limit` timers whose `url` starts with `url_prefix`, newest first, found among
+        the `scan` newest timers (in `state` and of `tenant` when given) with ids below
+        `before_id`: a scan of the id index bounded by `scan`, however rare the matches.
+
+        Returns them and the cursor of the next page: the last id returned when `limit` were
+        found, else the oldest id scanned when the scan stopped at `scan` timers (the page may
+        then be short, or empty), else None (nothing older is left).
+        """

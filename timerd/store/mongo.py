@@ -698,3 +698,49 @@ class MongoStore(Store):
 
     def close(self) -> None:
         self._client.close()
+
+    # reads for the console
+
+    def count_by_state_of(self, tenant: str) -> dict[State, int]:
+        pipeline: list[Doc] = [
+            {"$match": {"tenant": tenant}},
+            {"$group": {"_id": "$state", "n": {"$sum": 1}}},
+        ]
+        with translate_errors():
+            return {State(g["_id"]): g["n"] for g in self._timers.aggregate(pipeline)}
+
+    def earliest_pending_of(self, tenant: str) -> Due | None:
+        query = {"tenant": tenant, "state": "pending"}
+        with translate_errors():
+            cursor = self._timers.find(query, {"due_at_ms": 1, "url": 1})
+            docs = list(cursor.sort([("due_at_ms", 1), ("_id", 1)]).limit(1))
+        return next((Due(id=d["_id"], due_at_ms=d["due_at_ms"], url=d["url"]) for d in docs), None)
+
+    def list_timers_by_url(
+        self,
+        url_prefix: str,
+        state: State | None,
+        before_id: str | None,
+        limit: int,
+        *,
+        tenant: str | None,
+        scan: int,
+    ) -> tuple[list[Timer], str | None]:
+        if limit <= 0:
+            return [], None
+        conditions: Doc = {"tenant": tenant, "state": None if state is None else state.value}
+        query = {name: value for name, value in conditions.items() if value is not None}
+        if before_id is not None:
+            query["_id"] = {"$lt": before_id}
+        with translate_errors():
+            edges = list(
+                self._timers.find(query, {"_id": 1}).sort("_id", -1).skip(max(scan, 1) - 1).limit(1)
+            )
+            edge_id: str | None = edges[0]["_id"] if edges else None
+            ids = {**query.get("_id", {}), **({"$gte": edge_id} if edge_id else {})}
+            matching = {**query, "url": {"$regex": "^" + re.escape(url_prefix)}}
+            if ids:
+                matching["_id"] = ids
+            docs = self._timers.find(matching).sort("_id", -1).limit(limit)
+            timers = [_to_timer(d) for d in docs]
+        return timers, timers[-1].id if len(timers) == limit else edge_id

@@ -604,3 +604,50 @@ class SqliteStore(Store):
             for conn in self._conns:
                 conn.close()
             self._conns.clear()
+
+    # reads for the console
+
+    def count_by_state_of(self, tenant: str) -> dict[State, int]:
+        sql = "SELECT state, count(*) FROM timers WHERE tenant = ? GROUP BY state"
+        rows = self._run(lambda c: c.execute(sql, (tenant,)).fetchall())
+        return {State(state): n for state, n in rows}
+
+    def earliest_pending_of(self, tenant: str) -> Due | None:
+        sql = (
+            "SELECT id, due_at_ms, url FROM timers WHERE tenant = ? AND state = 'pending'"
+            " ORDER BY due_at_ms, id LIMIT 1"
+        )
+        row = self._run(lambda c: c.execute(sql, (tenant,)).fetchone())
+        return None if row is None else Due(id=row[0], due_at_ms=row[1], url=row[2])
+
+    def list_timers_by_url(
+        self,
+        url_prefix: str,
+        state: State | None,
+        before_id: str | None,
+        limit: int,
+        *,
+        tenant: str | None,
+        scan: int,
+    ) -> tuple[list[Timer], str | None]:
+        if limit <= 0:
+            return [], None
+        state_value = None if state is None else state.value
+        conditions = {"tenant = ?": tenant, "state = ?": state_value, "id < ?": before_id}
+        given = {sql: value for sql, value in conditions.items() if value is not None}
+        where = " AND ".join(["1", *given])
+        edge_sql = f"SELECT id FROM timers WHERE {where} ORDER BY id DESC LIMIT 1 OFFSET ?"
+        sql = (
+            f"SELECT {COLUMNS} FROM timers WHERE {where} AND id >= ?"
+            " AND substr(url, 1, ?) = ? ORDER BY id DESC LIMIT ?"
+        )
+
+        def work(c: sqlite3.Connection) -> tuple[str | None, list[Any]]:
+            edge = c.execute(edge_sql, (*given.values(), max(scan, 1) - 1)).fetchone()
+            floor = "" if edge is None else edge[0]
+            params = (*given.values(), floor, len(url_prefix), url_prefix, limit)
+            return None if edge is None else edge[0], c.execute(sql, params).fetchall()
+
+        edge_id, rows = self._run(work)
+        timers = [_to_timer(r) for r in rows]
+        return timers, timers[-1].id if len(timers) == limit else edge_id
