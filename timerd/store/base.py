@@ -15,7 +15,17 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from timerd.models import ApiKey, Claim, Due, Lease, Outcome, State, Timer, TimerChanges
+from timerd.models import (
+    ApiKey,
+    CallbackOutcome,
+    Claim,
+    Due,
+    Lease,
+    Outcome,
+    State,
+    Timer,
+    TimerChanges,
+)
 
 CLAIM_EXPIRED = "claim_expired"  # the error of an attempt whose claim expired unreported
 
@@ -158,7 +168,9 @@ class Store(abc.ABC):
         attempt. With `next_occurrence` (a series moving on), PENDING also sets `occurrence`
         to it, `occurrence_at_ms = next_due_at_ms` and `attempts` to 0, and, when the occurrence
         was delivered, `fired_at_ms` and `fired_by`; `occurrence_failed` adds one to
-        `occurrences_failed`. All clear the claim, set `last_status` and
+        `occurrences_failed`. With `callback_occurrence`, the timer's failure callback becomes
+        `pending`, due at `at_ms`, for that occurrence, its attempts, claim, status and error
+        cleared (superseding one not yet delivered). All clear the claim, set `last_status` and
         `last_error`, and append `record` (when given) to the history, which keeps only the
         newest `HISTORY_MAX` attempts. Returns how many outcomes were applied; the others are
         ignored. Applying the same outcomes twice changes nothing the second time.
@@ -198,7 +210,41 @@ class Store(abc.ABC):
         or ends `failed` (finished at `now_ms`) when its attempts reached its `max_attempts`
         (`max_attempts` when the timer has none). A series never ends here: it returns to
         `pending`, and the daemon's next attempt, finding the budget spent, ends the occurrence
-        and moves the series on. Returns how many were settled."""
+        and moves the series on. A timer that ends `failed` here with an `on_failure_url` has
+        its failure callback made pending, due at `now_ms` (as `complete` does). Returns how
+        many were settled."""
+
+    # failure callbacks (`timerd.callbacks`): a follow-up delivery carried by the timer's row
+
+    @abc.abstractmethod
+    def callbacks_due(
+        self, before_ms: int, limit: int, partitions: Sequence[int] | None = None
+    ) -> list[str]:
+        """The ids of up to `limit` timers whose callback is `pending` with
+        `callback_due_at_ms < before_ms` (of `partitions`, when given), earliest first, read
+        without claiming through the index over pending callbacks alone."""
+
+    @abc.abstractmethod
+    def claim_callbacks(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
+        """Claim the callbacks of those of `timer_ids` that are still `pending` and due by
+        `claim.now_ms`: they become `firing` under `claim.token` until `claim.until_ms`, with
+        `callback_attempts` one higher. Returns exactly the timers claimed, as they now are.
+        Two concurrent calls never both claim one callback."""
+
+    @abc.abstractmethod
+    def complete_callbacks(self, outcomes: Sequence[CallbackOutcome]) -> int:
+        """Record callback attempts; each applies only while that callback is `firing` under
+        the outcome's token: it becomes `delivered`, `failed` or `pending` again (due at
+        `next_due_at_ms`), its claim cleared, `callback_status`/`callback_error` set. Returns
+        how many applied; applying the same outcomes twice changes nothing the second time."""
+
+    @abc.abstractmethod
+    def recover_expired_callbacks(
+        self, now_ms: int, limit: int, partitions: Sequence[int] | None = None
+    ) -> int:
+        """Return up to `limit` `firing` callbacks (of `partitions`, when given) whose
+        `callback_until_ms < now_ms` to `pending` (due time kept, `callback_error`
+        `claim_expired`); the attempt stays counted. Returns how many."""
 
     @abc.abstractmethod
     def purge_finished(self, before_ms: int, limit: int) -> int:

@@ -25,6 +25,8 @@ from timerd.models import (
     PARTITIONS,
     ApiKey,
     AttemptRecord,
+    CallbackOutcome,
+    CallbackState,
     Claim,
     Due,
     Lease,
@@ -58,6 +60,7 @@ def _to_doc(t: Timer, partitions: int) -> Doc:
     doc: Doc = {"_id": t.id, "partition": partition_of(t.id, partitions)}
     doc.update({name: getattr(t, name) for name in _TIMER_FIELDS})
     doc["state"] = t.state.value
+    doc["callback_state"] = None if t.callback_state is None else t.callback_state.value
     doc["headers"] = [list(pair) for pair in t.headers]
     doc["history"] = history_to_dicts(t.history)
     doc.update({name: getattr(t, name) for name in _OPTIONAL_FIELDS if getattr(t, name)})
@@ -65,12 +68,19 @@ def _to_doc(t: Timer, partitions: int) -> Doc:
 
 
 # Fields documents of earlier releases lack, read as their defaults.
-_DEFAULTS = {"occurrence": 0, "occurrences_failed": 0}
+_DEFAULTS = {
+    "occurrence": 0,
+    "occurrences_failed": 0,
+    "callback_attempts": 0,
+    "callback_occurrence": 0,
+}
 
 
 def _to_timer(doc: Mapping[str, Any]) -> Timer:
     fields: dict[str, Any] = {name: doc.get(name, _DEFAULTS.get(name)) for name in _TIMER_FIELDS}
     fields["state"] = State(doc["state"])
+    if fields["callback_state"] is not None:
+        fields["callback_state"] = CallbackState(fields["callback_state"])
     fields["headers"] = tuple((k, v) for k, v in doc.get("headers") or ())
     fields["history"] = history_from_dicts(doc.get("history"))
     fields["tenant"] = doc.get("tenant", "")
@@ -129,7 +139,37 @@ def _complete_op(o: Outcome) -> UpdateOne:
         update["$inc"] = {"occurrences_failed": 1}
     if o.record is not None:
         update["$push"] = _history_push(o.record.as_dict())
+    if o.callback_occurrence is not None:
+        changes |= _new_callback(o.at_ms, o.callback_occurrence)
     return UpdateOne({"_id": o.timer_id, "state": "firing", "claim_token": o.claim_token}, update)
+
+
+def _new_callback(at_ms: int, occurrence: int) -> Doc:
+    """The fields of a failure callback made pending, due at `at_ms` (superseding one not yet
+    delivered: its claim no longer applies)."""
+    return {
+        "callback_state": "pending",
+        "callback_due_at_ms": at_ms,
+        "callback_attempts": 0,
+        "callback_token": None,
+        "callback_until_ms": None,
+        "callback_status": None,
+        "callback_error": None,
+        "callback_occurrence": occurrence,
+    }
+
+
+def _callback_op(o: CallbackOutcome) -> UpdateOne:
+    changes: Doc = {
+        "callback_state": o.state.value,
+        "callback_token": None,
+        "callback_until_ms": None,
+        "callback_due_at_ms": o.next_due_at_ms if o.state is CallbackState.PENDING else None,
+        "callback_status": o.status,
+        "callback_error": o.error,
+    }
+    fence = {"_id": o.timer_id, "callback_state": "firing", "callback_token": o.claim_token}
+    return UpdateOne(fence, {"$set": changes})
 
 
 def _expired(now_ms: int) -> Doc:
@@ -283,6 +323,16 @@ class MongoStore(Store):
             name=FIRING_CLAIM_INDEX,
             partialFilterExpression={"state": "firing"},
         )
+        self._timers.create_index(
+            [("callback_due_at_ms", 1), ("partition", 1)],
+            name="callbacks_due",
+            partialFilterExpression={"callback_state": "pending"},
+        )
+        self._timers.create_index(
+            [("callback_until_ms", 1), ("partition", 1)],
+            name="callbacks_firing",
+            partialFilterExpression={"callback_state": "firing"},
+        )
         self._timers.create_index([("state", 1), ("_id", -1)], name="state_id")
         self._timers.create_index(
             [("tenant", 1), ("state", 1), ("_id", -1)], name="tenant_state_id"
@@ -388,6 +438,7 @@ class MongoStore(Store):
             "payload": changes.payload,
             "headers": None if changes.headers is None else [list(h) for h in changes.headers],
             "schedule": changes.schedule,
+            "on_failure_url": changes.on_failure_url,
         }
         given = {name: value for name, value in values.items() if value is not None}
         if changes.schedule is not None:
@@ -557,7 +608,13 @@ class MongoStore(Store):
     ) -> int:
         if limit <= 0:  # MongoDB reads limit(0) as "no limit"
             return 0
-        fields = {"attempts": 1, "max_attempts": 1, "claim_token": 1, "schedule": 1}
+        fields = {
+            "attempts": 1,
+            "max_attempts": 1,
+            "claim_token": 1,
+            "schedule": 1,
+            "on_failure_url": 1,
+        }
         query = _in_partitions(_expired(now_ms), partitions)
         with translate_errors():
             docs = list(self._timers.find(query, fields).limit(limit))
@@ -576,6 +633,8 @@ class MongoStore(Store):
             "claimed_by": None,
             "claimed_until_ms": None,
         }
+        if spent and doc.get("on_failure_url") is not None:
+            changes |= _new_callback(now_ms, 0)
         result = self._timers.update_one(
             {"_id": doc["_id"], "claim_token": doc.get("claim_token"), **_expired(now_ms)},
             {
@@ -585,6 +644,71 @@ class MongoStore(Store):
             },
         )
         return result.modified_count
+
+    # failure callbacks
+
+    def callbacks_due(
+        self, before_ms: int, limit: int, partitions: Sequence[int] | None = None
+    ) -> list[str]:
+        if limit <= 0:
+            return []
+        query = _in_partitions(
+            {"callback_state": "pending", "callback_due_at_ms": {"$lt": before_ms}}, partitions
+        )
+        with translate_errors():
+            docs = self._timers.find(query, {"_id": 1}).sort("callback_due_at_ms", 1).limit(limit)
+            return [d["_id"] for d in docs]
+
+    def claim_callbacks(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
+        if not timer_ids:
+            return []
+        ids = list(timer_ids)
+        due = {"callback_state": "pending", "callback_due_at_ms": {"$lte": claim.now_ms}}
+        with translate_errors():
+            self._timers.update_many(
+                {"_id": {"$in": ids}, **due},
+                {
+                    "$set": {
+                        "callback_state": "firing",
+                        "callback_token": claim.token,
+                        "callback_until_ms": claim.until_ms,
+                    },
+                    "$inc": {"callback_attempts": 1},
+                },
+            )
+            docs = self._timers.find({"_id": {"$in": ids}, "callback_token": claim.token})
+            return [_to_timer(d) for d in docs]
+
+    def complete_callbacks(self, outcomes: Sequence[CallbackOutcome]) -> int:
+        if not outcomes:
+            return 0
+        with translate_errors():
+            result = self._timers.bulk_write([_callback_op(o) for o in outcomes], ordered=False)
+        return result.modified_count
+
+    def recover_expired_callbacks(
+        self, now_ms: int, limit: int, partitions: Sequence[int] | None = None
+    ) -> int:
+        if limit <= 0:
+            return 0
+        expired = {"callback_state": "firing", "callback_until_ms": {"$lt": now_ms}}
+        query = _in_partitions(expired, partitions)
+        with translate_errors():
+            docs = list(self._timers.find(query, {"_id": 1, "callback_token": 1}).limit(limit))
+            changes = {
+                "callback_state": "pending",
+                "callback_token": None,
+                "callback_until_ms": None,
+                "callback_status": None,
+                "callback_error": CLAIM_EXPIRED,
+            }
+            return sum(
+                self._timers.update_one(
+                    {"_id": d["_id"], "callback_token": d.get("callback_token"), **expired},
+                    {"$set": changes},
+                ).modified_count
+                for d in docs
+            )
 
     def purge_finished(self, before_ms: int, limit: int) -> int:
         if limit <= 0:

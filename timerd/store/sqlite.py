@@ -22,6 +22,8 @@ from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
 from timerd.models import (
     HISTORY_MAX,
     ApiKey,
+    CallbackOutcome,
+    CallbackState,
     Claim,
     Due,
     Lease,
@@ -91,6 +93,16 @@ _EXPIRED_RECORD = (
     "json_object('attempt', attempts, 'at_ms', :now, 'latency_ms', 0, 'status', NULL,"
     f" 'error', '{CLAIM_EXPIRED}', 'response', NULL)"
 )
+# A failure makes the row's callback pending, due at once, in the same write (a newer failure
+# of a series supersedes a callback still undelivered: its claim, if any, no longer applies).
+_NEW_CALLBACK = """callback_state = CASE WHEN {when} THEN 'pending' ELSE callback_state END,
+    callback_due_at_ms = CASE WHEN {when} THEN {at} ELSE callback_due_at_ms END,
+    callback_attempts = CASE WHEN {when} THEN 0 ELSE callback_attempts END,
+    callback_token = CASE WHEN {when} THEN NULL ELSE callback_token END,
+    callback_until_ms = CASE WHEN {when} THEN NULL ELSE callback_until_ms END,
+    callback_status = CASE WHEN {when} THEN NULL ELSE callback_status END,
+    callback_error = CASE WHEN {when} THEN NULL ELSE callback_error END,
+    callback_occurrence = CASE WHEN {when} THEN {occurrence} ELSE callback_occurrence END"""
 COMPLETE_SQL = f"""
 UPDATE timers SET state = :state, fired_at_ms = COALESCE(:fired_at_ms, fired_at_ms),
     fired_by = CASE WHEN :fired_at_ms IS NOT NULL THEN :owner ELSE fired_by END,
@@ -103,7 +115,12 @@ UPDATE timers SET state = :state, fired_at_ms = COALESCE(:fired_at_ms, fired_at_
     occurrences_failed = occurrences_failed + :occurrence_failed, last_status = :status,
     last_error = :error, claimed_by = NULL, claimed_until_ms = NULL, claim_token = NULL,
     history = CASE WHEN :record IS NULL THEN history
-        ELSE {_APPEND_HISTORY.format(record=":record")} END
+        ELSE {_APPEND_HISTORY.format(record=":record")} END,
+    {
+    _NEW_CALLBACK.format(
+        when=":callback_occurrence IS NOT NULL", at=":at_ms", occurrence=":callback_occurrence"
+    )
+}
 WHERE id = :id AND state = 'firing' AND claim_token = :token
 """
 
@@ -122,10 +139,39 @@ UPDATE timers SET
     finished_at_ms = CASE WHEN {_SPENT} THEN :now ELSE NULL END,
     claimed_by = NULL, claimed_until_ms = NULL, claim_token = NULL,
     last_status = NULL, last_error = '{CLAIM_EXPIRED}',
-    history = {_APPEND_HISTORY.format(record=_EXPIRED_RECORD)}
+    history = {_APPEND_HISTORY.format(record=_EXPIRED_RECORD)},
+    {
+    _NEW_CALLBACK.format(when=f"{_SPENT} AND on_failure_url IS NOT NULL", at=":now", occurrence="0")
+}
 WHERE id IN (
     SELECT id FROM timers INDEXED BY timers_firing_claim
     WHERE state = 'firing' AND claimed_until_ms < :now {{partitions}} LIMIT :limit
+)
+"""
+
+CALLBACKS_DUE_SQL = (
+    "SELECT id FROM timers INDEXED BY timers_callbacks_due"
+    " WHERE callback_state = 'pending' AND callback_due_at_ms < :before {partitions}"
+    " ORDER BY callback_due_at_ms LIMIT :limit"
+)
+CLAIM_CALLBACKS_SQL = f"""
+UPDATE timers SET callback_state = 'firing', callback_token = :token,
+    callback_until_ms = :until, callback_attempts = callback_attempts + 1
+WHERE id IN ({{ids}}) AND callback_state = 'pending' AND callback_due_at_ms <= :now
+RETURNING {COLUMNS}
+"""
+COMPLETE_CALLBACK_SQL = """
+UPDATE timers SET callback_state = :state, callback_token = NULL, callback_until_ms = NULL,
+    callback_due_at_ms = CASE WHEN :state = 'pending' THEN :next_due_at_ms ELSE NULL END,
+    callback_status = :status, callback_error = :error
+WHERE id = :id AND callback_state = 'firing' AND callback_token = :token
+"""
+RECOVER_CALLBACKS_SQL = f"""
+UPDATE timers SET callback_state = 'pending', callback_token = NULL, callback_until_ms = NULL,
+    callback_status = NULL, callback_error = '{CLAIM_EXPIRED}'
+WHERE id IN (
+    SELECT id FROM timers INDEXED BY timers_callbacks_firing
+    WHERE callback_state = 'firing' AND callback_until_ms < :now {{partitions}} LIMIT :limit
 )
 """
 
@@ -137,6 +183,8 @@ _GROUP_COMMIT_MAX = 1000
 def _to_timer(row: sqlite3.Row) -> Timer:
     values = {name: row[name] for name in TIMER_COLUMNS}
     values["state"] = State(values["state"])
+    if values["callback_state"] is not None:
+        values["callback_state"] = CallbackState(values["callback_state"])
     values["headers"] = tuple((k, v) for k, v in json.loads(values["headers"] or "[]"))
     values["history"] = history_from_dicts(json.loads(values["history"] or "[]"))
     return Timer(**values)
@@ -145,6 +193,7 @@ def _to_timer(row: sqlite3.Row) -> Timer:
 def _insert_params(t: Timer, partitions: int) -> dict[str, Any]:
     values = {name: getattr(t, name) for name in TIMER_COLUMNS}
     values["state"] = t.state.value
+    values["callback_state"] = None if t.callback_state is None else t.callback_state.value
     values["headers"] = json.dumps(t.headers) if t.headers else None
     values["history"] = json.dumps(history_to_dicts(t.history)) if t.history else None
     values["partition"] = partition_of(t.id, partitions)
@@ -176,7 +225,14 @@ def _complete_params(o: Outcome) -> dict[str, Any]:
         "status": o.status,
         "error": o.error,
         "record": None if o.record is None else json.dumps(o.record.as_dict()),
+        "callback_occurrence": o.callback_occurrence,
     }
+
+
+def _in_named(partitions: Sequence[int] | None) -> tuple[str, dict[str, int]]:
+    """`AND partition IN (:p0, …)` and its parameters; nothing when `partitions` is None."""
+    named = {f"p{i}": p for i, p in enumerate(partitions or ())}
+    return ("" if partitions is None else f"AND partition IN (:{', :'.join(named)})"), named
 
 
 @contextmanager
@@ -382,6 +438,7 @@ class SqliteStore(Store):
             "payload": changes.payload,
             "headers": None if changes.headers is None else json.dumps(changes.headers),
             "schedule": changes.schedule,
+            "on_failure_url": changes.on_failure_url,
         }
         given = {name: value for name, value in values.items() if value is not None}
         if changes.schedule is not None:
@@ -517,6 +574,55 @@ class SqliteStore(Store):
         in_partitions = "" if partitions is None else f"AND partition IN (:{', :'.join(named)})"
         sql = RECOVER_EXPIRED_SQL.replace("{partitions}", in_partitions)
         params = {"now": now_ms, "limit": limit, "max_attempts": max_attempts} | named
+        return self._run(lambda c: c.execute(sql, params).rowcount)
+
+    # failure callbacks
+
+    def callbacks_due(
+        self, before_ms: int, limit: int, partitions: Sequence[int] | None = None
+    ) -> list[str]:
+        if partitions is not None and not partitions:
+            return []
+        where, named = _in_named(partitions)
+        sql = CALLBACKS_DUE_SQL.replace("{partitions}", where)
+        params = {"before": before_ms, "limit": limit} | named
+        return [r[0] for r in self._run(lambda c: c.execute(sql, params).fetchall())]
+
+    def claim_callbacks(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
+        if not timer_ids:
+            return []
+        named = {f"i{n}": timer_id for n, timer_id in enumerate(timer_ids)}
+        sql = CLAIM_CALLBACKS_SQL.replace("{ids}", ", ".join(f":{name}" for name in named))
+        params = {"token": claim.token, "until": claim.until_ms, "now": claim.now_ms} | named
+        return [_to_timer(r) for r in self._run(lambda c: c.execute(sql, params).fetchall())]
+
+    def complete_callbacks(self, outcomes: Sequence[CallbackOutcome]) -> int:
+        params = [
+            {
+                "id": o.timer_id,
+                "token": o.claim_token,
+                "state": o.state.value,
+                "next_due_at_ms": o.next_due_at_ms,
+                "status": o.status,
+                "error": o.error,
+            }
+            for o in outcomes
+        ]
+
+        def work(conn: sqlite3.Connection) -> int:
+            with transaction(conn):
+                return conn.executemany(COMPLETE_CALLBACK_SQL, params).rowcount
+
+        return self._run(work) if outcomes else 0
+
+    def recover_expired_callbacks(
+        self, now_ms: int, limit: int, partitions: Sequence[int] | None = None
+    ) -> int:
+        if partitions is not None and not partitions:
+            return 0
+        where, named = _in_named(partitions)
+        sql = RECOVER_CALLBACKS_SQL.replace("{partitions}", where)
+        params = {"now": now_ms, "limit": limit} | named
         return self._run(lambda c: c.execute(sql, params).rowcount)
 
     def purge_finished(self, before_ms: int, limit: int) -> int:
