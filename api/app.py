@@ -162,6 +162,7 @@ class TimerRoutes:
             schedule=schedule_text,
             occurrence=occurrence,
             occurrence_at_ms=occurrence_at_ms,
+            on_failure_url=spec.on_failure_url,
         )
 
     def _insert(self, timer: Timer) -> Timer:

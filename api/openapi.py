@@ -96,6 +96,32 @@ URL: Schema = {
     "examples": ["https://example.com/hooks"],
 }
 
+ON_FAILURE_URL: Schema = {
+    **URL,
+    "description": "Where a signed `timer.failed` POST goes when the timer, or an occurrence "
+    "of a series, ends `failed`: the same rules as `url` (checked the same way here, the same "
+    "SSRF guard, signing, retry schedule and per-host limit on delivery), with `/<id>` "
+    "appended. Its body holds `id`, `type`, `attempt`, `occurrence` (a series) and `timer` "
+    "(its state, last status and error, history); its `webhook-id` is `<id>_failed`, or "
+    "`<id>_<occurrence>_failed`. Its delivery shows as `callback` on the timer.",
+    "examples": ["https://example.com/failures"],
+}
+
+CALLBACK: Schema = {
+    "type": ["object", "null"],
+    "description": "The failure callback of the latest failure; null before any.",
+    "properties": {
+        "state": {"type": "string", "enum": ["pending", "firing", "delivered", "failed"]},
+        "attempts": {"type": "integer", "minimum": 0},
+        "last_status": _nullable({"type": "integer"}),
+        "last_error": _nullable({"type": "string"}),
+        "next_attempt_at": _nullable(DATE_TIME),
+        "occurrence": _nullable({"type": "integer", "minimum": 0}),
+    },
+    "required": ["state", "attempts", "last_status", "last_error", "next_attempt_at"],
+    "additionalProperties": False,
+}
+
 PAYLOAD: Schema = {
     "description": f"Any JSON value, at most {MAX_PAYLOAD_BYTES} bytes as compact JSON and "
     f"{MAX_PAYLOAD_DEPTH} levels of arrays and objects deep; delivered inside the webhook body.",
@@ -185,6 +211,7 @@ CREATE_TIMER: Schema = {
         "url": URL,
         "payload": PAYLOAD,
         "headers": HEADERS,
+        "on_failure_url": ON_FAILURE_URL,
         "max_attempts": {
             "type": ["integer", "null"],
             "minimum": 1,
@@ -209,7 +236,8 @@ CHANGE_TIMER: Schema = {
     "type": "object",
     "description": "What to change on a pending timer, at least one field: a new due time "
     "(a duration from now, or `fire_at`, never both; the same limits as on create), `url`, "
-    "`payload` or `headers` (which replace the old ones). On a pending or paused series, the "
+    "`payload`, `headers` (which replace the old ones) or `on_failure_url`. On a pending or "
+    "paused series, the "
     "schedule fields instead of a due time: `every` or `cron` replaces the kind of schedule, "
     "the others change only themselves, and the series carries on at the new schedule's next "
     "occurrence. Unknown fields (`max_attempts` "
@@ -222,6 +250,7 @@ CHANGE_TIMER: Schema = {
         "url": URL,
         "payload": PAYLOAD,
         "headers": HEADERS,
+        "on_failure_url": ON_FAILURE_URL,
     },
     "minProperties": 1,
     "additionalProperties": False,
@@ -315,6 +344,8 @@ TIMER: Schema = {
             "description": "A pending or firing series: its next 5 occurrence times, the "
             "current one first.",
         },
+        "on_failure_url": _nullable({"type": "string"}),
+        "callback": CALLBACK,
     },
     "required": [
         "id",
@@ -333,6 +364,8 @@ TIMER: Schema = {
         "headers",
         "history",
         "recurring",
+        "on_failure_url",
+        "callback",
     ],
     "additionalProperties": False,
 }

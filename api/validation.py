@@ -31,7 +31,7 @@ SERIES_FIELDS = frozenset(
 )  # checked by api/series.py
 TIME_FIELDS = frozenset({*DURATION_FIELDS, "fire_at", "fire_at_local"})  # a one-off's time
 CREATE_FIELDS = frozenset(
-    {*TIME_FIELDS, *SERIES_FIELDS, "url", "payload", "headers", "max_attempts"}
+    {*TIME_FIELDS, *SERIES_FIELDS, "url", "payload", "headers", "max_attempts", "on_failure_url"}
 )
 MAX_PAYLOAD_BYTES: int = default("max_payload_bytes")
 MAX_PAYLOAD_DEPTH = 100  # arrays and objects within one another: far from the recursion limit
@@ -102,6 +102,7 @@ class CreateRequest:
     payload: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
     max_attempts: int | None = None
+    on_failure_url: str | None = None  # where `timer.failed` goes when the timer fails
 
 
 class _BadNumber(ValueError):
@@ -169,7 +170,15 @@ def parse_create(
         payload=parse_payload(data["payload"], rules) if "payload" in data else None,
         headers=parse_headers(data.get("headers", {}), rules),
         max_attempts=parse_max_attempts(data.get("max_attempts")),
+        on_failure_url=_on_failure_url(data, rules),
     )
+
+
+def _on_failure_url(data: dict[str, Any], rules: Rules) -> str | None:
+    """`on_failure_url`, checked as `url` is; None when absent."""
+    if "on_failure_url" not in data:
+        return None
+    return parse_url(data["on_failure_url"], rules, "on_failure_url")
 
 
 def _due_at_ms(data: dict[str, Any], now_ms: int, max_delay_s: float) -> int:
@@ -318,39 +327,40 @@ def parse_rfc3339(value: Any, field: str) -> int:
         raise _invalid(field, f"{field} is not a valid time") from exc
 
 
-def parse_url(value: Any, rules: Rules = DEFAULT_RULES) -> str:
+def parse_url(value: Any, rules: Rules = DEFAULT_RULES, field: str = "url") -> str:
     """An absolute http(s) URL with a host, no user-info, no fragment, no spaces, a host that
     delivery can encode and look up (`timerd.targets`), and no host that `policy` denies without
     resolving it: a loopback name or a denied address literal in any textual form. Host names
-    are not resolved here; delivery checks what they resolve to."""
+    are not resolved here; delivery checks what they resolve to. `field` names the field in
+    errors (`url`, `on_failure_url`)."""
     if value is None:
-        raise _invalid("url", "url is required")
+        raise _invalid(field, f"{field} is required")
     if not isinstance(value, str):
-        raise _invalid("url", "url must be a string")
+        raise _invalid(field, f"{field} must be a string")
     if len(value) > rules.max_url_chars:
-        raise _invalid("url", f"url may be at most {rules.max_url_chars} characters")
+        raise _invalid(field, f"{field} may be at most {rules.max_url_chars} characters")
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
-        raise _invalid("url", "url must not contain spaces or control characters")
+        raise _invalid(field, f"{field} must not contain spaces or control characters")
     try:
         parts = urllib.parse.urlsplit(value)
         port = parts.port
     except ValueError as exc:
-        raise _invalid("url", "url is not a valid URL") from exc
+        raise _invalid(field, f"{field} is not a valid URL") from exc
     if parts.scheme not in {"http", "https"}:
-        raise _invalid("url", "url must be an absolute http or https URL")
+        raise _invalid(field, f"{field} must be an absolute http or https URL")
     if not parts.hostname:
-        raise _invalid("url", "url must have a host")
+        raise _invalid(field, f"{field} must have a host")
     if "@" in parts.netloc:
-        raise _invalid("url", "url must not contain user info")
+        raise _invalid(field, f"{field} must not contain user info")
     if "#" in value:
-        raise _invalid("url", "url must not contain a fragment")
+        raise _invalid(field, f"{field} must not contain a fragment")
     if port == 0:
-        raise _invalid("url", "url has an invalid port")
+        raise _invalid(field, f"{field} has an invalid port")
     denial = rules.policy.url_denial(value)
     if denial is not None:
-        raise _invalid("url", f"url's host {denial}: webhooks may only reach public addresses")
+        raise _invalid(field, f"{field}'s host {denial}: webhooks may only reach public addresses")
     if (problem := url_problem(value)) is not None:
-        raise _invalid("url", f"url {problem}: no webhook could ever be delivered to it")
+        raise _invalid(field, f"{field} {problem}: no webhook could ever be delivered to it")
     return value
 
 
@@ -413,7 +423,9 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
 
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)
-CHANGE_FIELDS = frozenset({*TIME_FIELDS, *SERIES_FIELDS, "url", "payload", "headers"})
+CHANGE_FIELDS = frozenset(
+    {*TIME_FIELDS, *SERIES_FIELDS, "url", "payload", "headers", "on_failure_url"}
+)
 
 
 def parse_idempotency_key(value: str | None) -> str | None:
@@ -443,8 +455,8 @@ def parse_changes(
     schedule: tuple[str, int] | None = None,
 ) -> TimerChanges:
     """A PATCH body: any of a new due time (a duration from now, or `fire_at`), `url`,
-    `payload`, `headers`; at least one. `schedule` is a series' new schedule (JSON text) and
-    first occurrence, from `api.series`: its fields are not read here."""
+    `payload`, `headers`, `on_failure_url`; at least one. `schedule` is a series' new schedule
+    (JSON text) and first occurrence, from `api.series`: its fields are not read here."""
     _refuse_unknown(data, CHANGE_FIELDS, "field")
     if not data:
         raise ApiError(422, "invalid_body", "give at least one field to change")
@@ -455,6 +467,7 @@ def parse_changes(
             url=parse_url(data["url"], rules) if "url" in data else None,
             payload=parse_payload(data["payload"], rules) if "payload" in data else None,
             headers=parse_headers(data["headers"], rules) if "headers" in data else None,
+            on_failure_url=_on_failure_url(data, rules),
         )
     has_time = bool(TIME_FIELDS & set(data)) or "timezone" in data
     return TimerChanges(
@@ -462,4 +475,5 @@ def parse_changes(
         url=parse_url(data["url"], rules) if "url" in data else None,
         payload=parse_payload(data["payload"], rules) if "payload" in data else None,
         headers=parse_headers(data["headers"], rules) if "headers" in data else None,
+        on_failure_url=_on_failure_url(data, rules),
     )

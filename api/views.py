@@ -10,7 +10,7 @@ import structlog
 
 from api.series import every_text
 from api.validation import loads_strict
-from timerd.models import AttemptRecord, State, Timer
+from timerd.models import AttemptRecord, CallbackState, State, Timer
 from timerd.schedules import Schedule, parse_stored
 
 log = structlog.get_logger("timerd.api")
@@ -46,6 +46,25 @@ def timer_view(timer: Timer, now_ms: int) -> dict[str, Any]:
         "history": [attempt_view(record) for record in timer.history],
         "recurring": timer.recurring,
         **(series_view(timer) if timer.recurring else {}),
+        "on_failure_url": timer.on_failure_url,
+        "callback": callback_view(timer),
+    }
+
+
+def callback_view(timer: Timer) -> dict[str, Any] | None:
+    """The failure callback of the timer's latest failure (None before any): its state,
+    attempts, last status or error, the next attempt's time while pending, and the occurrence
+    it reports for a series."""
+    if timer.callback_state is None:
+        return None
+    pending = timer.callback_state is CallbackState.PENDING
+    return {
+        "state": timer.callback_state.value,
+        "attempts": timer.callback_attempts,
+        "last_status": timer.callback_status,
+        "last_error": timer.callback_error,
+        "next_attempt_at": rfc3339(timer.callback_due_at_ms) if pending else None,
+        "occurrence": timer.callback_occurrence if timer.recurring else None,
     }
 
 

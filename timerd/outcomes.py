@@ -29,7 +29,8 @@ GATHER_S = 0.005
 def judge(timer: Timer, attempt: Attempt, policy: RetryPolicy, now_ms: int) -> Outcome:
     """The outcome of an attempt on a claimed timer: fired, retry later, or failed for good;
     for a series, an occurrence that ended (delivered or failed for good) moves the series on to
-    its next occurrence in the same outcome, unless the series is over."""
+    its next occurrence in the same outcome, unless the series is over. A failure of a timer
+    with an `on_failure_url` also makes its callback due (`callback_occurrence`)."""
     assert timer.claim_token is not None, "only a claimed timer is delivered"
     verdict = classify(attempt.status, permanent=attempt.permanent)
     next_due_ms = None
@@ -46,6 +47,8 @@ def judge(timer: Timer, attempt: Attempt, policy: RetryPolicy, now_ms: int) -> O
         if following is not None:
             next_number, next_due_ms = following
     occurrence_failed = timer.recurring and state is State.FAILED
+    ended_failed = state is State.FAILED
+    callback = timer.occurrence if ended_failed and timer.on_failure_url is not None else None
     if next_number is not None:
         state = State.PENDING
     record = AttemptRecord(
@@ -68,6 +71,7 @@ def judge(timer: Timer, attempt: Attempt, policy: RetryPolicy, now_ms: int) -> O
         owner=timer.claimed_by,
         next_occurrence=next_number,
         occurrence_failed=occurrence_failed,
+        callback_occurrence=callback,
     )
 
 
