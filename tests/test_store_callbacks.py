@@ -199,3 +199,12 @@ def test_on_failure_url_round_trips_and_changes(store: Store) -> None:
     changed = store.update_pending(timer.id, TimerChanges(on_failure_url=HOOK + "/2"))
     assert changed.on_failure_url == HOOK + "/2"
     assert dataclasses.replace(changed, on_failure_url=HOOK) == timer
+
+
+def test_purge_keeps_a_finished_timer_until_its_callback_is_settled(store: Store) -> None:
+    timer = failed_with_callback(store)
+    assert store.purge_finished(NOW_MS + 10**6, 10) == 0
+    claimed_one = callback_claimed(store, timer)
+    assert store.purge_finished(NOW_MS + 10**6, 10) == 0
+    store.complete_callbacks([callback_outcome(claimed_one, CallbackState.DELIVERED)])
+    assert store.purge_finished(NOW_MS + 10**6, 10) == 1

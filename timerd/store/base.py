@@ -250,7 +250,8 @@ class Store(abc.ABC):
     def purge_finished(self, before_ms: int, limit: int) -> int:
         """Delete up to `limit` timers that finished (fired, failed, cancelled) before
         `before_ms`, idempotency keys and history with them, through the index over finished
-        timers. Returns how many were deleted."""
+        timers, but not one whose failure callback is still `pending` or `firing`. Returns how
+        many were deleted."""
 
     @abc.abstractmethod
     def acquire_lease(self, name: str, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:

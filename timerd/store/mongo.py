@@ -713,7 +713,10 @@ class MongoStore(Store):
     def purge_finished(self, before_ms: int, limit: int) -> int:
         if limit <= 0:
             return 0
-        finished = {"finished_at_ms": {"$gt": 0, "$lt": before_ms}}  # within the partial index
+        finished = {
+            "finished_at_ms": {"$gt": 0, "$lt": before_ms},  # within the partial index
+            "callback_state": {"$nin": ["pending", "firing"]},  # a callback still to send
+        }
         with translate_errors():
             ids = [d["_id"] for d in self._timers.find(finished, {"_id": 1}).limit(limit)]
             if not ids:

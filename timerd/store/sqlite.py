@@ -70,7 +70,8 @@ COUNT_FIRING_SQL = (
 )
 PURGE_FINISHED_SQL = (
     "DELETE FROM timers WHERE id IN (SELECT id FROM timers INDEXED BY timers_finished"
-    " WHERE finished_at_ms < ? LIMIT ?)"
+    " WHERE finished_at_ms < ? AND callback_state IS NOT 'pending'"
+    " AND callback_state IS NOT 'firing' LIMIT ?)"
 )
 
 LEASE_COLUMNS = "name, holder, epoch, expires_at_ms"
