@@ -150,3 +150,32 @@ def test_a_series_survives_a_daemon_kill_without_skipping_or_repeating_occurrenc
     assert distinct[0] == 1
     for earlier, later in itertools.pairwise(distinct):
         assert later == earlier + 1 + missed[earlier], (earlier, later, missed)
+
+
+def test_a_callback_in_flight_when_the_daemon_is_killed_is_sent_again_not_lost(
+    procs: TimerdProcesses, db: Path
+) -> None:
+    api = procs.start("api", store_url(db))
+    daemon = start_daemon(procs, db)
+    with (
+        httpx.Client(base_url=api.base_url) as client,
+        Receiver(respond=lambda _: 410) as target,
+        Receiver(delay_s=1.5) as hook,  # answers slowly: the first one is in flight at the kill
+    ):
+        timer_id = created(client, {"url": target.url, "seconds": 1, "on_failure_url": hook.url})
+        hook.wait_for(1, timeout_s=15)
+        daemon.kill()
+        start_daemon(procs, db)
+        again = hook.wait_for(2, timeout_s=30)
+        view = wait_until(
+            lambda: (
+                (v := client.get(f"/timers/{timer_id}").json())["callback"]["state"] == "delivered"
+                and v
+            ),
+            15,
+            "the callback to be recorded delivered",
+        )
+    assert [a.headers["webhook-id"] for a in again] == [f"{timer_id}_failed"] * 2
+    assert [body_of(a)["attempt"] for a in again] == [1, 2]
+    assert view["callback"]["attempts"] == 2
+    assert len(target.arrivals) == 1
