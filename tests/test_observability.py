@@ -152,6 +152,7 @@ def test_status_shows_daemons_partitions_counts_backlog_and_lateness(
         "pending 2, firing 0, fired 3, failed 0, cancelled 0, paused 0"
     )
     assert lines["series"].strip().startswith("1 recurring live")
+    assert lines["callbacks"].strip() == "0 failure callbacks due now"
     assert lines["next due"].strip().startswith("in ")
     assert lines["lateness"].strip().startswith("last 3 fired: p50 ")
 

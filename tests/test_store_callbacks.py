@@ -19,6 +19,7 @@ from timerd.models import (
     CallbackOutcome,
     CallbackState,
     Claim,
+    Due,
     State,
     Timer,
     TimerChanges,
@@ -59,7 +60,7 @@ def test_a_failure_makes_the_callback_pending_in_the_same_write(store: Store) ->
         NOW_MS + 250,
     )
     assert (timer.callback_attempts, timer.callback_occurrence) == (0, 0)
-    assert store.callbacks_due(NOW_MS + 251, 10) == [timer.id]
+    assert store.callbacks_due(NOW_MS + 251, 10) == [Due(timer.id, NOW_MS + 250, HOOK)]
     assert store.callbacks_due(NOW_MS + 250, 10) == [], "due strictly before the bound"
 
 

@@ -96,7 +96,7 @@ class CallbackFirer:
         self._spawn = spawn
         self._retry = RetryPolicy.from_setting(settings.retry_schedule)
         self._inflight: set[str] = set()
-        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._hosts: dict[str, int] = {}  # callbacks in flight per host
 
     @property
     def inflight(self) -> int:
@@ -108,21 +108,33 @@ class CallbackFirer:
         return None if len(held) == self._partitions else held
 
     async def tick(self) -> None:
-        """Claim the due callbacks (up to a batch) and start their deliveries."""
+        """Claim the due callbacks (up to a batch) whose host has a free slot, and start
+        their deliveries: a claim is made only for a callback that can go at once."""
         if not self._held():
             return
         now_ms = self._clock.now_ms()
-        due = functools.partial(
+        read = functools.partial(
             self._store.callbacks_due, now_ms + 1, self._settings.batch_size, self._scope()
         )
-        ids = [i for i in await self._offload(due) if i not in self._inflight]
+        wanted: dict[str, int] = {}
+        ids = []
+        for due in await self._offload(read):
+            host = host_of(due.url)
+            busy = self._hosts.get(host, 0) + wanted.get(host, 0)
+            if due.id in self._inflight or busy >= self._settings.per_host_concurrency:
+                continue
+            wanted[host] = wanted.get(host, 0) + 1
+            ids.append(due.id)
         if not ids:
             return
         claim = Claim(self._holder, now_ms, now_ms + self._settings.claim_ttl_ms, new_claim_token())
         claimed = await self._offload(functools.partial(self._store.claim_callbacks, ids, claim))
         for timer in claimed:
+            assert timer.on_failure_url is not None
+            host = host_of(timer.on_failure_url)
+            self._hosts[host] = self._hosts.get(host, 0) + 1
             self._inflight.add(timer.id)
-            self._spawn(self._fire(timer))
+            self._spawn(self._fire(timer, host))
 
     async def recover_expired(self) -> None:
         """Return callbacks whose claim expired (their daemon died) to pending."""
@@ -138,15 +150,25 @@ class CallbackFirer:
         if n:
             log.warning("callback_claims_recovered", count=n)
 
-    async def _fire(self, timer: Timer) -> None:
+    def _in_time(self, claimed_until_ms: int) -> bool:
+        """Whether a delivery started now ends, timeouts included, inside its claim."""
+        needed_ms = (self._settings.delivery_timeout_s + self._settings.connect_timeout_s) * 1000
+        return claimed_until_ms - self._clock.now_ms() >= needed_ms
+
+    async def _fire(self, timer: Timer, host: str) -> None:
         try:
-            assert timer.on_failure_url is not None
-            host = host_of(timer.on_failure_url)
-            slot = self._hosts.setdefault(
-                host, asyncio.Semaphore(self._settings.per_host_concurrency)
-            )
-            async with slot:
-                attempt = await self._deliver(timer)
+            assert timer.callback_until_ms is not None and timer.callback_token is not None
+            if not self._in_time(timer.callback_until_ms):  # the loop stalled since the claim
+                now_ms = self._clock.now_ms()
+                late = CallbackState.PENDING
+                error = "claim too late to deliver"
+                await self._write(
+                    CallbackOutcome(
+                        timer.id, timer.callback_token, late, now_ms, None, error, now_ms
+                    )
+                )
+                return
+            attempt = await self._deliver(timer)
             outcome = judge_callback(timer, attempt, self._retry, self._clock.now_ms())
             log.info(
                 "callback",
@@ -159,6 +181,9 @@ class CallbackFirer:
             await self._write(outcome)
         finally:
             self._inflight.discard(timer.id)
+            self._hosts[host] -= 1
+            if not self._hosts[host]:
+                del self._hosts[host]
 
     async def _write(self, outcome: CallbackOutcome) -> None:
         backoff = Backoff()

@@ -219,10 +219,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def callbacks_due(
         self, before_ms: int, limit: int, partitions: Sequence[int] | None = None
-    ) -> list[str]:
-        """The ids of up to `limit` timers whose callback is `pending` with
-        `callback_due_at_ms < before_ms` (of `partitions`, when given), earliest first, read
-        without claiming through the index over pending callbacks alone."""
+    ) -> list[Due]:
+        """Up to `limit` timers whose callback is `pending` with `callback_due_at_ms <
+        before_ms` (of `partitions`, when given), earliest first, as their id, callback due
+        time and `on_failure_url`; read without claiming through the index over pending
+        callbacks alone."""
 
     @abc.abstractmethod
     def claim_callbacks(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:

@@ -649,15 +649,16 @@ class MongoStore(Store):
 
     def callbacks_due(
         self, before_ms: int, limit: int, partitions: Sequence[int] | None = None
-    ) -> list[str]:
+    ) -> list[Due]:
         if limit <= 0:
             return []
         query = _in_partitions(
             {"callback_state": "pending", "callback_due_at_ms": {"$lt": before_ms}}, partitions
         )
         with translate_errors():
-            docs = self._timers.find(query, {"_id": 1}).sort("callback_due_at_ms", 1).limit(limit)
-            return [d["_id"] for d in docs]
+            fields = {"callback_due_at_ms": 1, "on_failure_url": 1}
+            docs = self._timers.find(query, fields).sort("callback_due_at_ms", 1).limit(limit)
+            return [Due(d["_id"], d["callback_due_at_ms"], d["on_failure_url"]) for d in docs]
 
     def claim_callbacks(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
         if not timer_ids:

@@ -151,7 +151,7 @@ WHERE id IN (
 """
 
 CALLBACKS_DUE_SQL = (
-    "SELECT id FROM timers INDEXED BY timers_callbacks_due"
+    "SELECT id, callback_due_at_ms, on_failure_url FROM timers INDEXED BY timers_callbacks_due"
     " WHERE callback_state = 'pending' AND callback_due_at_ms < :before {partitions}"
     " ORDER BY callback_due_at_ms LIMIT :limit"
 )
@@ -581,13 +581,13 @@ class SqliteStore(Store):
 
     def callbacks_due(
         self, before_ms: int, limit: int, partitions: Sequence[int] | None = None
-    ) -> list[str]:
+    ) -> list[Due]:
         if partitions is not None and not partitions:
             return []
         where, named = _in_named(partitions)
         sql = CALLBACKS_DUE_SQL.replace("{partitions}", where)
         params = {"before": before_ms, "limit": limit} | named
-        return [r[0] for r in self._run(lambda c: c.execute(sql, params).fetchall())]
+        return [Due(*r) for r in self._run(lambda c: c.execute(sql, params).fetchall())]
 
     def claim_callbacks(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
         if not timer_ids:
