@@ -3,15 +3,24 @@ callback attempt is judged, and what it sends (its `webhook-id` and body)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
 
-from timerd.callbacks import judge_callback
+from tests.test_daemon import START_MS, FakeClock, Recorder
+from timerd.callbacks import CallbackFirer, judge_callback
 from timerd.callbacks_body import callback_body, callback_webhook_id
 from timerd.delivery import Attempt
 from timerd.models import AttemptRecord, CallbackState, State, Timer, new_timer_id
 from timerd.outcomes import judge
 from timerd.retry import RetryPolicy
+from timerd.settings import Settings
+from timerd.store import Store, open_store
+
+T = TypeVar("T")
 
 NOW = 1_700_000_000_000
 POLICY = RetryPolicy((1.0, 2.0))
@@ -79,3 +88,72 @@ def test_the_callback_names_the_timer_and_occurrence_and_carries_its_history() -
     series = dataclasses.replace(one_off, schedule="{}", occurrence=5, callback_occurrence=4)
     assert callback_webhook_id(series) == f"{series.id}_4_failed"
     assert json.loads(callback_body(series))["occurrence"] == 4
+
+
+def test_the_firer_claims_no_more_than_a_hosts_free_slots(tmp_path: Path) -> None:
+    """A real SQLite store and the daemon's `CallbackFirer`, a clock moved by hand and a
+    deliverer held at a gate: a busy host's callbacks stay pending (unclaimed), another host's
+    go, and the rest go once slots free."""
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    recorder.gate = asyncio.Event()
+    store = open_store(f"sqlite:///{tmp_path / 'timerd.db'}")
+    slow = [failed(store, "http://slow.test/f") for _ in range(4)]
+    fast = failed(store, "http://fast.test/f")
+    clock.advance(10)
+
+    async def scenario() -> None:
+        assert recorder.gate is not None
+        spawned: list[asyncio.Task[None]] = []
+        async with asyncio.TaskGroup() as tasks:
+
+            def spawn(work: Coroutine[Any, Any, None]) -> None:
+                spawned.append(tasks.create_task(work))
+
+            firer = CallbackFirer(
+                Settings(per_host_concurrency=2),
+                store,
+                recorder,
+                clock=clock,
+                offload=inline,
+                holder="d",
+                held=lambda: list(range(store.partitions())),
+                partitions=store.partitions(),
+                spawn=spawn,
+            )
+            await firer.tick()
+            await asyncio.sleep(0)
+            assert sorted(recorder.ids) == sorted([*slow[:2], fast])
+            states = [store.get(i).callback_state for i in slow[2:]]
+            assert states == [CallbackState.PENDING] * 2
+            recorder.gate.set()
+            await asyncio.gather(*spawned)
+            assert firer.inflight == 0
+            await firer.tick()
+        assert sorted(recorder.ids) == sorted([*slow, fast])
+        assert {store.get(i).callback_state for i in [*slow, fast]} == {CallbackState.DELIVERED}
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+
+
+def failed(store: Store, on_failure_url: str) -> str:
+    """A timer that failed, its callback to `on_failure_url` pending since START_MS."""
+    timer = Timer(
+        id=new_timer_id(),
+        url="http://127.0.0.1:9/h",
+        due_at_ms=START_MS,
+        created_at_ms=START_MS,
+        state=State.FAILED,
+        on_failure_url=on_failure_url,
+        callback_state=CallbackState.PENDING,
+        callback_due_at_ms=START_MS,
+    )
+    store.insert(timer)
+    return timer.id
+
+
+async def inline(call: Callable[[], T]) -> T:
+    return call()
