@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from tests.test_store_contract import (
     CLAIM_MS,
     NOW_MS,
+    RACES_NEED_ATOMIC_WRITES,
     SCHEDULE,
+    StoreFactory,
     a_claim,
     claimed,
     inserted,
     outcome_for,
+    run_together,
 )
 from timerd.models import (
     CallbackOutcome,
@@ -209,3 +214,25 @@ def test_purge_keeps_a_finished_timer_until_its_callback_is_settled(store: Store
     assert store.purge_finished(NOW_MS + 10**6, 10) == 0
     store.complete_callbacks([callback_outcome(claimed_one, CallbackState.DELIVERED)])
     assert store.purge_finished(NOW_MS + 10**6, 10) == 1
+
+
+@pytest.fixture
+def racing_store(backend: str, open_store_on_backend: StoreFactory) -> StoreFactory:
+    if backend == "mongomock":
+        pytest.skip(RACES_NEED_ATOMIC_WRITES)
+    return open_store_on_backend
+
+
+def test_concurrent_callback_claims_never_both_win(racing_store: StoreFactory) -> None:
+    stores = [racing_store() for _ in range(2)]
+    timers = [failed_with_callback(stores[0]) for _ in range(6)]
+    ids = [t.id for t in timers]
+    claims = [a_claim(f"daemon-{n}", NOW_MS + 1_000) for n in range(4)]
+    results = run_together(
+        [
+            lambda s=stores[n % 2], c=claim: s.claim_callbacks(ids, c)
+            for n, claim in enumerate(claims)
+        ]
+    )
+    won = [t.id for result in results for t in result]
+    assert sorted(won) == sorted(ids), "each callback claimed exactly once"
