@@ -115,7 +115,8 @@ class Daemon:
                 store,
                 deliver_callback,
                 clock=self.clock,
-                offload=self._offload,
+                # a thread of their own: callbacks never hold up claims, polls or outcomes
+                offload=offload or self._pool("timerd-callbacks", 1),
                 holder=self.lease.holder,
                 held=self.lease.held,
                 partitions=self.lease.partitions,
