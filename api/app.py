@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.applications import Starlette
@@ -24,9 +26,18 @@ from api.console import Console
 from api.errors import EXCEPTION_HANDLERS, ApiError, log
 from api.limits import RequestHeadLimit
 from api.openapi import openapi_json
+from api.series import (
+    change_schedule,
+    first_occurrence,
+    is_series_request,
+    parse_schedule,
+    refuse_series_fields,
+)
 from api.stats import StatsCache
 from api.validation import (
     MAX_BODY_BYTES,
+    SERIES_FIELDS,
+    TIME_FIELDS,
     URL_SCAN,
     Rules,
     parse_changes,
@@ -39,8 +50,9 @@ from api.validation import (
 from api.views import timer_view
 from timerd import metrics
 from timerd.clock import Clock, StoreClock, SystemClock, read_store_clock
-from timerd.errors import StoreUnavailable
-from timerd.models import Timer, new_timer_id
+from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
+from timerd.models import State, Timer, TimerChanges, new_timer_id
+from timerd.schedules import parse_stored
 from timerd.settings import Settings
 from timerd.store import Store
 
@@ -107,15 +119,9 @@ class TimerRoutes:
         data = parse_json_object(await read_body(request, self.settings.max_body_bytes))
         idempotency_key = parse_idempotency_key(request.headers.get("idempotency-key"))
         now_ms = self.clock.now_ms()
-        spec = parse_create(data, now_ms, self.rules)
-        timer = Timer(
-            id=new_timer_id(),
-            url=spec.url,
-            due_at_ms=spec.due_at_ms,
-            created_at_ms=now_ms,
-            payload=spec.payload,
-            headers=spec.headers,
-            max_attempts=spec.max_attempts,
+        timer = self._new_timer(data, now_ms)
+        timer = dataclasses.replace(
+            timer,
             tenant=tenant,
             idempotency_key=idempotency_key,
             request_hash=request_hash(data) if idempotency_key else None,
@@ -134,6 +140,30 @@ class TimerRoutes:
             metrics.TIMERS_CREATED.inc()
             self._announce(stored)
         return JSONResponse(timer_view(stored, now_ms), status_code=201, headers=headers)
+
+    def _new_timer(self, data: dict[str, Any], now_ms: int) -> Timer:
+        """The timer a create body asks for: a one-off, or a series at its first occurrence."""
+        if not is_series_request(data):
+            refuse_series_fields(data)
+            spec = parse_create(data, now_ms, self.rules)
+            schedule_text, occurrence, occurrence_at_ms = None, 0, None
+        else:
+            schedule, first = parse_schedule(data, now_ms, self.rules)
+            spec = parse_create(data, now_ms, self.rules, due_at_ms=first)
+            schedule_text, occurrence, occurrence_at_ms = schedule.to_json(), 1, first
+        return Timer(
+            id=new_timer_id(),
+            url=spec.url,
+            due_at_ms=spec.due_at_ms,
+            created_at_ms=now_ms,
+            payload=spec.payload,
+            headers=spec.headers,
+            max_attempts=spec.max_attempts,
+            schedule=schedule_text,
+            occurrence=occurrence,
+            occurrence_at_ms=occurrence_at_ms,
+            on_failure_url=spec.on_failure_url,
+        )
 
     def _insert(self, timer: Timer) -> Timer:
         """Insert under the tenant's cap; a retry of a create that succeeded returns the
@@ -166,15 +196,68 @@ class TimerRoutes:
         return JSONResponse(timer_view(timer, now_ms))
 
     async def change(self, request: Request) -> JSONResponse:
-        """`PATCH /timers/{id}`: move or edit a pending timer; 409 once it is claimed."""
+        """`PATCH /timers/{id}`: move or edit a pending timer, or change a pending or paused
+        series (its schedule too: it carries on at the new schedule's next occurrence); 409
+        once it is claimed."""
         tenant = await run_in_threadpool(self._tenant, request)
         data = parse_json_object(await read_body(request, self.settings.max_body_bytes))
         now_ms = self.clock.now_ms()
-        changes = parse_changes(data, now_ms, self.rules)
         timer_id = request.path_params["timer_id"]
+        changes = await run_in_threadpool(self._changes, timer_id, tenant, data, now_ms)
         timer = await run_in_threadpool(self.store.update_pending, timer_id, changes, tenant)
         if changes.due_at_ms is not None:
             self._announce(timer)
+        return JSONResponse(timer_view(timer, now_ms))
+
+    def _changes(
+        self, timer_id: str, tenant: str, data: dict[str, Any], now_ms: int
+    ) -> TimerChanges:
+        """The changes a PATCH body asks of the timer: a series' schedule fields and a
+        one-off's time fields are each refused on the other kind."""
+        asked = set(data)
+        if not asked & (SERIES_FIELDS | TIME_FIELDS):
+            return parse_changes(data, now_ms, self.rules)
+        current = self.store.get(timer_id, tenant)
+        if current.schedule is None:
+            stray = sorted(asked & (SERIES_FIELDS - {"timezone"}))
+            if stray:
+                raise ApiError(
+                    422,
+                    "invalid_field",
+                    f"{stray[0]} belongs to a series; this timer is a one-off",
+                    field=stray[0],
+                )
+            return parse_changes(data, now_ms, self.rules)
+        if not asked & SERIES_FIELDS:
+            field = sorted(asked & TIME_FIELDS)[0]
+            raise ApiError(422, "invalid_field", "a series is timed by its schedule", field=field)
+        schedule, first = change_schedule(current.schedule, data, now_ms, self.rules)
+        return parse_changes(data, now_ms, self.rules, schedule=(schedule.to_json(), first))
+
+    def pause(self, request: Request) -> JSONResponse:
+        """`POST /timers/{id}/pause`: a pending series stops until resumed."""
+        tenant = self._tenant(request)
+        timer = self.store.pause(request.path_params["timer_id"], tenant)
+        return JSONResponse(timer_view(timer, self.clock.now_ms()))
+
+    def resume(self, request: Request) -> JSONResponse:
+        """`POST /timers/{id}/resume`: a paused series carries on at its next occurrence from
+        now; the occurrences it missed while paused are not fired."""
+        tenant = self._tenant(request)
+        timer_id = request.path_params["timer_id"]
+        now_ms = self.clock.now_ms()
+        current = self.store.get(timer_id, tenant)
+        if current.schedule is None:
+            raise TimerNotFound(timer_id)
+        schedule = parse_stored(current.schedule)
+        try:
+            due_at_ms = first_occurrence(schedule, now_ms, self.rules)
+        except ApiError as exc:
+            if current.state is not State.PAUSED:  # say what matters more: it is not paused
+                raise TimerStateConflict(timer_id, current.state.value) from exc
+            raise
+        timer = self.store.resume(timer_id, due_at_ms, tenant)
+        self._announce(timer)
         return JSONResponse(timer_view(timer, now_ms))
 
     def list_timers(self, request: Request) -> JSONResponse:
@@ -183,7 +266,9 @@ class TimerRoutes:
         tenant = self._tenant(request)
         query = parse_list_query(request.query_params)
         if query.url_prefix is None:
-            timers = self.store.list_timers(query.state, query.cursor, query.limit, tenant)
+            timers = self.store.list_timers(
+                query.state, query.cursor, query.limit, tenant, query.recurring
+            )
             cursor = timers[-1].id if len(timers) == query.limit else None
         else:
             timers, cursor = self.store.list_timers_by_url(
@@ -194,6 +279,8 @@ class TimerRoutes:
                 tenant=tenant,
                 scan=URL_SCAN,
             )
+            if query.recurring is not None:  # the scan's cursor still says where to go on
+                timers = [t for t in timers if (t.schedule is not None) == query.recurring]
         now_ms = self.clock.now_ms()
         return JSONResponse(
             {"timers": [timer_view(t, now_ms) for t in timers], "next_cursor": cursor}
@@ -325,6 +412,8 @@ def create_app(
             Route("/openapi.json", openapi_json, methods=["GET"]),
             Route("/timers", routes.timers, methods=["GET", "POST"]),
             Route("/timers/{timer_id}/replay", routes.replay, methods=["POST"]),
+            Route("/timers/{timer_id}/pause", routes.pause, methods=["POST"]),
+            Route("/timers/{timer_id}/resume", routes.resume, methods=["POST"]),
             Route("/timers/{timer_id}", routes.timer, methods=["GET", "PATCH", "DELETE"]),
             Route("/stats", routes.stats, methods=["GET"]),
             *Console().routes(),

@@ -75,6 +75,16 @@ FIRE_AT: Schema = {
     "examples": ["2030-01-01T12:00:00Z"],
 }
 
+FIRE_AT_LOCAL: Schema = {
+    "type": "string",
+    "description": "A wall-clock time without an offset (`2026-12-24T09:00:00`) in `timezone` "
+    "(required with it). A time that does not exist there (skipped when clocks spring forward) "
+    "fires at the first valid instant, the moment of the jump (02:30 → 03:00); a time that "
+    "happens twice (clocks falling back) fires at its first occurrence. Not with `fire_at` or "
+    "a duration.",
+    "examples": ["2026-12-24T09:00:00"],
+}
+
 URL: Schema = {
     "type": "string",
     "format": "uri",
@@ -84,6 +94,32 @@ URL: Schema = {
     "non-public address is refused (422) unless `TIMERD_ALLOWED_NETWORKS` allows it; host names "
     "are not resolved here. The webhook goes to the URL with `/<id>` appended to its path.",
     "examples": ["https://example.com/hooks"],
+}
+
+ON_FAILURE_URL: Schema = {
+    **URL,
+    "description": "Where a signed `timer.failed` POST goes when the timer, or an occurrence "
+    "of a series, ends `failed`: the same rules as `url` (checked the same way here, the same "
+    "SSRF guard, signing, retry schedule and per-host limit on delivery), with `/<id>` "
+    "appended. Its body holds `id`, `type`, `attempt`, `occurrence` (a series) and `timer` "
+    "(its state, last status and error, history); its `webhook-id` is `<id>_failed`, or "
+    "`<id>_<occurrence>_failed`. Its delivery shows as `callback` on the timer.",
+    "examples": ["https://example.com/failures"],
+}
+
+CALLBACK: Schema = {
+    "type": ["object", "null"],
+    "description": "The failure callback of the latest failure; null before any.",
+    "properties": {
+        "state": {"type": "string", "enum": ["pending", "firing", "delivered", "failed"]},
+        "attempts": {"type": "integer", "minimum": 0},
+        "last_status": _nullable({"type": "integer"}),
+        "last_error": _nullable({"type": "string"}),
+        "next_attempt_at": _nullable(DATE_TIME),
+        "occurrence": _nullable({"type": "integer", "minimum": 0}),
+    },
+    "required": ["state", "attempts", "last_status", "last_error", "next_attempt_at"],
+    "additionalProperties": False,
 }
 
 PAYLOAD: Schema = {
@@ -106,23 +142,76 @@ HEADERS: Schema = {
     "header are refused.",
 }
 
+SERIES_FIELDS: dict[str, Schema] = {
+    "every": {
+        "type": "string",
+        "description": "Repeat at this interval (`ms`, `s`, `m`, `h`, `d`: `1s`, `15m`, `1.5h`), "
+        "at least 1 s and at most `TIMERD_MAX_DELAY_S`. Not with `cron`.",
+        "examples": ["15m"],
+    },
+    "start_at": {
+        **FIRE_AT,
+        "description": "With `every`: the first occurrence (later ones follow at exact "
+        "multiples of the interval); default now + the interval.",
+    },
+    "cron": {
+        "type": "string",
+        "description": "Repeat on a five-field crontab expression (minute hour day month "
+        "weekday; `*/N`, ranges, lists, month and day names; weekday 0 and 7 are Sunday), "
+        "computed by APScheduler's `CronTrigger` in `timezone`. Across daylight saving, a local "
+        "time that does not exist fires at the same time after the jump (02:30 → 03:30), and "
+        "one that happens twice fires at both. Not with `every`.",
+        "examples": ["0 9 * * MON-FRI"],
+    },
+    "timezone": {
+        "type": "string",
+        "description": "The IANA time zone of `cron` (default `UTC`) or of `fire_at_local`.",
+        "examples": ["Europe/Berlin"],
+    },
+    "until": {
+        **_nullable(FIRE_AT),
+        "description": "No occurrence of the series after this time.",
+    },
+    "max_occurrences": {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": 1_000_000_000,
+        "description": "The series ends after this many occurrences.",
+    },
+    "catch_up": {
+        "type": "string",
+        "enum": ["once", "all"],
+        "description": "When occurrences were missed (every daemon down): `once` (default) "
+        "fires one delivery for all of them, its body's `missed` counting the ones it stands "
+        "for, then carries on at the next future occurrence; `all` fires each one.",
+    },
+}
+
 ANY_DURATION_FIELD: list[Schema] = [{"required": [name]} for name in DURATION_FIELDS]
 # JSON Schema for "not both `fire_at` and a duration field".
 NOT_BOTH: Schema = {"not": {"required": ["fire_at"], "anyOf": ANY_DURATION_FIELD}}
+ANY_SCHEDULE: list[Schema] = [{"required": ["every"]}, {"required": ["cron"]}]
 
 CREATE_TIMER: Schema = {
     "type": "object",
     "description": "A webhook `url` and when to call it: either a duration "
     "(`hours`, `minutes`, `seconds`, each optional, added up) or an absolute `fire_at`, never "
     "both. The due time must be at least 1 ms and at most `TIMERD_MAX_DELAY_S` (365 days by "
-    "default) from now, and before the year 10000. Unknown fields are refused "
-    "(422 `unknown_field`).",
+    "default) from now, and before the year 10000. Or a series: `every` or `cron` (never with "
+    "a duration or `fire_at`), with `start_at`, `timezone`, `until`, `max_occurrences`, "
+    "`catch_up`; a schedule without a future occurrence answers 422 naming the field. Each "
+    "occurrence is delivered like a one-off timer, its body carrying `occurrence`, "
+    "`scheduled_at_ms` and `missed`, its `webhook-id` `<id>_<occurrence>`. Unknown fields are "
+    "refused (422 `unknown_field`).",
     "properties": {
         **DURATION_FIELDS,
         "fire_at": FIRE_AT,
+        "fire_at_local": FIRE_AT_LOCAL,
+        **SERIES_FIELDS,
         "url": URL,
         "payload": PAYLOAD,
         "headers": HEADERS,
+        "on_failure_url": ON_FAILURE_URL,
         "max_attempts": {
             "type": ["integer", "null"],
             "minimum": 1,
@@ -133,7 +222,12 @@ CREATE_TIMER: Schema = {
     },
     "required": ["url"],
     "additionalProperties": False,
-    "anyOf": [{"required": ["fire_at"]}, *ANY_DURATION_FIELD],
+    "anyOf": [
+        {"required": ["fire_at"]},
+        {"required": ["fire_at_local"]},
+        *ANY_DURATION_FIELD,
+        *ANY_SCHEDULE,
+    ],
     **NOT_BOTH,
     "examples": [{"hours": 4, "minutes": 0, "seconds": 1, "url": "https://example.com/hooks"}],
 }
@@ -142,14 +236,21 @@ CHANGE_TIMER: Schema = {
     "type": "object",
     "description": "What to change on a pending timer, at least one field: a new due time "
     "(a duration from now, or `fire_at`, never both; the same limits as on create), `url`, "
-    "`payload` or `headers` (which replace the old ones). Unknown fields (`max_attempts` "
+    "`payload`, `headers` (which replace the old ones) or `on_failure_url`. On a pending or "
+    "paused series, the "
+    "schedule fields instead of a due time: `every` or `cron` replaces the kind of schedule, "
+    "the others change only themselves, and the series carries on at the new schedule's next "
+    "occurrence. Unknown fields (`max_attempts` "
     "included) are refused (422 `unknown_field`); an empty object answers 422 `invalid_body`.",
     "properties": {
         **DURATION_FIELDS,
         "fire_at": FIRE_AT,
+        "fire_at_local": FIRE_AT_LOCAL,
+        **SERIES_FIELDS,
         "url": URL,
         "payload": PAYLOAD,
         "headers": HEADERS,
+        "on_failure_url": ON_FAILURE_URL,
     },
     "minProperties": 1,
     "additionalProperties": False,
@@ -204,6 +305,47 @@ TIMER: Schema = {
             "items": _ref("Attempt"),
             "description": "The newest 10 attempts, oldest first.",
         },
+        "recurring": {"type": "boolean", "description": "Whether the timer is a series."},
+        "schedule": {
+            "type": "object",
+            "description": "A series' schedule, as created or last changed.",
+            "properties": {
+                "every": {"type": "string"},
+                "start_at": _nullable(DATE_TIME),
+                "cron": {"type": "string"},
+                "timezone": {"type": "string"},
+                "until": _nullable(DATE_TIME),
+                "max_occurrences": _nullable({"type": "integer"}),
+                "catch_up": {"type": "string", "enum": ["once", "all"]},
+            },
+            "additionalProperties": False,
+        },
+        "occurrence": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "A series: the current occurrence (the next or the one in flight).",
+        },
+        "occurrence_at": {**_nullable(DATE_TIME), "description": "When it is scheduled."},
+        "occurrences": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "A series: how many occurrences have ended (delivered or failed), "
+            "those a catch-up stood for included.",
+        },
+        "occurrences_failed": {"type": "integer", "minimum": 0},
+        "next_fire_at": {
+            **_nullable(DATE_TIME),
+            "description": "A pending series: when it fires next (a retry included).",
+        },
+        "upcoming": {
+            "type": "array",
+            "maxItems": 5,
+            "items": DATE_TIME,
+            "description": "A pending or firing series: its next 5 occurrence times, the "
+            "current one first.",
+        },
+        "on_failure_url": _nullable({"type": "string"}),
+        "callback": CALLBACK,
     },
     "required": [
         "id",
@@ -221,6 +363,9 @@ TIMER: Schema = {
         "payload",
         "headers",
         "history",
+        "recurring",
+        "on_failure_url",
+        "callback",
     ],
     "additionalProperties": False,
 }
@@ -569,6 +714,12 @@ OPENAPI: Schema = {
                         "schema": {"type": "string", "pattern": TIMER_ID_PATTERN},
                     },
                     {
+                        "name": "recurring",
+                        "in": "query",
+                        "description": "`true`: series only; `false`: one-off timers only.",
+                        "schema": {"type": "string", "enum": ["true", "false"]},
+                    },
+                    {
                         "name": "url_prefix",
                         "in": "query",
                         "description": "Only timers whose `url` starts with this text "
@@ -649,6 +800,42 @@ OPENAPI: Schema = {
                         "200": _ok("The timer, now `pending`.", _ref("Timer")),
                         "404": NOT_FOUND,
                         "409": _conflict("a replay: it is pending, firing or cancelled"),
+                    }
+                ),
+            },
+        },
+        "/timers/{timer_id}/pause": {
+            "parameters": [TIMER_ID_PARAM],
+            "post": {
+                "operationId": "pauseTimer",
+                "summary": "Pause a series",
+                "description": "A pending series becomes `paused`: nothing fires until resumed. "
+                "A one-off timer's id answers 404.",
+                "responses": _answers(
+                    {
+                        "200": _ok("The series, now `paused`.", _ref("Timer")),
+                        "404": NOT_FOUND,
+                        "409": _conflict("a pause: it is not pending"),
+                    }
+                ),
+            },
+        },
+        "/timers/{timer_id}/resume": {
+            "parameters": [TIMER_ID_PARAM],
+            "post": {
+                "operationId": "resumeTimer",
+                "summary": "Resume a paused series",
+                "description": "The series carries on at its next occurrence from now; those "
+                "it missed while paused are not fired.",
+                "responses": _answers(
+                    {
+                        "200": _ok("The series, now `pending`.", _ref("Timer")),
+                        "404": NOT_FOUND,
+                        "409": _conflict("a resume: it is not paused"),
+                        "422": _error(
+                            "The schedule has no occurrence left (`field` names the bound).",
+                            "invalid_field",
+                        ),
                     }
                 ),
             },

@@ -14,6 +14,7 @@ from typing import Any
 
 from api.errors import ApiError
 from timerd.models import State, TimerChanges, is_timer_id
+from timerd.schedules import ScheduleError, local_to_ms
 from timerd.settings import Settings, default
 from timerd.ssrf import PUBLIC_ONLY, AddressPolicy
 from timerd.targets import url_problem
@@ -25,8 +26,12 @@ MAX_DUE_AT_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time R
 
 DURATION_FIELDS = ("hours", "minutes", "seconds")
 SECONDS_PER = {"hours": 3600, "minutes": 60, "seconds": 1}
+SERIES_FIELDS = frozenset(
+    {"every", "start_at", "cron", "timezone", "until", "max_occurrences", "catch_up"}
+)  # checked by api/series.py
+TIME_FIELDS = frozenset({*DURATION_FIELDS, "fire_at", "fire_at_local"})  # a one-off's time
 CREATE_FIELDS = frozenset(
-    {*DURATION_FIELDS, "fire_at", "url", "payload", "headers", "max_attempts"}
+    {*TIME_FIELDS, *SERIES_FIELDS, "url", "payload", "headers", "max_attempts", "on_failure_url"}
 )
 MAX_PAYLOAD_BYTES: int = default("max_payload_bytes")
 MAX_PAYLOAD_DEPTH = 100  # arrays and objects within one another: far from the recursion limit
@@ -60,6 +65,7 @@ HEADER_VALUE = re.compile(r"[\x20-\x7e\t]{0,1024}", re.ASCII)
 RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
 )
+LOCAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?", re.ASCII)
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what a JSON \u escape can make but UTF-8 cannot
 
 
@@ -96,6 +102,7 @@ class CreateRequest:
     payload: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
     max_attempts: int | None = None
+    on_failure_url: str | None = None  # where `timer.failed` goes when the timer fails
 
 
 class _BadNumber(ValueError):
@@ -144,30 +151,52 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def parse_create(data: dict[str, Any], now_ms: int, rules: Rules = DEFAULT_RULES) -> CreateRequest:
-    """Validate a create body: `url` plus either a duration or `fire_at`."""
+def parse_create(
+    data: dict[str, Any],
+    now_ms: int,
+    rules: Rules = DEFAULT_RULES,
+    *,
+    due_at_ms: int | None = None,
+) -> CreateRequest:
+    """Validate a create body: `url` plus either a duration or `fire_at`; with `due_at_ms`
+    (a series' first occurrence, from `api.series`), the body's time fields are not read."""
     _refuse_unknown(data, CREATE_FIELDS, "field")
     url = parse_url(data.get("url"), rules)
-    due_at_ms = _due_at_ms(data, now_ms, rules.max_delay_s)
+    if due_at_ms is None:
+        due_at_ms = _due_at_ms(data, now_ms, rules.max_delay_s)
     return CreateRequest(
         url=url,
         due_at_ms=due_at_ms,
         payload=parse_payload(data["payload"], rules) if "payload" in data else None,
         headers=parse_headers(data.get("headers", {}), rules),
         max_attempts=parse_max_attempts(data.get("max_attempts")),
+        on_failure_url=_on_failure_url(data, rules),
     )
 
 
+def _on_failure_url(data: dict[str, Any], rules: Rules) -> str | None:
+    """`on_failure_url`, checked as `url` is; None when absent."""
+    if "on_failure_url" not in data:
+        return None
+    return parse_url(data["on_failure_url"], rules, "on_failure_url")
+
+
 def _due_at_ms(data: dict[str, Any], now_ms: int, max_delay_s: float) -> int:
-    """The due time a body asks for: `fire_at`, or hours/minutes/seconds from now."""
+    """The due time a body asks for: `fire_at`, `fire_at_local` in `timezone`, or
+    hours/minutes/seconds from now."""
     has_duration = any(name in data for name in DURATION_FIELDS)
+    absolute = [name for name in ("fire_at", "fire_at_local") if name in data]
+    if len(absolute) > 1 or (absolute and has_duration):
+        raise _invalid(absolute[-1], "give one of fire_at, fire_at_local or a duration")
+    if "timezone" in data and "fire_at_local" not in data:
+        raise _invalid("timezone", "timezone goes with fire_at_local or cron")
     if "fire_at" in data:
-        if has_duration:
-            raise _invalid("fire_at", "give either fire_at or hours/minutes/seconds, not both")
         due_at_ms = max(now_ms, parse_fire_at(data["fire_at"]))
+    elif "fire_at_local" in data:
+        due_at_ms = max(now_ms, parse_fire_at_local(data["fire_at_local"], data.get("timezone")))
     else:
         due_at_ms = now_ms + parse_duration_ms(data)
-    field = "fire_at" if "fire_at" in data else _largest_duration_field(data)
+    field = absolute[0] if absolute else _largest_duration_field(data)
     if due_at_ms - now_ms > max_delay_s * 1000:
         raise _invalid(field, f"the delay may be at most {max_delay_s:g} seconds")
     if due_at_ms > MAX_DUE_AT_MS:
@@ -261,50 +290,77 @@ def parse_duration_ms(data: dict[str, Any]) -> int:
 
 def parse_fire_at(value: Any) -> int:
     """An RFC 3339 time with an offset, as UTC epoch milliseconds."""
+    return parse_rfc3339(value, "fire_at")
+
+
+def parse_fire_at_local(value: Any, timezone: Any) -> int:
+    """A wall-clock time without an offset in the IANA zone `timezone`, as UTC epoch
+    milliseconds: a time skipped by a spring-forward moves to the instant of the jump, a time
+    that happens twice is the first (see `timerd.schedules.local_to_ms`)."""
+    if not isinstance(value, str) or not LOCAL_TIME.fullmatch(value):
+        raise _invalid(
+            "fire_at_local",
+            "fire_at_local must be a local time without an offset, like 2026-12-24T09:00:00",
+        )
+    if timezone is None:
+        raise _invalid("timezone", "fire_at_local needs a timezone, like Europe/Berlin")
+    if not isinstance(timezone, str) or not timezone.strip() or len(timezone) > 200:
+        raise _invalid("timezone", "timezone must be an IANA time zone name")
+    try:
+        return local_to_ms(datetime.fromisoformat(value.upper()), timezone.strip())
+    except ScheduleError as exc:
+        raise _invalid(exc.field, str(exc)) from exc
+    except (OverflowError, ValueError) as exc:  # 2026-02-31, a 25:00 hour
+        raise _invalid("fire_at_local", "fire_at_local is not a valid time") from exc
+
+
+def parse_rfc3339(value: Any, field: str) -> int:
+    """An RFC 3339 time with an offset in `field`, as UTC epoch milliseconds."""
     if not isinstance(value, str) or not RFC3339.fullmatch(value):
         raise _invalid(
-            "fire_at", "fire_at must be an RFC 3339 time with an offset, like 2030-01-01T12:00:00Z"
+            field, f"{field} must be an RFC 3339 time with an offset, like 2030-01-01T12:00:00Z"
         )
     try:
         moment = datetime.fromisoformat(value.upper())
         return round(moment.timestamp() * 1000)
     except (OverflowError, ValueError) as exc:  # 2030-02-31, a 25:00 hour, year 0
-        raise _invalid("fire_at", "fire_at is not a valid time") from exc
+        raise _invalid(field, f"{field} is not a valid time") from exc
 
 
-def parse_url(value: Any, rules: Rules = DEFAULT_RULES) -> str:
+def parse_url(value: Any, rules: Rules = DEFAULT_RULES, field: str = "url") -> str:
     """An absolute http(s) URL with a host, no user-info, no fragment, no spaces, a host that
     delivery can encode and look up (`timerd.targets`), and no host that `policy` denies without
     resolving it: a loopback name or a denied address literal in any textual form. Host names
-    are not resolved here; delivery checks what they resolve to."""
+    are not resolved here; delivery checks what they resolve to. `field` names the field in
+    errors (`url`, `on_failure_url`)."""
     if value is None:
-        raise _invalid("url", "url is required")
+        raise _invalid(field, f"{field} is required")
     if not isinstance(value, str):
-        raise _invalid("url", "url must be a string")
+        raise _invalid(field, f"{field} must be a string")
     if len(value) > rules.max_url_chars:
-        raise _invalid("url", f"url may be at most {rules.max_url_chars} characters")
+        raise _invalid(field, f"{field} may be at most {rules.max_url_chars} characters")
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
-        raise _invalid("url", "url must not contain spaces or control characters")
+        raise _invalid(field, f"{field} must not contain spaces or control characters")
     try:
         parts = urllib.parse.urlsplit(value)
         port = parts.port
     except ValueError as exc:
-        raise _invalid("url", "url is not a valid URL") from exc
+        raise _invalid(field, f"{field} is not a valid URL") from exc
     if parts.scheme not in {"http", "https"}:
-        raise _invalid("url", "url must be an absolute http or https URL")
+        raise _invalid(field, f"{field} must be an absolute http or https URL")
     if not parts.hostname:
-        raise _invalid("url", "url must have a host")
+        raise _invalid(field, f"{field} must have a host")
     if "@" in parts.netloc:
-        raise _invalid("url", "url must not contain user info")
+        raise _invalid(field, f"{field} must not contain user info")
     if "#" in value:
-        raise _invalid("url", "url must not contain a fragment")
+        raise _invalid(field, f"{field} must not contain a fragment")
     if port == 0:
-        raise _invalid("url", "url has an invalid port")
+        raise _invalid(field, f"{field} has an invalid port")
     denial = rules.policy.url_denial(value)
     if denial is not None:
-        raise _invalid("url", f"url's host {denial}: webhooks may only reach public addresses")
+        raise _invalid(field, f"{field}'s host {denial}: webhooks may only reach public addresses")
     if (problem := url_problem(value)) is not None:
-        raise _invalid("url", f"url {problem}: no webhook could ever be delivered to it")
+        raise _invalid(field, f"{field} {problem}: no webhook could ever be delivered to it")
     return value
 
 
@@ -328,6 +384,7 @@ class ListQuery:
     state: State | None
     cursor: str | None
     limit: int
+    recurring: bool | None = None
     url_prefix: str | None = None
 
 
@@ -336,8 +393,12 @@ URL_PREFIX = re.compile(rf"[^\x00-\x1f\x7f]{{1,{MAX_URL_CHARS}}}")
 
 def parse_list_query(params: Mapping[str, str]) -> ListQuery:
     """`state` (optional), `cursor` (the `next_cursor` of the previous page), `limit` (1-100),
-    `url_prefix` (optional: only timers whose URL starts with it)."""
-    _refuse_unknown(params, {"state", "cursor", "limit", "url_prefix"}, "parameter")
+    `recurring` (optional: `true` lists series only, `false` one-off timers only), `url_prefix`
+    (optional: only timers whose URL starts with it)."""
+    _refuse_unknown(params, {"state", "cursor", "limit", "recurring", "url_prefix"}, "parameter")
+    recurring = params.get("recurring")
+    if recurring is not None and recurring not in {"true", "false"}:
+        raise _invalid("recurring", "recurring must be true or false")
     url_prefix = params.get("url_prefix")
     if url_prefix is not None and not URL_PREFIX.fullmatch(url_prefix):
         message = f"url_prefix must be 1 to {MAX_URL_CHARS} characters without control characters"
@@ -352,11 +413,19 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
     # ASCII digits ("²".isdigit() holds, int("²") fails), few enough for int() (4300 at most)
     if not LIMIT.fullmatch(limit) or not 1 <= int(limit) <= MAX_PAGE:
         raise _invalid("limit", f"limit must be an integer from 1 to {MAX_PAGE}")
-    return ListQuery(None if state is None else State(state), cursor, int(limit), url_prefix)
+    return ListQuery(
+        None if state is None else State(state),
+        cursor,
+        int(limit),
+        None if recurring is None else recurring == "true",
+        url_prefix,
+    )
 
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)
-CHANGE_FIELDS = frozenset({*DURATION_FIELDS, "fire_at", "url", "payload", "headers"})
+CHANGE_FIELDS = frozenset(
+    {*TIME_FIELDS, *SERIES_FIELDS, "url", "payload", "headers", "on_failure_url"}
+)
 
 
 def parse_idempotency_key(value: str | None) -> str | None:
@@ -378,16 +447,33 @@ def request_hash(data: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def parse_changes(data: dict[str, Any], now_ms: int, rules: Rules = DEFAULT_RULES) -> TimerChanges:
+def parse_changes(
+    data: dict[str, Any],
+    now_ms: int,
+    rules: Rules = DEFAULT_RULES,
+    *,
+    schedule: tuple[str, int] | None = None,
+) -> TimerChanges:
     """A PATCH body: any of a new due time (a duration from now, or `fire_at`), `url`,
-    `payload`, `headers`; at least one."""
+    `payload`, `headers`, `on_failure_url`; at least one. `schedule` is a series' new schedule
+    (JSON text) and first occurrence, from `api.series`: its fields are not read here."""
     _refuse_unknown(data, CHANGE_FIELDS, "field")
     if not data:
         raise ApiError(422, "invalid_body", "give at least one field to change")
-    has_time = "fire_at" in data or any(name in data for name in DURATION_FIELDS)
+    if schedule is not None:
+        return TimerChanges(
+            due_at_ms=schedule[1],
+            schedule=schedule[0],
+            url=parse_url(data["url"], rules) if "url" in data else None,
+            payload=parse_payload(data["payload"], rules) if "payload" in data else None,
+            headers=parse_headers(data["headers"], rules) if "headers" in data else None,
+            on_failure_url=_on_failure_url(data, rules),
+        )
+    has_time = bool(TIME_FIELDS & set(data)) or "timezone" in data
     return TimerChanges(
         due_at_ms=_due_at_ms(data, now_ms, rules.max_delay_s) if has_time else None,
         url=parse_url(data["url"], rules) if "url" in data else None,
         payload=parse_payload(data["payload"], rules) if "payload" in data else None,
         headers=parse_headers(data["headers"], rules) if "headers" in data else None,
+        on_failure_url=_on_failure_url(data, rules),
     )

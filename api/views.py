@@ -8,8 +8,10 @@ from typing import Any
 
 import structlog
 
+from api.series import every_text
 from api.validation import loads_strict
-from timerd.models import AttemptRecord, State, Timer
+from timerd.models import AttemptRecord, CallbackState, State, Timer
+from timerd.schedules import Schedule, parse_stored
 
 log = structlog.get_logger("timerd.api")
 
@@ -42,6 +44,66 @@ def timer_view(timer: Timer, now_ms: int) -> dict[str, Any]:
         "payload": payload_view(timer.payload, timer.id),
         "headers": dict(timer.headers),
         "history": [attempt_view(record) for record in timer.history],
+        "recurring": timer.recurring,
+        **(series_view(timer) if timer.recurring else {}),
+        "on_failure_url": timer.on_failure_url,
+        "callback": callback_view(timer),
+    }
+
+
+def callback_view(timer: Timer) -> dict[str, Any] | None:
+    """The failure callback of the timer's latest failure (None before any): its state,
+    attempts, last status or error, the next attempt's time while pending, and the occurrence
+    it reports for a series."""
+    if timer.callback_state is None:
+        return None
+    pending = timer.callback_state is CallbackState.PENDING
+    return {
+        "state": timer.callback_state.value,
+        "attempts": timer.callback_attempts,
+        "last_status": timer.callback_status,
+        "last_error": timer.callback_error,
+        "next_attempt_at": rfc3339(timer.callback_due_at_ms) if pending else None,
+        "occurrence": timer.callback_occurrence if timer.recurring else None,
+    }
+
+
+UPCOMING = 5  # occurrence times a series' view lists
+
+
+def series_view(timer: Timer) -> dict[str, Any]:
+    """What a series adds to its view: its schedule, the current occurrence and how many have
+    ended (and failed), when it fires next, and its next UPCOMING occurrence times."""
+    assert timer.schedule is not None
+    schedule = parse_stored(timer.schedule)
+    live = timer.state in {State.PENDING, State.FIRING}
+    finished = timer.state in {State.FIRED, State.FAILED}  # its last occurrence ended too
+    ended = timer.occurrence - (0 if finished else 1)
+    upcoming: list[int] = []
+    if live and timer.occurrence_at_ms is not None:
+        upcoming = schedule.upcoming(timer.occurrence, timer.occurrence_at_ms, UPCOMING)
+    return {
+        "schedule": schedule_view(schedule),
+        "occurrence": timer.occurrence,
+        "occurrence_at": rfc3339(timer.occurrence_at_ms),
+        "occurrences": max(0, ended),
+        "occurrences_failed": timer.occurrences_failed,
+        "next_fire_at": rfc3339(timer.due_at_ms) if timer.state is State.PENDING else None,
+        "upcoming": [rfc3339(at_ms) for at_ms in upcoming],
+    }
+
+
+def schedule_view(schedule: Schedule) -> dict[str, Any]:
+    """A schedule as the create body writes it."""
+    view: dict[str, Any] = (
+        {"every": every_text(schedule.every_ms), "start_at": rfc3339(schedule.start_at_ms)}
+        if schedule.every_ms is not None
+        else {"cron": schedule.cron, "timezone": schedule.timezone}
+    )
+    return view | {
+        "until": rfc3339(schedule.until_ms),
+        "max_occurrences": schedule.max_occurrences,
+        "catch_up": schedule.catch_up,
     }
 
 

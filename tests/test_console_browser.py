@@ -299,3 +299,12 @@ def test_without_keys_the_console_opens_straight_on_the_overview(page: Page, sta
     expect(page.locator("#overview .card")).to_have_count(4)
     expect(page.locator("#sign-in")).to_be_hidden()
     expect(page.locator("#sign-out")).to_be_hidden()
+
+
+def test_a_failed_timer_shows_its_failure_callback(page: Page, stack: Stack) -> None:
+    token = stack.key("callbacks")
+    hook = stack.receiver.url + "/failures"
+    dead = stack.create(token, seconds=0.05, url=stack.receiver.url + "/gone", on_failure_url=hook)
+    sign_in(page, stack, token, f"#/timers/{dead['id']}")
+    expect(page.locator("[data-field='On failure']")).to_have_text(hook)
+    expect(page.locator("[data-field=Callback]")).to_have_text("delivered, 1 attempt, last 200")

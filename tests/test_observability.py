@@ -133,6 +133,7 @@ def test_status_shows_daemons_partitions_counts_backlog_and_lateness(
         for _ in range(3):
             httpx.post(f"{api.base_url}/timers", json={"seconds": 0.001, "url": receiver.url})
         httpx.post(f"{api.base_url}/timers", json={"hours": 1, "url": receiver.url})
+        httpx.post(f"{api.base_url}/timers", json={"every": "1h", "url": receiver.url})
         receiver.wait_for(3)
         wait_until(
             lambda: "fired 3" in run_timerd(["status", "--store", store_url]).stdout,
@@ -147,7 +148,11 @@ def test_status_shows_daemons_partitions_counts_backlog_and_lateness(
     assert lines["daemons"].strip() == f"1 live, {PARTITIONS} of {PARTITIONS} partitions held"
     assert len(daemon_lines) == 1 and f":{daemon.pid}:" in daemon_lines[0]
     assert f"holds {PARTITIONS} partitions (0-{PARTITIONS - 1}); fired 3 of" in daemon_lines[0]
-    assert lines["timers"].strip() == "pending 1, firing 0, fired 3, failed 0, cancelled 0"
+    assert lines["timers"].strip() == (
+        "pending 2, firing 0, fired 3, failed 0, cancelled 0, paused 0"
+    )
+    assert lines["series"].strip().startswith("1 recurring live")
+    assert lines["callbacks"].strip() == "0 failure callbacks due now"
     assert lines["next due"].strip().startswith("in ")
     assert lines["lateness"].strip().startswith("last 3 fired: p50 ")
 

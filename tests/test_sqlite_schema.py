@@ -17,10 +17,12 @@ from timerd.errors import ConfigError
 from timerd.models import Claim, State, Timer, new_claim_token, new_timer_id
 from timerd.store.sqlite import (
     BY_IDEMPOTENCY_KEY_SQL,
+    CALLBACKS_DUE_SQL,
     COLUMNS,
     COUNT_FIRING_SQL,
     COUNT_PENDING_SQL,
     PURGE_FINISHED_SQL,
+    RECOVER_CALLBACKS_SQL,
     RECOVER_EXPIRED_SQL,
     SqliteStore,
 )
@@ -120,6 +122,11 @@ HOT_QUERIES = {
         f"SELECT {COLUMNS} FROM timers WHERE tenant = ? AND state = ? AND id < ? ORDER BY id DESC",
         ("a", "fired", "f" * 24),
     ),
+    "list series": (
+        f"SELECT {COLUMNS} FROM timers INDEXED BY timers_tenant_series"
+        " WHERE tenant = ? AND schedule IS NOT NULL ORDER BY id DESC",
+        ("a",),
+    ),
     "tenant cap": (
         "SELECT count(*) FROM (SELECT 1 FROM timers INDEXED BY timers_tenant_state_id"
         " WHERE tenant = ? AND state = 'pending' LIMIT ?)",
@@ -132,6 +139,11 @@ HOT_QUERIES = {
     "sweep": (
         RECOVER_EXPIRED_SQL.replace("{partitions}", ""),
         {"now": 1, "limit": 5, "max_attempts": 3},
+    ),
+    "callbacks due": (CALLBACKS_DUE_SQL.replace("{partitions}", ""), {"before": 1, "limit": 5}),
+    "callbacks sweep": (
+        RECOVER_CALLBACKS_SQL.replace("{partitions}", "AND partition IN (1, 2)"),
+        {"now": 1, "limit": 5},
     ),
 }
 

@@ -84,7 +84,14 @@ def test_stats_count_the_backlog_lateness_failures_and_who_fires(
 
     api = procs.start("api", f"sqlite:///{db}")
     stats: dict[str, Any] = get(api.base_url, "/stats").json()
-    assert stats["counts"] == {"pending": 2, "firing": 0, "fired": 5, "failed": 1, "cancelled": 0}
+    assert stats["counts"] == {
+        "pending": 2,
+        "firing": 0,
+        "fired": 5,
+        "failed": 1,
+        "cancelled": 0,
+        "paused": 0,
+    }
     assert stats["backlog"]["pending"] == 2
     assert stats["backlog"]["next"]["id"] == overdue.id
     assert stats["backlog"]["next"]["overdue_ms"] >= 7_000

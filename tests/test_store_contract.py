@@ -1176,6 +1176,137 @@ def test_sqlite_timers_survive_closing_and_reopening(db_path: Path) -> None:
         assert store.get(timer.id) == timer
 
 
+# recurring timers (series)
+
+SCHEDULE = '{"catch_up":"once","cron":null,"every_ms":60000,"max_occurrences":null,"start_at_ms":0,"timezone":"UTC","until_ms":null}'  # noqa: E501
+
+
+def a_series(store: Store, due_at_ms: int = NOW_MS, **fields: object) -> Timer:
+    values: dict[str, object] = {
+        "schedule": SCHEDULE,
+        "occurrence": 1,
+        "occurrence_at_ms": due_at_ms,
+    }
+    return inserted(store, due_at_ms, **(values | fields))
+
+
+def test_a_series_round_trips_its_schedule_and_occurrence(store: Store) -> None:
+    timer = a_series(store, occurrences_failed=2)
+    assert store.get(timer.id) == timer
+
+
+def test_complete_moves_a_series_on_in_the_same_write(store: Store) -> None:
+    timer = claimed(store, a_series(store))
+    delivered = outcome_for(
+        timer, State.PENDING, next_due_at_ms=NOW_MS + 60_000, next_occurrence=2, owner="leader-a"
+    )
+    assert store.complete([delivered]) == 1
+    after = store.get(timer.id)
+    assert (after.state, after.occurrence, after.occurrence_at_ms, after.due_at_ms) == (
+        State.PENDING,
+        2,
+        NOW_MS + 60_000,
+        NOW_MS + 60_000,
+    )
+    assert (after.attempts, after.fired_at_ms, after.fired_by) == (0, NOW_MS + 250, "leader-a")
+    assert (after.occurrences_failed, after.finished_at_ms) == (0, None)
+    assert store.complete([delivered]) == 0, "applied twice"
+
+
+def test_a_failed_occurrence_is_counted_and_a_retry_keeps_the_occurrence(store: Store) -> None:
+    timer = claimed(store, a_series(store))
+    retry = outcome_for(timer, State.PENDING, status=503, next_due_at_ms=NOW_MS + 1000)
+    assert store.complete([retry]) == 1
+    after = store.get(timer.id)
+    assert (after.occurrence, after.occurrence_at_ms, after.attempts) == (1, NOW_MS, 1)
+    timer = claimed(store, after, a_claim(now_ms=NOW_MS + 1000))
+    failed = outcome_for(
+        timer,
+        State.PENDING,
+        status=410,
+        next_due_at_ms=NOW_MS + 60_000,
+        next_occurrence=2,
+        occurrence_failed=True,
+    )
+    assert store.complete([failed]) == 1
+    after = store.get(timer.id)
+    assert (after.occurrence, after.occurrences_failed, after.attempts) == (2, 1, 0)
+    assert after.fired_at_ms is None
+
+
+def test_pause_and_resume_a_series(store: Store) -> None:
+    timer = a_series(store)
+    paused = store.pause(timer.id)
+    assert paused.state is State.PAUSED
+    assert store.pending_due(NOW_MS + 10**9, 10) == []
+    with pytest.raises(TimerStateConflict):
+        store.pause(timer.id)
+    resumed = store.resume(timer.id, NOW_MS + 120_000)
+    assert (resumed.state, resumed.due_at_ms, resumed.occurrence_at_ms) == (
+        State.PENDING,
+        NOW_MS + 120_000,
+        NOW_MS + 120_000,
+    )
+    with pytest.raises(TimerStateConflict):
+        store.resume(timer.id, NOW_MS)
+
+
+def test_only_a_series_can_be_paused(store: Store) -> None:
+    with pytest.raises(TimerNotFound):
+        store.pause(inserted(store).id)
+
+
+def test_a_series_ends_when_cancelled_even_while_firing(store: Store) -> None:
+    timer = claimed(store, a_series(store))
+    cancelled = store.cancel(timer.id, NOW_MS + 5)
+    assert (cancelled.state, cancelled.claim_token) == (State.CANCELLED, None)
+    late = outcome_for(timer, State.PENDING, next_due_at_ms=NOW_MS + 60_000, next_occurrence=2)
+    assert store.complete([late]) == 0
+    paused = store.pause(a_series(store).id)
+    assert store.cancel(paused.id, NOW_MS).state is State.CANCELLED
+
+
+def test_update_pending_changes_a_series_schedule_and_restarts_its_occurrence(
+    store: Store,
+) -> None:
+    timer = claimed(store, a_series(store))
+    retry = outcome_for(timer, State.PENDING, status=503, next_due_at_ms=NOW_MS + 1000)
+    store.complete([retry])
+    new = SCHEDULE.replace("60000", "5000")
+    changed = store.update_pending(timer.id, TimerChanges(due_at_ms=NOW_MS + 5000, schedule=new))
+    assert (changed.schedule, changed.due_at_ms, changed.occurrence_at_ms, changed.attempts) == (
+        new,
+        NOW_MS + 5000,
+        NOW_MS + 5000,
+        0,
+    )
+    paused = store.pause(timer.id)
+    assert store.update_pending(paused.id, TimerChanges(url=URL + "/2")).url == URL + "/2"
+
+
+def test_the_sweep_never_ends_a_series(store: Store) -> None:
+    timer = claimed(store, a_series(store, max_attempts=1))
+    assert store.recover_expired(NOW_MS + CLAIM_MS + 1, 10, 1) == 1
+    after = store.get(timer.id)
+    assert (after.state, after.last_error) == (State.PENDING, CLAIM_EXPIRED)
+
+
+def test_count_series_counts_live_series_only(store: Store) -> None:
+    inserted(store)
+    a_series(store)
+    store.pause(a_series(store).id)
+    store.cancel(a_series(store).id, NOW_MS)
+    assert store.count_series() == 2
+
+
+def test_list_timers_filters_series(store: Store) -> None:
+    one_off = inserted(store)
+    first, second = a_series(store), a_series(store)
+    assert store.list_timers(None, None, 10, recurring=True) == [second, first]
+    assert store.list_timers(None, None, 10, recurring=False) == [one_off]
+    assert store.list_timers(None, None, 10, "", recurring=True) == [second, first]
+
+
 # reads for the console
 
 

@@ -124,7 +124,13 @@ async def run_daemon(settings: Settings) -> None:
             probes = await _start_probes(store, settings)
         clock = StoreClock(SystemClock(), int(settings.max_clock_offset_s * 1000))
         async with Deliverer(settings, clock=clock) as deliverer:
-            daemon = Daemon(settings, store, deliverer.deliver, clock=clock)
+            daemon = Daemon(
+                settings,
+                store,
+                deliverer.deliver,
+                clock=clock,
+                deliver_callback=deliverer.deliver_callback,
+            )
             _on_stop_signals(daemon.stop)
             await daemon.run()
     finally:
@@ -163,7 +169,13 @@ async def run_all(settings: Settings) -> None:
     try:
         clock = StoreClock(SystemClock(), int(settings.max_clock_offset_s * 1000))
         async with Deliverer(settings, clock=clock) as deliverer:
-            daemon = Daemon(settings, daemon_store, deliverer.deliver, clock=clock)
+            daemon = Daemon(
+                settings,
+                daemon_store,
+                deliverer.deliver,
+                clock=clock,
+                deliver_callback=deliverer.deliver_callback,
+            )
             server = _server(
                 settings, create_app(settings, api_store, on_insert=daemon.notify_insert)
             )

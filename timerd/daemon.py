@@ -26,6 +26,7 @@ import structlog
 
 from timerd import metrics, systemd
 from timerd.backoff import Backoff
+from timerd.callbacks import CallbackFirer, DeliverCallback
 from timerd.clock import Clock, StoreClock, SystemClock, read_store_clock
 from timerd.delivery import Attempt
 from timerd.durations import parse_retention_s
@@ -83,11 +84,13 @@ class Daemon:
         clock: Clock | None = None,
         holder: str | None = None,
         offload: Offload | None = None,
+        deliver_callback: DeliverCallback | None = None,
     ) -> None:
         """`clock` is this host's (corrected to the store's here) or a `StoreClock` already
         shared with the deliverer. `offload` runs every store call; by default, thread pools
         of the daemon's own (one for the lease alone). Tests and the simulator pass one that
-        runs calls inline."""
+        runs calls inline. `deliver_callback` sends failure callbacks (`timerd.callbacks`);
+        without it this daemon sends none."""
         self.settings = settings
         self.store = store
         if not isinstance(clock, StoreClock):  # a bare host clock: correct it here
@@ -104,6 +107,22 @@ class Daemon:
             offload=offload or self._pool("timerd-lease", 1),
         )
         self.outcomes = OutcomeWriter(store, self._offload)
+        self.callbacks = (
+            None
+            if deliver_callback is None
+            else CallbackFirer(
+                settings,
+                store,
+                deliver_callback,
+                clock=self.clock,
+                # a thread of their own: callbacks never hold up claims, polls or outcomes
+                offload=offload or self._pool("timerd-callbacks", 1),
+                holder=self.lease.holder,
+                held=self.lease.held,
+                partitions=self.lease.partitions,
+                spawn=self._spawn,
+            )
+        )
         self.retry = RetryPolicy.from_setting(settings.retry_schedule)
         retention_s = parse_retention_s(settings.retention)
         self._retention_ms = None if retention_s is None else int(retention_s * 1000)
@@ -196,6 +215,13 @@ class Daemon:
             self._every(tasks, "sweep", self.settings.lease_renew_s, self.recover_expired),
         ]
         helpers.append(self._every(tasks, "purge", PURGE_EVERY_S, self.purge_finished))
+        if self.callbacks is not None:
+            poll_s = self.settings.poll_interval_s
+            helpers.append(self._every(tasks, "callbacks", poll_s, self.callbacks.tick))
+            sweep_s = self.settings.lease_renew_s
+            helpers.append(
+                self._every(tasks, "callback-sweep", sweep_s, self.callbacks.recover_expired)
+            )
         watchdog_s = systemd.watchdog_interval_s()
         if watchdog_s is not None:  # pinged from this event loop: a stuck loop stops the pings
             helpers.append(self._every(tasks, "watchdog", watchdog_s, systemd.watchdog))
@@ -206,6 +232,11 @@ class Daemon:
         await self._flush_outcomes()
         for helper in helpers:
             helper.cancel()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Start a failure callback's delivery in the daemon's task group."""
+        assert self._tasks is not None, "callbacks start only while the daemon runs"
+        self._tasks.create_task(work)
 
     def _lease_tick_s(self) -> float:
         return min(self.settings.lease_renew_s, self.settings.poll_interval_s)

@@ -17,8 +17,10 @@ import structlog
 from aiohttp.abc import AbstractResolver
 
 from timerd import __version__
+from timerd.callbacks_body import callback_body, callback_webhook_id
 from timerd.clock import Clock, SystemClock
 from timerd.models import RESPONSE_PREFIX_CHARS, Timer
+from timerd.schedules import missed_by
 from timerd.settings import Settings
 from timerd.signing import Signer
 from timerd.ssrf import ADDRESS_DENIED, AddressDenied, AddressPolicy, Denial, GuardedResolver
@@ -54,14 +56,21 @@ def webhook_url(base_url: str, timer_id: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
-def webhook_body(timer: Timer) -> bytes:
+def webhook_body(timer: Timer, missed: int = 0) -> bytes:
     """The JSON body: which timer fired, when it was due, which attempt this is, and the
-    client's `payload` when it gave one. Written out directly: every field is a number, the
-    hex id, or the payload, which is stored as compact JSON text already."""
+    client's `payload` when it gave one; for a series also which `occurrence` this is, when it
+    was scheduled (`scheduled_at_ms`) and how many later occurrences that came due meanwhile it
+    stands for (`missed`, see `schedules.missed_by`). Written out directly: every field is a
+    number, the hex id, or the payload, which is stored as compact JSON text already."""
     body = (
         f'{{"id":"{timer.id}","type":"timer.fired","due_at_ms":{timer.due_at_ms},'
         f'"created_at_ms":{timer.created_at_ms},"attempt":{timer.attempts}'
     )
+    if timer.recurring:
+        body += (
+            f',"occurrence":{timer.occurrence},"scheduled_at_ms":{timer.occurrence_at_ms},'
+            f'"missed":{missed}'
+        )
     if timer.payload is not None:
         body += f',"payload":{timer.payload}'
     return (body + "}").encode()
@@ -133,33 +142,56 @@ class Deliverer:
         started_ms = self._clock.now_ms()
         started = time.perf_counter()
         try:
-            return await self._attempt(self._session, timer, started_ms, started)
+            body = webhook_body(timer, missed_by(timer, started_ms))
+            post = _Post(timer.id, timer.url, timer.webhook_id, body, timer.headers)
+            return await self._attempt(self._session, post, started_ms, started)
         except Exception as exc:  # the unforeseen: one failed attempt, logged with its traceback
             error = type(exc).__name__
             log.warning("delivery_error", timer_id=timer.id, error=error, exc_info=exc)
             return Attempt(started_ms, _ms_since(started), error=error)
 
+    async def deliver_callback(self, timer: Timer) -> Attempt:
+        """POST the `timer.failed` callback of a claimed callback once, to
+        `<on_failure_url>/<id>`, under the same rules as a webhook (SSRF guard, signing, no
+        redirects, no exceptions); the client's `headers` are for its webhook only."""
+        assert self._session is not None, "use Deliverer as an async context manager"
+        assert timer.on_failure_url is not None, "only a timer with on_failure_url"
+        started_ms = self._clock.now_ms()
+        started = time.perf_counter()
+        post = _Post(
+            timer.id,
+            timer.on_failure_url,
+            callback_webhook_id(timer),
+            callback_body(timer),
+            (),
+        )
+        try:
+            return await self._attempt(self._session, post, started_ms, started)
+        except Exception as exc:
+            error = type(exc).__name__
+            log.warning("callback_error", timer_id=timer.id, error=error, exc_info=exc)
+            return Attempt(started_ms, _ms_since(started), error=error)
+
     async def _attempt(
-        self, session: aiohttp.ClientSession, timer: Timer, started_ms: int, started: float
+        self, session: aiohttp.ClientSession, post: _Post, started_ms: int, started: float
     ) -> Attempt:
-        problem = self._url_problem(timer.url)  # stored before the API refused such URLs
+        problem = self._url_problem(post.base_url)  # stored before the API refused such URLs
         if problem is not None:
-            log.warning(INVALID_URL, timer_id=timer.id, problem=problem)
+            log.warning(INVALID_URL, timer_id=post.timer_id, problem=problem)
             return Attempt(started_ms, _ms_since(started), error=INVALID_URL, permanent=True)
-        denial = self._url_denial(timer.url)  # literals: aiohttp connects without resolving
+        denial = self._url_denial(post.base_url)  # literals: aiohttp connects without resolving
         if denial is not None:
-            return _denied(timer, denial, started_ms, started)
-        body = webhook_body(timer)
+            return _denied(post.timer_id, denial, started_ms, started)
         try:
             async with session.post(
-                webhook_url(timer.url, timer.id),
-                data=body,
-                headers=self._headers(timer, started_ms, body),
+                webhook_url(post.base_url, post.timer_id),
+                data=post.body,
+                headers=self._headers(post, started_ms),
                 allow_redirects=False,
             ) as response:
                 prefix = await response.content.read(RESPONSE_PREFIX_BYTES)
         except AddressDenied as exc:  # raised by the resolver, before any connection
-            return _denied(timer, exc.denial, started_ms, started)
+            return _denied(post.timer_id, exc.denial, started_ms, started)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             error = "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
             return Attempt(started_ms, _ms_since(started), error=error)
@@ -171,23 +203,34 @@ class Deliverer:
             response=prefix.decode("utf-8", "replace")[:RESPONSE_PREFIX_CHARS] or None,
         )
 
-    def _headers(self, timer: Timer, started_ms: int, body: bytes) -> dict[str, str]:
+    def _headers(self, post: _Post, started_ms: int) -> dict[str, str]:
         headers = {
-            **dict(timer.headers),
+            **dict(post.headers),
             "content-type": "application/json",
-            "webhook-id": timer.id,
+            "webhook-id": post.webhook_id,
             "webhook-timestamp": str(started_ms // 1000),
         }
         if self._signer is not None:
             headers["webhook-signature"] = self._signer.signature(
-                timer.id, started_ms // 1000, body
+                post.webhook_id, started_ms // 1000, post.body
             )
         return headers
 
 
-def _denied(timer: Timer, denial: Denial, started_ms: int, started: float) -> Attempt:
+@dataclass(frozen=True, slots=True)
+class _Post:
+    """One signed POST: a timer's webhook or its failure callback."""
+
+    timer_id: str
+    base_url: str  # `/<timer_id>` is appended
+    webhook_id: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+
+
+def _denied(timer_id: str, denial: Denial, started_ms: int, started: float) -> Attempt:
     """The attempt at a target the policy denies: permanent, nothing sent."""
-    log.warning(ADDRESS_DENIED, timer_id=timer.id, host=denial.host, reason=denial.reason)
+    log.warning(ADDRESS_DENIED, timer_id=timer_id, host=denial.host, reason=denial.reason)
     return Attempt(started_ms, _ms_since(started), error=ADDRESS_DENIED, permanent=True)
 
 

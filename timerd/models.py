@@ -17,6 +17,16 @@ class State(enum.StrEnum):
     FIRED = "fired"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSED = "paused"  # a series stopped by `POST /timers/{id}/pause` until resumed
+
+
+class CallbackState(enum.StrEnum):
+    """Where a timer's failure callback (`on_failure_url`) is; None on a timer with none yet."""
+
+    PENDING = "pending"  # due at `callback_due_at_ms`
+    FIRING = "firing"  # claimed under `callback_token` until `callback_until_ms`
+    DELIVERED = "delivered"
+    FAILED = "failed"  # its retries are spent
 
 
 def new_timer_id() -> str:
@@ -92,6 +102,30 @@ class Timer:
     request_hash: str | None = None  # of the create request, to tell a retry from a conflict
     finished_at_ms: int | None = None  # when it became fired, failed or cancelled (retention)
     fired_by: str | None = None  # the daemon that delivered it
+    schedule: str | None = None  # a series' `schedules.Schedule` as JSON text; None: one-off
+    occurrence: int = 0  # a series' current occurrence, numbered from 1; 0 for a one-off
+    occurrence_at_ms: int | None = None  # when the current occurrence is scheduled
+    occurrences_failed: int = 0  # occurrences of the series that ended failed
+    on_failure_url: str | None = None  # where `timer.failed` goes (see `timerd.callbacks`)
+    callback_state: CallbackState | None = None  # of the latest failure's callback
+    callback_due_at_ms: int | None = None
+    callback_attempts: int = 0
+    callback_token: str | None = None  # of the claim the callback is firing under
+    callback_until_ms: int | None = None
+    callback_status: int | None = None  # of its last attempt
+    callback_error: str | None = None
+    callback_occurrence: int = 0  # the series' occurrence that failed; 0 for a one-off
+
+    @property
+    def recurring(self) -> bool:
+        """Whether the timer is a series (it has a schedule)."""
+        return self.schedule is not None
+
+    @property
+    def webhook_id(self) -> str:
+        """The `webhook-id` of its deliveries: the id, and `<id>_<n>` for occurrence n of a
+        series (the same across retries of that occurrence, distinct between occurrences)."""
+        return f"{self.id}_{self.occurrence}" if self.recurring else self.id
 
     def time_left_s(self, now_ms: int) -> int:
         """Whole seconds until the timer fires, rounded up; 0 once due or no longer pending."""
@@ -131,6 +165,14 @@ class Outcome:
 
     `state` is FIRED (delivered), FAILED (gave up) or PENDING (retry at `next_due_at_ms`).
     `record` is the attempt to add to the history; None when no attempt was made.
+
+    For a series, `next_occurrence` (with state PENDING) says the current occurrence ended and
+    the series goes on with that occurrence, scheduled (and due) at `next_due_at_ms`, with a
+    fresh attempt budget; `occurrence_failed` that the occurrence that ended failed (also when it
+    was the last one and the state is FAILED). One write records both. `callback_occurrence`
+    (set when a timer with an `on_failure_url`, or an occurrence of one, ended failed) makes its
+    failure callback pending, due at `at_ms`, for that occurrence (0 for a one-off), in that
+    same write.
     """
 
     timer_id: str
@@ -142,6 +184,16 @@ class Outcome:
     next_due_at_ms: int | None = None
     record: AttemptRecord | None = None
     owner: str | None = None  # the daemon that made the attempt
+    next_occurrence: int | None = None
+    occurrence_failed: bool = False
+    callback_occurrence: int | None = None  # not None: the timer's failure callback is due now
+
+    @property
+    def delivered(self) -> bool:
+        """Whether the attempt delivered (a one-off fired, or a series' occurrence did)."""
+        return self.state is State.FIRED or (
+            self.next_occurrence is not None and not self.occurrence_failed
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +204,22 @@ class TimerChanges:
     url: str | None = None
     payload: str | None = None
     headers: tuple[tuple[str, str], ...] | None = None
+    schedule: str | None = None  # a series' new schedule; `due_at_ms` is then its first time
+    on_failure_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackOutcome:
+    """The result of one failure-callback attempt, written under its claim's token: DELIVERED,
+    FAILED (retries spent) or PENDING (again at `next_due_at_ms`)."""
+
+    timer_id: str
+    claim_token: str
+    state: CallbackState
+    at_ms: int
+    status: int | None = None
+    error: str | None = None
+    next_due_at_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

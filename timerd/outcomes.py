@@ -17,6 +17,7 @@ from timerd.errors import StoreUnavailable
 from timerd.models import AttemptRecord, Outcome, State, Timer
 from timerd.offload import Offload
 from timerd.retry import RetryPolicy, Verdict, classify, parse_retry_after
+from timerd.schedules import next_occurrence
 from timerd.store import Store
 
 log = structlog.get_logger("timerd.outcomes")
@@ -26,7 +27,10 @@ GATHER_S = 0.005
 
 
 def judge(timer: Timer, attempt: Attempt, policy: RetryPolicy, now_ms: int) -> Outcome:
-    """The outcome of an attempt on a claimed timer: fired, retry later, or failed for good."""
+    """The outcome of an attempt on a claimed timer: fired, retry later, or failed for good;
+    for a series, an occurrence that ended (delivered or failed for good) moves the series on to
+    its next occurrence in the same outcome, unless the series is over. A failure of a timer
+    with an `on_failure_url` also makes its callback due (`callback_occurrence`)."""
     assert timer.claim_token is not None, "only a claimed timer is delivered"
     verdict = classify(attempt.status, permanent=attempt.permanent)
     next_due_ms = None
@@ -37,6 +41,16 @@ def judge(timer: Timer, attempt: Attempt, policy: RetryPolicy, now_ms: int) -> O
         state = State.FIRED
     else:
         state = State.PENDING if next_due_ms is not None else State.FAILED
+    next_number = None
+    if timer.recurring and state is not State.PENDING:  # the occurrence ended: the series goes on
+        following = next_occurrence(timer, attempt.started_at_ms)
+        if following is not None:
+            next_number, next_due_ms = following
+    occurrence_failed = timer.recurring and state is State.FAILED
+    ended_failed = state is State.FAILED
+    callback = timer.occurrence if ended_failed and timer.on_failure_url is not None else None
+    if next_number is not None:
+        state = State.PENDING
     record = AttemptRecord(
         attempt=timer.attempts,
         at_ms=attempt.started_at_ms,
@@ -55,6 +69,9 @@ def judge(timer: Timer, attempt: Attempt, policy: RetryPolicy, now_ms: int) -> O
         next_due_at_ms=next_due_ms,
         record=record,
         owner=timer.claimed_by,
+        next_occurrence=next_number,
+        occurrence_failed=occurrence_failed,
+        callback_occurrence=callback,
     )
 
 

@@ -22,6 +22,9 @@ class DaemonStatus:
     fires_per_s: float  # over the span those took
 
 
+CALLBACKS_CAP = 1000  # failure callbacks due that `status` counts, at most
+
+
 @dataclass(frozen=True, slots=True)
 class Report:
     """A snapshot of one store."""
@@ -30,6 +33,8 @@ class Report:
     partitions: int
     daemons: list[DaemonStatus]
     counts: dict[State, int]
+    series: int  # recurring timers live: pending, firing or paused
+    callbacks_due: int  # failure callbacks due now (pending), counted up to CALLBACKS_CAP
     next_due_at_ms: int | None
     recent_late_ms: list[int]
 
@@ -43,6 +48,8 @@ def take_report(store: Store, store_url: str, now_ms: int) -> Report:
         store.partitions(),
         _daemons(store.leases(), fired, now_ms),
         store.count_by_state(),
+        store.count_series(),
+        len(store.callbacks_due(now_ms + 1, CALLBACKS_CAP)),
         store.next_due_at_ms(),
         late,
     )
@@ -76,6 +83,10 @@ def render(report: Report, now_ms: int) -> str:
     lines += [f"  {_daemon(d)}" for d in report.daemons]
     counts = ", ".join(f"{s.value} {report.counts.get(s, 0)}" for s in State)
     lines.append(f"timers:       {counts}")
+    lines.append(f"series:       {report.series} recurring live (pending, firing or paused)")
+    due = report.callbacks_due
+    shown = f"{CALLBACKS_CAP}+" if due >= CALLBACKS_CAP else str(due)
+    lines.append(f"callbacks:    {shown} failure callbacks due now")
     lines.append(f"next due:     {_next_due(report.next_due_at_ms, now_ms)}")
     lines.append(f"lateness:     {_lateness(report.recent_late_ms)}")
     return "\n".join(lines)

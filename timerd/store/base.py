@@ -15,7 +15,17 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from timerd.models import ApiKey, Claim, Due, Lease, Outcome, State, Timer, TimerChanges
+from timerd.models import (
+    ApiKey,
+    CallbackOutcome,
+    Claim,
+    Due,
+    Lease,
+    Outcome,
+    State,
+    Timer,
+    TimerChanges,
+)
 
 CLAIM_EXPIRED = "claim_expired"  # the error of an attempt whose claim expired unreported
 
@@ -57,8 +67,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        """Move a `pending` timer to `cancelled` (finished at `now_ms`) and return it as it
-        now is.
+        """Move a `pending` timer, or a series (a timer with a `schedule`) that is `paused` or
+        `firing`, to `cancelled` (finished at `now_ms`, claim cleared) and return it as it now
+        is. The outcome of a series' delivery in flight then no longer applies: the series ends.
 
         Raises `TimerNotFound` for an unknown id, and `TimerStateConflict` (changing nothing)
         when the timer is in any other state.
@@ -68,12 +79,26 @@ class Store(abc.ABC):
     def update_pending(
         self, timer_id: str, changes: TimerChanges, tenant: str | None = None
     ) -> Timer:
-        """Apply `changes` to a `pending` timer in one conditional write and return it as it
-        now is; a timer the daemon has claimed is no longer pending, so the two never both win.
+        """Apply `changes` to a `pending` timer (or a `paused` series) in one conditional write
+        and return it as it now is; a timer the daemon has claimed is no longer pending, so the
+        two never both win. A new `schedule` also makes `due_at_ms` the current occurrence's
+        time (`occurrence_at_ms`) and resets `attempts` to 0.
 
         Raises `TimerNotFound` for an unknown id, `TimerStateConflict` (changing nothing) in any
         other state.
         """
+
+    @abc.abstractmethod
+    def pause(self, timer_id: str, tenant: str | None = None) -> Timer:
+        """Move a `pending` series to `paused` (no longer due; its attempts reset to 0) and
+        return it as it now is. Raises `TimerNotFound` for an unknown id or a one-off timer's,
+        `TimerStateConflict` (changing nothing) in any other state."""
+
+    @abc.abstractmethod
+    def resume(self, timer_id: str, due_at_ms: int, tenant: str | None = None) -> Timer:
+        """Move a `paused` series back to `pending`, its current occurrence scheduled and due
+        at `due_at_ms`, and return it as it now is. Raises `TimerNotFound` for an unknown id,
+        `TimerStateConflict` (changing nothing) in any other state."""
 
     @abc.abstractmethod
     def count_pending(self, tenant: str, limit: int) -> int:
@@ -101,6 +126,11 @@ class Store(abc.ABC):
     def count_by_state(self) -> dict[State, int]:
         """How many timers are in each state; states with none may be left out. Reads every
         timer: for `timerd status`, never a hot path (see `count_active`)."""
+
+    @abc.abstractmethod
+    def count_series(self) -> int:
+        """How many series (timers with a `schedule`) are live: `pending`, `firing` or
+        `paused`. Read through the index over series: for `timerd status`, not a hot path."""
 
     @abc.abstractmethod
     def count_active(self) -> dict[State, int]:
@@ -135,7 +165,12 @@ class Store(abc.ABC):
 
         FIRED sets `fired_at_ms = at_ms` and `fired_by = owner`; FAILED ends the timer; both
         set `finished_at_ms = at_ms`; PENDING reschedules it to `next_due_at_ms` for another
-        attempt. All clear the claim, set `last_status` and
+        attempt. With `next_occurrence` (a series moving on), PENDING also sets `occurrence`
+        to it, `occurrence_at_ms = next_due_at_ms` and `attempts` to 0, and, when the occurrence
+        was delivered, `fired_at_ms` and `fired_by`; `occurrence_failed` adds one to
+        `occurrences_failed`. With `callback_occurrence`, the timer's failure callback becomes
+        `pending`, due at `at_ms`, for that occurrence, its attempts, claim, status and error
+        cleared (superseding one not yet delivered). All clear the claim, set `last_status` and
         `last_error`, and append `record` (when given) to the history, which keeps only the
         newest `HISTORY_MAX` attempts. Returns how many outcomes were applied; the others are
         ignored. Applying the same outcomes twice changes nothing the second time.
@@ -143,10 +178,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_timers(
-        self, state: State | None, before_id: str | None, limit: int, tenant: str | None = None
+        self,
+        state: State | None,
+        before_id: str | None,
+        limit: int,
+        tenant: str | None = None,
+        recurring: bool | None = None,
     ) -> list[Timer]:
         """Up to `limit` timers, newest first (descending id), in `state` if one is given, with
-        ids below `before_id` if one is given: the cursor of the next page is the last id."""
+        ids below `before_id` if one is given: the cursor of the next page is the last id. With
+        `recurring`, only series (True) or only one-off timers (False)."""
 
     @abc.abstractmethod
     def replay(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
@@ -167,13 +208,51 @@ class Store(abc.ABC):
         that failed with `last_error` `claim_expired` (appended to the history), and returns
         to `pending` keeping `due_at_ms`,
         or ends `failed` (finished at `now_ms`) when its attempts reached its `max_attempts`
-        (`max_attempts` when the timer has none). Returns how many were settled."""
+        (`max_attempts` when the timer has none). A series never ends here: it returns to
+        `pending`, and the daemon's next attempt, finding the budget spent, ends the occurrence
+        and moves the series on. A timer that ends `failed` here with an `on_failure_url` has
+        its failure callback made pending, due at `now_ms` (as `complete` does). Returns how
+        many were settled."""
+
+    # failure callbacks (`timerd.callbacks`): a follow-up delivery carried by the timer's row
+
+    @abc.abstractmethod
+    def callbacks_due(
+        self, before_ms: int, limit: int, partitions: Sequence[int] | None = None
+    ) -> list[Due]:
+        """Up to `limit` timers whose callback is `pending` with `callback_due_at_ms <
+        before_ms` (of `partitions`, when given), earliest first, as their id, callback due
+        time and `on_failure_url`; read without claiming through the index over pending
+        callbacks alone."""
+
+    @abc.abstractmethod
+    def claim_callbacks(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
+        """Claim the callbacks of those of `timer_ids` that are still `pending` and due by
+        `claim.now_ms`: they become `firing` under `claim.token` until `claim.until_ms`, with
+        `callback_attempts` one higher. Returns exactly the timers claimed, as they now are.
+        Two concurrent calls never both claim one callback."""
+
+    @abc.abstractmethod
+    def complete_callbacks(self, outcomes: Sequence[CallbackOutcome]) -> int:
+        """Record callback attempts; each applies only while that callback is `firing` under
+        the outcome's token: it becomes `delivered`, `failed` or `pending` again (due at
+        `next_due_at_ms`), its claim cleared, `callback_status`/`callback_error` set. Returns
+        how many applied; applying the same outcomes twice changes nothing the second time."""
+
+    @abc.abstractmethod
+    def recover_expired_callbacks(
+        self, now_ms: int, limit: int, partitions: Sequence[int] | None = None
+    ) -> int:
+        """Return up to `limit` `firing` callbacks (of `partitions`, when given) whose
+        `callback_until_ms < now_ms` to `pending` (due time kept, `callback_error`
+        `claim_expired`); the attempt stays counted. Returns how many."""
 
     @abc.abstractmethod
     def purge_finished(self, before_ms: int, limit: int) -> int:
         """Delete up to `limit` timers that finished (fired, failed, cancelled) before
         `before_ms`, idempotency keys and history with them, through the index over finished
-        timers. Returns how many were deleted."""
+        timers, but not one whose failure callback is still `pending` or `firing`. Returns how
+        many were deleted."""
 
     @abc.abstractmethod
     def acquire_lease(self, name: str, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:

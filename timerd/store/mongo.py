@@ -25,6 +25,8 @@ from timerd.models import (
     PARTITIONS,
     ApiKey,
     AttemptRecord,
+    CallbackOutcome,
+    CallbackState,
     Claim,
     Due,
     Lease,
@@ -58,15 +60,27 @@ def _to_doc(t: Timer, partitions: int) -> Doc:
     doc: Doc = {"_id": t.id, "partition": partition_of(t.id, partitions)}
     doc.update({name: getattr(t, name) for name in _TIMER_FIELDS})
     doc["state"] = t.state.value
+    doc["callback_state"] = None if t.callback_state is None else t.callback_state.value
     doc["headers"] = [list(pair) for pair in t.headers]
     doc["history"] = history_to_dicts(t.history)
     doc.update({name: getattr(t, name) for name in _OPTIONAL_FIELDS if getattr(t, name)})
     return doc
 
 
+# Fields documents of earlier releases lack, read as their defaults.
+_DEFAULTS = {
+    "occurrence": 0,
+    "occurrences_failed": 0,
+    "callback_attempts": 0,
+    "callback_occurrence": 0,
+}
+
+
 def _to_timer(doc: Mapping[str, Any]) -> Timer:
-    fields: dict[str, Any] = {name: doc.get(name) for name in _TIMER_FIELDS}
+    fields: dict[str, Any] = {name: doc.get(name, _DEFAULTS.get(name)) for name in _TIMER_FIELDS}
     fields["state"] = State(doc["state"])
+    if fields["callback_state"] is not None:
+        fields["callback_state"] = CallbackState(fields["callback_state"])
     fields["headers"] = tuple((k, v) for k, v in doc.get("headers") or ())
     fields["history"] = history_from_dicts(doc.get("history"))
     fields["tenant"] = doc.get("tenant", "")
@@ -110,16 +124,52 @@ def _complete_op(o: Outcome) -> UpdateOne:
         "claimed_by": None,
         "claimed_until_ms": None,
     }
-    if o.state is State.FIRED:
+    if o.delivered:
         changes["fired_at_ms"] = o.at_ms
         changes["fired_by"] = o.owner
     if o.state is State.PENDING and o.next_due_at_ms is not None:
         changes["due_at_ms"] = o.next_due_at_ms
+    if o.state is State.PENDING and o.next_occurrence is not None:
+        changes["occurrence"] = o.next_occurrence
+        changes["occurrence_at_ms"] = o.next_due_at_ms
+        changes["attempts"] = 0
     changes["finished_at_ms"] = None if o.state is State.PENDING else o.at_ms
     update: Doc = {"$set": changes, "$unset": {"claim_token": ""}}
+    if o.occurrence_failed:
+        update["$inc"] = {"occurrences_failed": 1}
     if o.record is not None:
         update["$push"] = _history_push(o.record.as_dict())
+    if o.callback_occurrence is not None:
+        changes |= _new_callback(o.at_ms, o.callback_occurrence)
     return UpdateOne({"_id": o.timer_id, "state": "firing", "claim_token": o.claim_token}, update)
+
+
+def _new_callback(at_ms: int, occurrence: int) -> Doc:
+    """The fields of a failure callback made pending, due at `at_ms` (superseding one not yet
+    delivered: its claim no longer applies)."""
+    return {
+        "callback_state": "pending",
+        "callback_due_at_ms": at_ms,
+        "callback_attempts": 0,
+        "callback_token": None,
+        "callback_until_ms": None,
+        "callback_status": None,
+        "callback_error": None,
+        "callback_occurrence": occurrence,
+    }
+
+
+def _callback_op(o: CallbackOutcome) -> UpdateOne:
+    changes: Doc = {
+        "callback_state": o.state.value,
+        "callback_token": None,
+        "callback_until_ms": None,
+        "callback_due_at_ms": o.next_due_at_ms if o.state is CallbackState.PENDING else None,
+        "callback_status": o.status,
+        "callback_error": o.error,
+    }
+    fence = {"_id": o.timer_id, "callback_state": "firing", "callback_token": o.claim_token}
+    return UpdateOne(fence, {"$set": changes})
 
 
 def _expired(now_ms: int) -> Doc:
@@ -273,6 +323,16 @@ class MongoStore(Store):
             name=FIRING_CLAIM_INDEX,
             partialFilterExpression={"state": "firing"},
         )
+        self._timers.create_index(
+            [("callback_due_at_ms", 1), ("partition", 1)],
+            name="callbacks_due",
+            partialFilterExpression={"callback_state": "pending"},
+        )
+        self._timers.create_index(
+            [("callback_until_ms", 1), ("partition", 1)],
+            name="callbacks_firing",
+            partialFilterExpression={"callback_state": "firing"},
+        )
         self._timers.create_index([("state", 1), ("_id", -1)], name="state_id")
         self._timers.create_index(
             [("tenant", 1), ("state", 1), ("_id", -1)], name="tenant_state_id"
@@ -351,8 +411,23 @@ class MongoStore(Store):
         return _to_timer(doc)
 
     def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        values = {"state": "cancelled", "finished_at_ms": now_ms}
-        return self._update_in_state(timer_id, tenant, ["pending"], values)
+        values = {
+            "state": "cancelled",
+            "finished_at_ms": now_ms,
+            "claimed_by": None,
+            "claimed_until_ms": None,
+        }
+        return self._update_in_state(
+            timer_id, tenant, ["pending"], values, series_also=["paused", "firing"]
+        )
+
+    def pause(self, timer_id: str, tenant: str | None = None) -> Timer:
+        values = {"state": "paused", "attempts": 0}
+        return self._update_in_state(timer_id, tenant, [], values, series_also=["pending"])
+
+    def resume(self, timer_id: str, due_at_ms: int, tenant: str | None = None) -> Timer:
+        values = {"state": "pending", "due_at_ms": due_at_ms, "occurrence_at_ms": due_at_ms}
+        return self._update_in_state(timer_id, tenant, ["paused"], values)
 
     def update_pending(
         self, timer_id: str, changes: TimerChanges, tenant: str | None = None
@@ -362,25 +437,47 @@ class MongoStore(Store):
             "url": changes.url,
             "payload": changes.payload,
             "headers": None if changes.headers is None else [list(h) for h in changes.headers],
+            "schedule": changes.schedule,
+            "on_failure_url": changes.on_failure_url,
         }
         given = {name: value for name, value in values.items() if value is not None}
-        return self._update_in_state(timer_id, tenant, ["pending"], given)
+        if changes.schedule is not None:
+            given |= {"occurrence_at_ms": changes.due_at_ms, "attempts": 0}
+        return self._update_in_state(timer_id, tenant, ["pending"], given, series_also=["paused"])
 
     def _update_in_state(
-        self, timer_id: str, tenant: str | None, states: list[str], values: Doc
+        self,
+        timer_id: str,
+        tenant: str | None,
+        states: list[str],
+        values: Doc,
+        series_also: list[str] | None = None,
     ) -> Timer:
+        """Set `values` on the timer if it is in one of `states`, or is a series in one of
+        `series_also` (and is the tenant's)."""
         if not is_timer_id(timer_id):
             raise TimerNotFound(timer_id)
-        query = {**_mine(timer_id, tenant), "state": {"$in": states}}
+        either: list[Doc] = [{"state": {"$in": states}}]
+        if series_also:
+            either.append({"schedule": {"$ne": None}, "state": {"$in": series_also}})
+        query = {**_mine(timer_id, tenant), "$or": either}
+        update: Doc = {"$set": values}
+        if values.get("state") == "cancelled":
+            update["$unset"] = {"claim_token": ""}
         with translate_errors():
-            doc = self._timers.find_one_and_update(
-                query,
-                {"$set": values or {"state": states[0]}},
-                return_document=ReturnDocument.AFTER,
+            doc = (
+                self._timers.find_one_and_update(
+                    query, update, return_document=ReturnDocument.AFTER
+                )
+                if values
+                else self._timers.find_one(query)
             )
         if doc is not None:
             return _to_timer(doc)
-        raise TimerStateConflict(timer_id, self.get(timer_id, tenant).state.value)
+        timer = self.get(timer_id, tenant)
+        if not timer.recurring and series_also and not states:
+            raise TimerNotFound(timer_id)  # only series can be paused
+        raise TimerStateConflict(timer_id, timer.state.value)
 
     def count_pending(self, tenant: str, limit: int) -> int:
         if limit <= 0:  # MongoDB reads limit 0 as no limit at all
@@ -425,6 +522,11 @@ class MongoStore(Store):
         with translate_errors():
             groups = self._timers.aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
             return {State(g["_id"]): g["n"] for g in groups}
+
+    def count_series(self) -> int:
+        query = {"schedule": {"$ne": None}, "state": {"$in": ["pending", "firing", "paused"]}}
+        with translate_errors():
+            return self._timers.count_documents(query)
 
     def count_active(self) -> dict[State, int]:
         # Each count matches its partial index's filter exactly, so the index alone answers.
@@ -477,7 +579,12 @@ class MongoStore(Store):
         return result.modified_count
 
     def list_timers(
-        self, state: State | None, before_id: str | None, limit: int, tenant: str | None = None
+        self,
+        state: State | None,
+        before_id: str | None,
+        limit: int,
+        tenant: str | None = None,
+        recurring: bool | None = None,
     ) -> list[Timer]:
         if limit <= 0:
             return []
@@ -485,6 +592,7 @@ class MongoStore(Store):
             "tenant": tenant,
             "state": None if state is None else state.value,
             "_id": None if before_id is None else {"$lt": before_id},
+            "schedule": None if recurring is None else {"$ne" if recurring else "$eq": None},
         }
         query = {name: value for name, value in conditions.items() if value is not None}
         with translate_errors():
@@ -500,7 +608,13 @@ class MongoStore(Store):
     ) -> int:
         if limit <= 0:  # MongoDB reads limit(0) as "no limit"
             return 0
-        fields = {"attempts": 1, "max_attempts": 1, "claim_token": 1}
+        fields = {
+            "attempts": 1,
+            "max_attempts": 1,
+            "claim_token": 1,
+            "schedule": 1,
+            "on_failure_url": 1,
+        }
         query = _in_partitions(_expired(now_ms), partitions)
         with translate_errors():
             docs = list(self._timers.find(query, fields).limit(limit))
@@ -509,6 +623,7 @@ class MongoStore(Store):
     def _settle_expired(self, doc: Doc, now_ms: int, max_attempts: int) -> int:
         """One expired claim as a failed attempt, conditional on that very claim."""
         spent = doc["attempts"] >= (doc.get("max_attempts") or max_attempts)
+        spent = spent and doc.get("schedule") is None  # a series moves on at its next attempt
         record = AttemptRecord(doc["attempts"], now_ms, latency_ms=0, error=CLAIM_EXPIRED)
         changes = {
             "state": "failed" if spent else "pending",
@@ -518,6 +633,8 @@ class MongoStore(Store):
             "claimed_by": None,
             "claimed_until_ms": None,
         }
+        if spent and doc.get("on_failure_url") is not None:
+            changes |= _new_callback(now_ms, 0)
         result = self._timers.update_one(
             {"_id": doc["_id"], "claim_token": doc.get("claim_token"), **_expired(now_ms)},
             {
@@ -528,10 +645,79 @@ class MongoStore(Store):
         )
         return result.modified_count
 
+    # failure callbacks
+
+    def callbacks_due(
+        self, before_ms: int, limit: int, partitions: Sequence[int] | None = None
+    ) -> list[Due]:
+        if limit <= 0:
+            return []
+        query = _in_partitions(
+            {"callback_state": "pending", "callback_due_at_ms": {"$lt": before_ms}}, partitions
+        )
+        with translate_errors():
+            fields = {"callback_due_at_ms": 1, "on_failure_url": 1}
+            docs = self._timers.find(query, fields).sort("callback_due_at_ms", 1).limit(limit)
+            return [Due(d["_id"], d["callback_due_at_ms"], d["on_failure_url"]) for d in docs]
+
+    def claim_callbacks(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
+        if not timer_ids:
+            return []
+        ids = list(timer_ids)
+        due = {"callback_state": "pending", "callback_due_at_ms": {"$lte": claim.now_ms}}
+        with translate_errors():
+            self._timers.update_many(
+                {"_id": {"$in": ids}, **due},
+                {
+                    "$set": {
+                        "callback_state": "firing",
+                        "callback_token": claim.token,
+                        "callback_until_ms": claim.until_ms,
+                    },
+                    "$inc": {"callback_attempts": 1},
+                },
+            )
+            docs = self._timers.find({"_id": {"$in": ids}, "callback_token": claim.token})
+            return [_to_timer(d) for d in docs]
+
+    def complete_callbacks(self, outcomes: Sequence[CallbackOutcome]) -> int:
+        if not outcomes:
+            return 0
+        with translate_errors():
+            result = self._timers.bulk_write([_callback_op(o) for o in outcomes], ordered=False)
+        return result.modified_count
+
+    def recover_expired_callbacks(
+        self, now_ms: int, limit: int, partitions: Sequence[int] | None = None
+    ) -> int:
+        if limit <= 0:
+            return 0
+        expired = {"callback_state": "firing", "callback_until_ms": {"$lt": now_ms}}
+        query = _in_partitions(expired, partitions)
+        with translate_errors():
+            docs = list(self._timers.find(query, {"_id": 1, "callback_token": 1}).limit(limit))
+            changes = {
+                "callback_state": "pending",
+                "callback_token": None,
+                "callback_until_ms": None,
+                "callback_status": None,
+                "callback_error": CLAIM_EXPIRED,
+            }
+            return sum(
+                self._timers.update_one(
+                    {"_id": d["_id"], "callback_token": d.get("callback_token"), **expired},
+                    {"$set": changes},
+                ).modified_count
+                for d in docs
+            )
+
     def purge_finished(self, before_ms: int, limit: int) -> int:
         if limit <= 0:
             return 0
-        finished = {"finished_at_ms": {"$gt": 0, "$lt": before_ms}}  # within the partial index
+        finished = {
+            "finished_at_ms": {"$gt": 0, "$lt": before_ms},  # within the partial index
+            "callback_state": {"$nin": ["pending", "firing"]},  # a callback still to send
+        }
         with translate_errors():
             ids = [d["_id"] for d in self._timers.find(finished, {"_id": 1}).limit(limit)]
             if not ids:

@@ -22,6 +22,8 @@ from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
 from timerd.models import (
     HISTORY_MAX,
     ApiKey,
+    CallbackOutcome,
+    CallbackState,
     Claim,
     Due,
     Lease,
@@ -68,7 +70,8 @@ COUNT_FIRING_SQL = (
 )
 PURGE_FINISHED_SQL = (
     "DELETE FROM timers WHERE id IN (SELECT id FROM timers INDEXED BY timers_finished"
-    " WHERE finished_at_ms < ? LIMIT ?)"
+    " WHERE finished_at_ms < ? AND callback_state IS NOT 'pending'"
+    " AND callback_state IS NOT 'firing' LIMIT ?)"
 )
 
 LEASE_COLUMNS = "name, holder, epoch, expires_at_ms"
@@ -91,14 +94,34 @@ _EXPIRED_RECORD = (
     "json_object('attempt', attempts, 'at_ms', :now, 'latency_ms', 0, 'status', NULL,"
     f" 'error', '{CLAIM_EXPIRED}', 'response', NULL)"
 )
+# A failure makes the row's callback pending, due at once, in the same write (a newer failure
+# of a series supersedes a callback still undelivered: its claim, if any, no longer applies).
+_NEW_CALLBACK = """callback_state = CASE WHEN {when} THEN 'pending' ELSE callback_state END,
+    callback_due_at_ms = CASE WHEN {when} THEN {at} ELSE callback_due_at_ms END,
+    callback_attempts = CASE WHEN {when} THEN 0 ELSE callback_attempts END,
+    callback_token = CASE WHEN {when} THEN NULL ELSE callback_token END,
+    callback_until_ms = CASE WHEN {when} THEN NULL ELSE callback_until_ms END,
+    callback_status = CASE WHEN {when} THEN NULL ELSE callback_status END,
+    callback_error = CASE WHEN {when} THEN NULL ELSE callback_error END,
+    callback_occurrence = CASE WHEN {when} THEN {occurrence} ELSE callback_occurrence END"""
 COMPLETE_SQL = f"""
 UPDATE timers SET state = :state, fired_at_ms = COALESCE(:fired_at_ms, fired_at_ms),
-    fired_by = CASE WHEN :state = 'fired' THEN :owner ELSE fired_by END,
+    fired_by = CASE WHEN :fired_at_ms IS NOT NULL THEN :owner ELSE fired_by END,
     finished_at_ms = CASE WHEN :state = 'pending' THEN NULL ELSE :at_ms END,
-    due_at_ms = COALESCE(:next_due_at_ms, due_at_ms), last_status = :status,
+    due_at_ms = COALESCE(:next_due_at_ms, due_at_ms),
+    occurrence = COALESCE(:next_occurrence, occurrence),
+    occurrence_at_ms = CASE WHEN :next_occurrence IS NULL THEN occurrence_at_ms
+        ELSE :next_due_at_ms END,
+    attempts = CASE WHEN :next_occurrence IS NULL THEN attempts ELSE 0 END,
+    occurrences_failed = occurrences_failed + :occurrence_failed, last_status = :status,
     last_error = :error, claimed_by = NULL, claimed_until_ms = NULL, claim_token = NULL,
     history = CASE WHEN :record IS NULL THEN history
-        ELSE {_APPEND_HISTORY.format(record=":record")} END
+        ELSE {_APPEND_HISTORY.format(record=":record")} END,
+    {
+    _NEW_CALLBACK.format(
+        when=":callback_occurrence IS NOT NULL", at=":at_ms", occurrence=":callback_occurrence"
+    )
+}
 WHERE id = :id AND state = 'firing' AND claim_token = :token
 """
 
@@ -108,19 +131,48 @@ UPDATE timers SET state = 'pending', attempts = attempts - 1, claimed_by = NULL,
 WHERE claim_token = ? AND state = 'firing'
 """
 
-# An expired claim counts as a failed attempt: failed once the budget is spent, else pending.
+# An expired claim counts as a failed attempt: failed once the budget is spent, else pending
+# (a series always: the daemon's next attempt moves it on).
+_SPENT = "attempts >= COALESCE(max_attempts, :max_attempts) AND schedule IS NULL"
 RECOVER_EXPIRED_SQL = f"""
 UPDATE timers SET
-    state = CASE WHEN attempts >= COALESCE(max_attempts, :max_attempts)
-        THEN 'failed' ELSE 'pending' END,
-    finished_at_ms = CASE WHEN attempts >= COALESCE(max_attempts, :max_attempts)
-        THEN :now ELSE NULL END,
+    state = CASE WHEN {_SPENT} THEN 'failed' ELSE 'pending' END,
+    finished_at_ms = CASE WHEN {_SPENT} THEN :now ELSE NULL END,
     claimed_by = NULL, claimed_until_ms = NULL, claim_token = NULL,
     last_status = NULL, last_error = '{CLAIM_EXPIRED}',
-    history = {_APPEND_HISTORY.format(record=_EXPIRED_RECORD)}
+    history = {_APPEND_HISTORY.format(record=_EXPIRED_RECORD)},
+    {
+    _NEW_CALLBACK.format(when=f"{_SPENT} AND on_failure_url IS NOT NULL", at=":now", occurrence="0")
+}
 WHERE id IN (
     SELECT id FROM timers INDEXED BY timers_firing_claim
     WHERE state = 'firing' AND claimed_until_ms < :now {{partitions}} LIMIT :limit
+)
+"""
+
+CALLBACKS_DUE_SQL = (
+    "SELECT id, callback_due_at_ms, on_failure_url FROM timers INDEXED BY timers_callbacks_due"
+    " WHERE callback_state = 'pending' AND callback_due_at_ms < :before {partitions}"
+    " ORDER BY callback_due_at_ms LIMIT :limit"
+)
+CLAIM_CALLBACKS_SQL = f"""
+UPDATE timers SET callback_state = 'firing', callback_token = :token,
+    callback_until_ms = :until, callback_attempts = callback_attempts + 1
+WHERE id IN ({{ids}}) AND callback_state = 'pending' AND callback_due_at_ms <= :now
+RETURNING {COLUMNS}
+"""
+COMPLETE_CALLBACK_SQL = """
+UPDATE timers SET callback_state = :state, callback_token = NULL, callback_until_ms = NULL,
+    callback_due_at_ms = CASE WHEN :state = 'pending' THEN :next_due_at_ms ELSE NULL END,
+    callback_status = :status, callback_error = :error
+WHERE id = :id AND callback_state = 'firing' AND callback_token = :token
+"""
+RECOVER_CALLBACKS_SQL = f"""
+UPDATE timers SET callback_state = 'pending', callback_token = NULL, callback_until_ms = NULL,
+    callback_status = NULL, callback_error = '{CLAIM_EXPIRED}'
+WHERE id IN (
+    SELECT id FROM timers INDEXED BY timers_callbacks_firing
+    WHERE callback_state = 'firing' AND callback_until_ms < :now {{partitions}} LIMIT :limit
 )
 """
 
@@ -132,6 +184,8 @@ _GROUP_COMMIT_MAX = 1000
 def _to_timer(row: sqlite3.Row) -> Timer:
     values = {name: row[name] for name in TIMER_COLUMNS}
     values["state"] = State(values["state"])
+    if values["callback_state"] is not None:
+        values["callback_state"] = CallbackState(values["callback_state"])
     values["headers"] = tuple((k, v) for k, v in json.loads(values["headers"] or "[]"))
     values["history"] = history_from_dicts(json.loads(values["history"] or "[]"))
     return Timer(**values)
@@ -140,6 +194,7 @@ def _to_timer(row: sqlite3.Row) -> Timer:
 def _insert_params(t: Timer, partitions: int) -> dict[str, Any]:
     values = {name: getattr(t, name) for name in TIMER_COLUMNS}
     values["state"] = t.state.value
+    values["callback_state"] = None if t.callback_state is None else t.callback_state.value
     values["headers"] = json.dumps(t.headers) if t.headers else None
     values["history"] = json.dumps(history_to_dicts(t.history)) if t.history else None
     values["partition"] = partition_of(t.id, partitions)
@@ -162,14 +217,23 @@ def _complete_params(o: Outcome) -> dict[str, Any]:
         "id": o.timer_id,
         "token": o.claim_token,
         "state": o.state.value,
-        "fired_at_ms": o.at_ms if o.state is State.FIRED else None,
+        "fired_at_ms": o.at_ms if o.delivered else None,
+        "next_occurrence": o.next_occurrence if o.state is State.PENDING else None,
+        "occurrence_failed": int(o.occurrence_failed),
         "at_ms": o.at_ms,
         "owner": o.owner,
         "next_due_at_ms": o.next_due_at_ms if o.state is State.PENDING else None,
         "status": o.status,
         "error": o.error,
         "record": None if o.record is None else json.dumps(o.record.as_dict()),
+        "callback_occurrence": o.callback_occurrence,
     }
+
+
+def _in_named(partitions: Sequence[int] | None) -> tuple[str, dict[str, int]]:
+    """`AND partition IN (:p0, …)` and its parameters; nothing when `partitions` is None."""
+    named = {f"p{i}": p for i, p in enumerate(partitions or ())}
+    return ("" if partitions is None else f"AND partition IN (:{', :'.join(named)})"), named
 
 
 @contextmanager
@@ -347,8 +411,24 @@ class SqliteStore(Store):
         return _to_timer(row)
 
     def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        values = {"state": "cancelled", "finished_at_ms": now_ms}
-        return self._update_in_state(timer_id, tenant, ("pending",), values)
+        values = {
+            "state": "cancelled",
+            "finished_at_ms": now_ms,
+            "claimed_by": None,
+            "claimed_until_ms": None,
+            "claim_token": None,
+        }
+        return self._update_in_state(
+            timer_id, tenant, ("pending",), values, series_also=("paused", "firing")
+        )
+
+    def pause(self, timer_id: str, tenant: str | None = None) -> Timer:
+        values = {"state": "paused", "attempts": 0}
+        return self._update_in_state(timer_id, tenant, (), values, series_also=("pending",))
+
+    def resume(self, timer_id: str, due_at_ms: int, tenant: str | None = None) -> Timer:
+        values = {"state": "pending", "due_at_ms": due_at_ms, "occurrence_at_ms": due_at_ms}
+        return self._update_in_state(timer_id, tenant, ("paused",), values)
 
     def update_pending(
         self, timer_id: str, changes: TimerChanges, tenant: str | None = None
@@ -358,27 +438,41 @@ class SqliteStore(Store):
             "url": changes.url,
             "payload": changes.payload,
             "headers": None if changes.headers is None else json.dumps(changes.headers),
+            "schedule": changes.schedule,
+            "on_failure_url": changes.on_failure_url,
         }
         given = {name: value for name, value in values.items() if value is not None}
-        return self._update_in_state(timer_id, tenant, ("pending",), given)
+        if changes.schedule is not None:
+            given |= {"occurrence_at_ms": changes.due_at_ms, "attempts": 0}
+        return self._update_in_state(timer_id, tenant, ("pending",), given, series_also=("paused",))
 
     def _update_in_state(
-        self, timer_id: str, tenant: str | None, states: tuple[str, ...], values: dict[str, Any]
+        self,
+        timer_id: str,
+        tenant: str | None,
+        states: tuple[str, ...],
+        values: dict[str, Any],
+        series_also: tuple[str, ...] = (),
     ) -> Timer:
-        """Set `values` on the timer if it is in one of `states` (and the tenant's)."""
+        """Set `values` on the timer if it is in one of `states`, or is a series in one of
+        `series_also` (and is the tenant's)."""
         if not is_timer_id(timer_id):
             raise TimerNotFound(timer_id)
         assignments = ", ".join(f"{name} = ?" for name in values) or "id = id"
         sql = (
             f"UPDATE timers SET {assignments} WHERE id = ?"
-            f" AND state IN ({', '.join('?' * len(states))}) AND (? IS NULL OR tenant = ?)"
-            f" RETURNING {COLUMNS}"
+            f" AND (state IN ({', '.join('?' * len(states))})"
+            f" OR (schedule IS NOT NULL AND state IN ({', '.join('?' * len(series_also))})))"
+            f" AND (? IS NULL OR tenant = ?) RETURNING {COLUMNS}"
         )
-        params = (*values.values(), timer_id, *states, tenant, tenant)
+        params = (*values.values(), timer_id, *states, *series_also, tenant, tenant)
         row = self._write(lambda c: c.execute(sql, params).fetchone())
         if row is not None:
             return _to_timer(row)
-        raise TimerStateConflict(timer_id, self.get(timer_id, tenant).state.value)
+        timer = self.get(timer_id, tenant)
+        if not timer.recurring and series_also and not states:
+            raise TimerNotFound(timer_id)  # only series can be paused
+        raise TimerStateConflict(timer_id, timer.state.value)
 
     def count_pending(self, tenant: str, limit: int) -> int:
         sql = (
@@ -412,6 +506,14 @@ class SqliteStore(Store):
         sql = "SELECT state, count(*) FROM timers GROUP BY state"
         return {State(state): n for state, n in self._run(lambda c: c.execute(sql).fetchall())}
 
+    def count_series(self) -> int:
+        sql = (
+            "SELECT count(*) FROM timers INDEXED BY timers_tenant_series"
+            " WHERE schedule IS NOT NULL AND state IN ('pending', 'firing', 'paused')"
+        )
+        count: int = self._run(lambda c: c.execute(sql).fetchone()[0])
+        return count
+
     def count_active(self) -> dict[State, int]:
         pending = self._run(lambda c: c.execute(COUNT_PENDING_SQL).fetchone()[0])
         firing = self._run(lambda c: c.execute(COUNT_FIRING_SQL).fetchone()[0])
@@ -439,12 +541,21 @@ class SqliteStore(Store):
         return self._run(work) if outcomes else 0
 
     def list_timers(
-        self, state: State | None, before_id: str | None, limit: int, tenant: str | None = None
+        self,
+        state: State | None,
+        before_id: str | None,
+        limit: int,
+        tenant: str | None = None,
+        recurring: bool | None = None,
     ) -> list[Timer]:
         conditions = {"tenant = ?": tenant, "state = ?": state, "id < ?": before_id}
         given = {sql: value for sql, value in conditions.items() if value is not None}
-        where = f"WHERE {' AND '.join(given)}" if given else ""
-        sql = f"SELECT {COLUMNS} FROM timers {where} ORDER BY id DESC LIMIT ?"
+        clauses = list(given)
+        if recurring is not None:
+            clauses.append(f"schedule IS {'NOT ' if recurring else ''}NULL")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        indexed = "INDEXED BY timers_tenant_series" if recurring and tenant is not None else ""
+        sql = f"SELECT {COLUMNS} FROM timers {indexed} {where} ORDER BY id DESC LIMIT ?"
         params = (*given.values(), max(limit, 0))
         return [_to_timer(r) for r in self._run(lambda c: c.execute(sql, params).fetchall())]
 
@@ -464,6 +575,55 @@ class SqliteStore(Store):
         in_partitions = "" if partitions is None else f"AND partition IN (:{', :'.join(named)})"
         sql = RECOVER_EXPIRED_SQL.replace("{partitions}", in_partitions)
         params = {"now": now_ms, "limit": limit, "max_attempts": max_attempts} | named
+        return self._run(lambda c: c.execute(sql, params).rowcount)
+
+    # failure callbacks
+
+    def callbacks_due(
+        self, before_ms: int, limit: int, partitions: Sequence[int] | None = None
+    ) -> list[Due]:
+        if partitions is not None and not partitions:
+            return []
+        where, named = _in_named(partitions)
+        sql = CALLBACKS_DUE_SQL.replace("{partitions}", where)
+        params = {"before": before_ms, "limit": limit} | named
+        return [Due(*r) for r in self._run(lambda c: c.execute(sql, params).fetchall())]
+
+    def claim_callbacks(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
+        if not timer_ids:
+            return []
+        named = {f"i{n}": timer_id for n, timer_id in enumerate(timer_ids)}
+        sql = CLAIM_CALLBACKS_SQL.replace("{ids}", ", ".join(f":{name}" for name in named))
+        params = {"token": claim.token, "until": claim.until_ms, "now": claim.now_ms} | named
+        return [_to_timer(r) for r in self._run(lambda c: c.execute(sql, params).fetchall())]
+
+    def complete_callbacks(self, outcomes: Sequence[CallbackOutcome]) -> int:
+        params = [
+            {
+                "id": o.timer_id,
+                "token": o.claim_token,
+                "state": o.state.value,
+                "next_due_at_ms": o.next_due_at_ms,
+                "status": o.status,
+                "error": o.error,
+            }
+            for o in outcomes
+        ]
+
+        def work(conn: sqlite3.Connection) -> int:
+            with transaction(conn):
+                return conn.executemany(COMPLETE_CALLBACK_SQL, params).rowcount
+
+        return self._run(work) if outcomes else 0
+
+    def recover_expired_callbacks(
+        self, now_ms: int, limit: int, partitions: Sequence[int] | None = None
+    ) -> int:
+        if partitions is not None and not partitions:
+            return 0
+        where, named = _in_named(partitions)
+        sql = RECOVER_CALLBACKS_SQL.replace("{partitions}", where)
+        params = {"now": now_ms, "limit": limit} | named
         return self._run(lambda c: c.execute(sql, params).rowcount)
 
     def purge_finished(self, before_ms: int, limit: int) -> int:

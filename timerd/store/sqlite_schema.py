@@ -127,12 +127,51 @@ def _partitions(conn: sqlite3.Connection) -> None:
     )
 
 
+def _series(conn: sqlite3.Connection) -> None:
+    """Recurring timers: a series keeps its schedule (JSON text), the number and scheduled time
+    of its current occurrence and how many of its occurrences failed; a tenant's series are
+    listed newest first from an index over series alone."""
+    _add_column(conn, "schedule", "TEXT")
+    _add_column(conn, "occurrence", "INTEGER NOT NULL DEFAULT 0")
+    _add_column(conn, "occurrence_at_ms", "INTEGER")
+    _add_column(conn, "occurrences_failed", "INTEGER NOT NULL DEFAULT 0")
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS timers_tenant_series ON timers (tenant, id)"
+        " WHERE schedule IS NOT NULL"
+    )
+
+
+def _failure_callbacks(conn: sqlite3.Connection) -> None:
+    """Failure callbacks: a timer's `on_failure_url` and its callback's delivery state, due time,
+    attempts and claim; partial indexes over pending callbacks (by due time) and firing ones
+    (by claim deadline) alone, with the partition, as for timers."""
+    _add_column(conn, "on_failure_url", "TEXT")
+    _add_column(conn, "callback_state", "TEXT")
+    _add_column(conn, "callback_due_at_ms", "INTEGER")
+    _add_column(conn, "callback_attempts", "INTEGER NOT NULL DEFAULT 0")
+    _add_column(conn, "callback_token", "TEXT")
+    _add_column(conn, "callback_until_ms", "INTEGER")
+    _add_column(conn, "callback_status", "INTEGER")
+    _add_column(conn, "callback_error", "TEXT")
+    _add_column(conn, "callback_occurrence", "INTEGER NOT NULL DEFAULT 0")
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS timers_callbacks_due ON timers"
+        " (callback_due_at_ms, partition) WHERE callback_state = 'pending'"
+    )
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS timers_callbacks_firing ON timers"
+        " (callback_until_ms, partition) WHERE callback_state = 'firing'"
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: tuple[Migration, ...] = (
     _first_release,
     _claim_tokens,
     _retention_and_listing,
     _partitions,
+    _series,
+    _failure_callbacks,
 )
 VERSION = len(MIGRATIONS)
 

@@ -294,7 +294,9 @@
       const timer = await api("GET", "timers/" + encodeURIComponent(id));
       if (mine !== generation) return;
       holder.replaceChildren(...timerDetail(timer, show));
-      const busy = timer.state === "firing" || (timer.state === "pending" && timer.time_left <= 5);
+      const cb = timer.callback;
+      const calling = cb && (cb.state === "firing" || (cb.state === "pending" && Date.parse(cb.next_attempt_at) - Date.now() <= 5000));
+      const busy = calling || timer.state === "firing" || (timer.state === "pending" && timer.time_left <= 5);
       if (busy) setTimeout(() => mine === generation && show().catch(report), POLL_MS);
     };
     return show().catch((err) => {
@@ -324,7 +326,8 @@
       ["State", badge(t.state)], ["URL", t.url], ["Fire at", t.fire_at], ["Time left", t.time_left + " s"],
       ["Next attempt", orDash(t.next_attempt_at)], ["Attempts", t.attempts], ["Max attempts", orDash(t.max_attempts)],
       ["Created", t.created_at], ["Fired", orDash(t.fired_at)], ["Last status", orDash(t.last_status)],
-      ["Last error", orDash(t.last_error)],
+      ["Last error", orDash(t.last_error)], ["On failure", orDash(t.on_failure_url)],
+      ["Callback", orDash(callbackText(t.callback))],
     ];
     const headers = Object.entries(t.headers);
     return [
@@ -341,6 +344,14 @@
       el("h2", {}, "Attempts"),
       history(t.history),
     ];
+  }
+
+  // The failure callback of the latest failure, in one line; null before any.
+  function callbackText(cb) {
+    if (!cb) return null;
+    const last = cb.last_status !== null ? "last " + cb.last_status : cb.last_error ? "last " + cb.last_error : "";
+    const next = cb.next_attempt_at ? "next " + cb.next_attempt_at : "";
+    return [cb.state, cb.attempts + " attempt" + (cb.attempts === 1 ? "" : "s"), last, next].filter(Boolean).join(", ");
   }
 
   function moveForm(t, act) {
