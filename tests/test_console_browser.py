@@ -308,3 +308,27 @@ def test_a_failed_timer_shows_its_failure_callback(page: Page, stack: Stack) -> 
     sign_in(page, stack, token, f"#/timers/{dead['id']}")
     expect(page.locator("[data-field='On failure']")).to_have_text(hook)
     expect(page.locator("[data-field=Callback]")).to_have_text("delivered, 1 attempt, last 200")
+
+
+def test_a_series_shows_its_schedule_and_is_paused_and_resumed_from_the_page(
+    page: Page, stack: Stack
+) -> None:
+    token = stack.key("series")
+    series = stack.create(token, every="1h", payload={"digest": "<b>daily</b>"})
+    sign_in(page, stack, token, f"#/timers/{series['id']}")
+    expect(page.locator("[data-field=Schedule]")).to_contain_text("every 1h from ")
+    expect(page.locator("#upcoming li")).to_have_count(5)
+    page.click("#pause")
+    expect(page.locator("[data-field=State]")).to_have_text("paused")
+    assert stack.read(token, series["id"])["state"] == "paused"
+    expect(page.locator("#pause")).to_have_count(0)
+    page.click("#resume")
+    expect(page.locator("[data-field=State]")).to_have_text("pending")
+    assert stack.read(token, series["id"])["state"] == "pending"
+    # paused behind the page's back, then paused from the page: the API's 409 is shown
+    answer = httpx.post(
+        f"{stack.keyed.base_url}/timers/{series['id']}/pause", headers=bearer(token)
+    )
+    assert answer.status_code == 200
+    page.click("#pause")
+    expect(page.locator("#action-error")).to_contain_text("409 state_conflict")

@@ -10,7 +10,7 @@
 (() => {
   const KEY = "timerd.apiKey";
   const POLL_MS = 2000;
-  const STATES = ["pending", "firing", "fired", "failed", "cancelled"];
+  const STATES = ["pending", "firing", "fired", "failed", "cancelled", "paused"];
   const $ = (id) => document.getElementById(id);
   let generation = 0; // bumped on every navigation: stale polls and answers see it and stop
 
@@ -321,6 +321,8 @@
     const buttons = [];
     if (t.state === "pending") buttons.push(el("button", { id: "cancel", type: "button", class: "danger", onclick: act("DELETE", path) }, "Cancel"));
     if (t.state === "failed" || t.state === "fired") buttons.push(el("button", { id: "replay", type: "button", onclick: act("POST", path + "/replay") }, "Replay"));
+    if (t.recurring && t.state === "pending") buttons.push(el("button", { id: "pause", type: "button", onclick: act("POST", path + "/pause") }, "Pause series"));
+    if (t.recurring && t.state === "paused") buttons.push(el("button", { id: "resume", type: "button", onclick: act("POST", path + "/resume") }, "Resume series"));
 
     const fields = [
       ["State", badge(t.state)], ["URL", t.url], ["Fire at", t.fire_at], ["Time left", t.time_left + " s"],
@@ -329,6 +331,11 @@
       ["Last error", orDash(t.last_error)], ["On failure", orDash(t.on_failure_url)],
       ["Callback", orDash(callbackText(t.callback))],
     ];
+    if (t.recurring) {
+      fields.push(["Schedule", scheduleText(t.schedule)], ["Occurrence", t.occurrence],
+        ["Occurrences ended", `${t.occurrences} (${t.occurrences_failed} failed)`],
+        ["Next fire", orDash(t.next_fire_at)]);
+    }
     const headers = Object.entries(t.headers);
     return [
       el("h1", {}, "Timer ", el("code", { id: "timer-id" }, t.id)),
@@ -341,9 +348,23 @@
       headers.length
         ? el("table", { id: "headers" }, el("tbody", {}, headers.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)))))
         : el("p", { class: "empty" }, "none"),
+      ...(t.recurring ? [el("h2", {}, "Upcoming"), upcoming(t.upcoming)] : []),
       el("h2", {}, "Attempts"),
       history(t.history),
     ];
+  }
+
+  // A series' schedule as the create body wrote it, in one line.
+  function scheduleText(schedule) {
+    const what = schedule.every ? `every ${schedule.every} from ${schedule.start_at}` : `cron "${schedule.cron}" in ${schedule.timezone}`;
+    const ends = [schedule.until ? `until ${schedule.until}` : null,
+      schedule.max_occurrences ? `at most ${schedule.max_occurrences} times` : null].filter(Boolean);
+    return [what, ...ends, `catch up: ${schedule.catch_up}`].join(", ");
+  }
+
+  function upcoming(times) {
+    if (!times.length) return el("p", { class: "empty", id: "upcoming" }, "none");
+    return el("ol", { id: "upcoming" }, times.map((at) => el("li", {}, at)));
   }
 
   // The failure callback of the latest failure, in one line; null before any.
