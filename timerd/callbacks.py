@@ -32,7 +32,8 @@ from timerd.models import (
     new_claim_token,
 )
 from timerd.offload import Offload
-from timerd.retry import RetryPolicy, Verdict, classify, parse_retry_after
+from timerd.outcomes import next_attempt
+from timerd.retry import RetryPolicy, Verdict
 from timerd.settings import Settings
 from timerd.store import Store
 
@@ -48,11 +49,7 @@ def judge_callback(
 ) -> CallbackOutcome:
     """Delivered on 2xx, retried by the retry schedule, failed for good otherwise."""
     assert timer.callback_token is not None, "only a claimed callback is delivered"
-    verdict = classify(attempt.status, permanent=attempt.permanent)
-    next_due_ms = None
-    if verdict is Verdict.RETRY:
-        retry_after_s = parse_retry_after(attempt.retry_after, attempt.started_at_ms)
-        next_due_ms = policy.next_due_ms(timer.callback_attempts, None, now_ms, retry_after_s)
+    verdict, next_due_ms = next_attempt(attempt, policy, timer.callback_attempts, None, now_ms)
     if verdict is Verdict.DELIVERED:
         state = CallbackState.DELIVERED
     else:
@@ -150,15 +147,10 @@ class CallbackFirer:
         if n:
             log.warning("callback_claims_recovered", count=n)
 
-    def _in_time(self, claimed_until_ms: int) -> bool:
-        """Whether a delivery started now ends, timeouts included, inside its claim."""
-        needed_ms = (self._settings.delivery_timeout_s + self._settings.connect_timeout_s) * 1000
-        return claimed_until_ms - self._clock.now_ms() >= needed_ms
-
     async def _fire(self, timer: Timer, host: str) -> None:
         try:
             assert timer.callback_until_ms is not None and timer.callback_token is not None
-            if not self._in_time(timer.callback_until_ms):  # the loop stalled since the claim
+            if not self._settings.covers_delivery(timer.callback_until_ms, self._clock.now_ms()):
                 now_ms = self._clock.now_ms()
                 late = CallbackState.PENDING
                 error = "claim too late to deliver"

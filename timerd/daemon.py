@@ -397,10 +397,9 @@ class Daemon:
         return {timer.id for timer in claimed}
 
     def _in_time(self, claimed_until_ms: int) -> bool:
-        """Whether a delivery started now ends, timeouts included, well inside its claim:
-        a claim that comes back later (a stall, a queued thread) is released, not fired."""
-        needed_ms = (self.settings.delivery_timeout_s + self.settings.connect_timeout_s) * 1000
-        return claimed_until_ms - self.clock.now_ms() >= needed_ms
+        """Whether a delivery started now ends well inside its claim: a claim that comes back
+        later (a stall, a queued thread) is released, not fired."""
+        return self.settings.covers_delivery(claimed_until_ms, self.clock.now_ms())
 
     async def _settle_claims(self) -> None:
         """Give back the claims that failed (they may have been applied in part) or came back

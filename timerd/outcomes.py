@@ -26,17 +26,29 @@ MAX_BATCH = 1000
 GATHER_S = 0.005
 
 
+def next_attempt(
+    attempt: Attempt,
+    policy: RetryPolicy,
+    attempts_made: int,
+    max_attempts: int | None,
+    now_ms: int,
+) -> tuple[Verdict, int | None]:
+    """What an attempt's answer means, and when to try again: a retryable failure within the
+    budget gets the schedule's delay (or the answer's `Retry-After`); otherwise None."""
+    verdict = classify(attempt.status, permanent=attempt.permanent)
+    if verdict is not Verdict.RETRY:
+        return verdict, None
+    retry_after_s = parse_retry_after(attempt.retry_after, attempt.started_at_ms)
+    return verdict, policy.next_due_ms(attempts_made, max_attempts, now_ms, retry_after_s)
+
+
 def judge(timer: Timer, attempt: Attempt, policy: RetryPolicy, now_ms: int) -> Outcome:
     """The outcome of an attempt on a claimed timer: fired, retry later, or failed for good;
     for a series, an occurrence that ended (delivered or failed for good) moves the series on to
     its next occurrence in the same outcome, unless the series is over. A failure of a timer
     with an `on_failure_url` also makes its callback due (`callback_occurrence`)."""
     assert timer.claim_token is not None, "only a claimed timer is delivered"
-    verdict = classify(attempt.status, permanent=attempt.permanent)
-    next_due_ms = None
-    if verdict is Verdict.RETRY:
-        retry_after_s = parse_retry_after(attempt.retry_after, attempt.started_at_ms)
-        next_due_ms = policy.next_due_ms(timer.attempts, timer.max_attempts, now_ms, retry_after_s)
+    verdict, next_due_ms = next_attempt(attempt, policy, timer.attempts, timer.max_attempts, now_ms)
     if verdict is Verdict.DELIVERED:
         state = State.FIRED
     else:

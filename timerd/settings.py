@@ -126,6 +126,13 @@ class Settings:
         """How long a claim stays valid: longer than any delivery, so only dead owners' expire."""
         return int((self.delivery_timeout_s + self.connect_timeout_s + self.lease_ttl_s) * 1000)
 
+    def covers_delivery(self, claimed_until_ms: int, now_ms: int) -> bool:
+        """Whether a claim valid until `claimed_until_ms` still covers a whole delivery started
+        at `now_ms`; one that does not is handed back, never fired."""
+        return (
+            claimed_until_ms - now_ms >= (self.delivery_timeout_s + self.connect_timeout_s) * 1000
+        )
+
 
 def _check_settings(s: Settings) -> None:
     positive = (
