@@ -16,8 +16,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 
 import structlog
 import uvicorn
@@ -122,21 +122,28 @@ async def run_daemon(settings: Settings) -> None:
     try:
         if settings.metrics_port:
             probes = await _start_probes(store, settings)
-        clock = StoreClock(SystemClock(), int(settings.max_clock_offset_s * 1000))
-        async with Deliverer(settings, clock=clock) as deliverer:
-            daemon = Daemon(
-                settings,
-                store,
-                deliverer.deliver,
-                clock=clock,
-                deliver_callback=deliverer.deliver_callback,
-            )
+        async with _firing(settings, store) as daemon:
             _on_stop_signals(daemon.stop)
             await daemon.run()
     finally:
         if probes is not None:
             await probes.cleanup()
         store.close()
+
+
+@asynccontextmanager
+async def _firing(settings: Settings, store: Store) -> AsyncIterator[Daemon]:
+    """A daemon over `store` with its deliverer, both on one store-corrected clock (attempts
+    are stamped with the clock due times are judged by)."""
+    clock = StoreClock(SystemClock(), int(settings.max_clock_offset_s * 1000))
+    async with Deliverer(settings, clock=clock) as deliverer:
+        yield Daemon(
+            settings,
+            store,
+            deliverer.deliver,
+            clock=clock,
+            deliver_callback=deliverer.deliver_callback,
+        )
 
 
 METRICS_PORTS_TRIED = 16  # daemons on one host take the next free port after the configured one
@@ -167,15 +174,7 @@ async def run_all(settings: Settings) -> None:
     check_protected_mode(settings, api_store)
     watch_store(api_store, SystemClock())
     try:
-        clock = StoreClock(SystemClock(), int(settings.max_clock_offset_s * 1000))
-        async with Deliverer(settings, clock=clock) as deliverer:
-            daemon = Daemon(
-                settings,
-                daemon_store,
-                deliverer.deliver,
-                clock=clock,
-                deliver_callback=deliverer.deliver_callback,
-            )
+        async with _firing(settings, daemon_store) as daemon:
             server = _server(
                 settings, create_app(settings, api_store, on_insert=daemon.notify_insert)
             )
