@@ -43,6 +43,7 @@ from timerd.store.base import CLAIM_EXPIRED, Store
 
 Doc = dict[str, Any]
 DUPLICATE_KEY = 11000
+UPGRADED = 1  # documents of the database are as this release writes them (see `_upgrade`)
 PENDING_DUE_INDEX = "pending_due_by_partition"
 FIRING_CLAIM_INDEX = "firing_claim_by_partition"
 
@@ -295,22 +296,20 @@ class MongoStore(Store):
         return partitions
 
     def _upgrade(self) -> None:
-        """Bring documents of earlier releases up to date (idempotent, so every process may)."""
+        """Bring documents of earlier releases up to date, once per database: the marker in
+        `meta` spares every later start a scan of the whole collection (idempotent, so
+        processes opening the database at once may both run it)."""
+        if self._meta.find_one({"_id": "upgraded", "value": {"$gte": UPGRADED}}) is not None:
+            return
         self._leases.delete_many({"_id": "leader"})  # the one lease before partitions
         for old_index in ("pending_due", "firing_claim"):  # now with the partition in them
             if old_index in self._timers.index_information():
                 self._timers.drop_index(old_index)
-        while ids := [
-            d["_id"] for d in self._timers.find({"partition": {"$exists": False}}, {"_id": 1})
-        ][:1000]:
-            self._timers.bulk_write(
-                [
-                    UpdateOne(
-                        {"_id": i}, {"$set": {"partition": partition_of(i, self._partitions)}}
-                    )
-                    for i in ids
-                ]
-            )
+        unpartitioned = {"partition": {"$exists": False}}
+        while ids := [d["_id"] for d in self._timers.find(unpartitioned, {"_id": 1}).limit(1000)]:
+            ops = [UpdateOne({"_id": i}, {"$set": {"partition": self._partition(i)}}) for i in ids]
+            self._timers.bulk_write(ops)
+        self._meta.update_one({"_id": "upgraded"}, {"$set": {"value": UPGRADED}}, upsert=True)
 
     def _create_indexes(self) -> None:
         self._timers.create_index(
