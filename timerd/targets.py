@@ -31,6 +31,29 @@ _LABEL = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
 _INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc", "Zs", "Zl", "Zp", "Co", "Cs", "Cn"})
 
 
+# An http(s) URL up to the end of its authority, as every parser reads it once the URL holds none
+# of the characters that WHATWG parsers read as "/" or drop (backslash, tab, CR, LF).
+_ORIGIN = re.compile(r"https?://([^/?#\\\t\r\n]+)", re.ASCII)
+_REREAD = ("\\", "\t", "\r", "\n")
+
+
+def origin_match(url: str) -> re.Match[str] | None:
+    """`url`'s scheme and authority (group 1: the authority, as `urlsplit` reads its netloc)
+    when every parser reads them alike; None for a URL a parser could read otherwise (see
+    `_REREAD`, an upper-case scheme, an empty authority), which callers judge whole."""
+    if any(c in url for c in _REREAD):
+        return None
+    return _ORIGIN.match(url)
+
+
+def origin_of(url: str) -> str:
+    """`url` cut after its authority (`https://user@host:port`): all that decides where it can
+    be delivered, so checks of its host may be cached by it when timers have a URL each. A URL
+    a parser could read otherwise is its own origin."""
+    match = origin_match(url)
+    return url if match is None else match.group()
+
+
 def url_problem(url: str) -> str | None:
     """Why no delivery to `url` can ever be sent, or None when its host can be encoded and
     looked up. `url` is assumed to be an absolute http(s) URL with a host."""

@@ -182,12 +182,15 @@ _GROUP_COMMIT_MAX = 1000
 
 
 def _to_timer(row: sqlite3.Row) -> Timer:
-    values = {name: row[name] for name in TIMER_COLUMNS}
+    """The timer of a row selected as `COLUMNS` (in that order: zipping is twice as fast as
+    reading each column by name, and this runs for every claimed timer)."""
+    values = dict(zip(TIMER_COLUMNS, row, strict=True))
     values["state"] = State(values["state"])
     if values["callback_state"] is not None:
         values["callback_state"] = CallbackState(values["callback_state"])
-    values["headers"] = tuple((k, v) for k, v in json.loads(values["headers"] or "[]"))
-    values["history"] = history_from_dicts(json.loads(values["history"] or "[]"))
+    headers, history = values["headers"], values["history"]
+    values["headers"] = () if headers is None else tuple((k, v) for k, v in json.loads(headers))
+    values["history"] = () if history is None else history_from_dicts(json.loads(history))
     return Timer(**values)
 
 
