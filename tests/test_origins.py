@@ -78,3 +78,11 @@ def test_timers_on_one_host_share_an_origin() -> None:
     assert origin_of("https://Example.com:8443/hooks/1?x=1") == "https://Example.com:8443"
     assert origin_of("https://example.com") == "https://example.com"
     assert origin_of("https://example.com\\evil/hooks") == "https://example.com\\evil/hooks"
+
+
+def test_a_host_yarl_cannot_read_is_judged_not_raised() -> None:
+    # Found by the test above: yarl raised IndexError for an empty host after user info, which
+    # made every delivery to such a stored URL an unforeseen error, retried, not refused.
+    url = "http://[::1]:80@"
+    assert url_problem(url) is not None
+    assert PUBLIC_ONLY.url_denial(url) is None  # no host: nothing to deny; url_problem refuses

@@ -201,7 +201,7 @@ def url_hosts(url: str) -> set[str]:
     try:
         if (raw := URL(url).raw_host) is not None:
             hosts.add(raw)
-    except (ValueError, UnicodeError):
+    except (ValueError, UnicodeError, IndexError):  # yarl: IndexError for `[::1]:80@`
         pass
     return hosts
 

@@ -34,14 +34,14 @@ _INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc", "Zs", "Zl", "Zp", "Co", "Cs", "Cn
 # An http(s) URL up to the end of its authority, as every parser reads it once the URL holds none
 # of the characters that WHATWG parsers read as "/" or drop (backslash, tab, CR, LF).
 _ORIGIN = re.compile(r"https?://([^/?#\\\t\r\n]+)", re.ASCII)
-_REREAD = ("\\", "\t", "\r", "\n")
+_REREAD = re.compile(r"[\\\t\r\n]")
 
 
 def origin_match(url: str) -> re.Match[str] | None:
     """`url`'s scheme and authority (group 1: the authority, as `urlsplit` reads its netloc)
     when every parser reads them alike; None for a URL a parser could read otherwise (see
     `_REREAD`, an upper-case scheme, an empty authority), which callers judge whole."""
-    if any(c in url for c in _REREAD):
+    if _REREAD.search(url) is not None:
         return None
     return _ORIGIN.match(url)
 
@@ -66,7 +66,7 @@ def url_problem(url: str) -> str | None:
             return problem
         parsed = URL(url)
         raw_host, _ = parsed.raw_host, parsed.host  # `host` decodes: bad punycode raises
-    except (ValueError, UnicodeError):
+    except (ValueError, UnicodeError, IndexError):  # yarl: IndexError for `[::1]:80@`
         return CANNOT_ENCODE
     if raw_host is None:
         return "has no host"
