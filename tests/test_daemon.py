@@ -116,7 +116,7 @@ async def leading(
 
 async def settle(daemon: Daemon) -> None:
     """Let started deliveries finish and their outcomes reach the store."""
-    await asyncio.gather(*daemon._inflight)
+    await daemon.deliveries.settled()
     await daemon.outcomes.drained()
 
 
@@ -157,7 +157,7 @@ def test_overdue_backlog_drains_in_due_order_within_the_batch_bound(store: Store
         async with leading(store, clock, recorder, batch_size=10) as daemon:
             for _ in range(3):
                 await daemon.step()
-                assert len(daemon._window) <= 10  # never more than one batch in memory
+                assert len(daemon.window) <= 10  # never more than one batch in memory
                 await daemon.step()
                 await settle(daemon)
 
@@ -199,7 +199,7 @@ def test_a_timer_cancelled_after_it_was_read_is_not_fired(store: Store) -> None:
     async def scenario() -> None:
         async with leading(store, clock, recorder) as daemon:
             await daemon.step()
-            assert daemon._window  # read, not claimed
+            assert len(daemon.window)  # read, not claimed
             store.cancel(timer_id, clock.now_ms())
             clock.advance(500)
             await daemon.step()
@@ -251,7 +251,7 @@ async def attempt_once(daemon: Daemon, clock: FakeClock, store: Store, timer_id:
     """Move the clock to the timer's due time, fire it once, and return it as stored after."""
     clock.ms = max(clock.ms, store.get(timer_id).due_at_ms)
     await daemon.lease.tick()  # renew, as the housekeeping schedule would have meanwhile
-    daemon._next_poll_s = 0.0
+    daemon.window.poll_soon()
     await daemon.step()
     await daemon.step()
     await settle(daemon)
@@ -468,11 +468,11 @@ def test_store_outage_backs_off_then_resumes(store: Store) -> None:
         async with supervised(daemon):
             await daemon.lease.tick()
             flaky.down = True
-            delays = [await daemon._safe_step() for _ in range(3)]
+            delays = [await daemon.step_or_back_off() for _ in range(3)]
             assert all(delay > 0 for delay in delays)  # backs off
             flaky.down = False
-            await daemon._safe_step()
-            await daemon._safe_step()
+            await daemon.step_or_back_off()
+            await daemon.step_or_back_off()
             await settle(daemon)
 
     run(scenario)
@@ -500,7 +500,7 @@ def test_one_hosts_backlog_does_not_hide_another_hosts_timers(store: Store) -> N
         async with leading(store, clock, recorder, **settings_) as daemon:
             for _ in range(4):
                 await daemon.step()
-                daemon._next_poll_s = 0.0
+                daemon.window.poll_soon()
             await asyncio.sleep(0)
             assert other in recorder.ids
             assert len(recorder.ids) == 3  # two of the slow host's, and the other one
@@ -527,7 +527,7 @@ def test_a_timer_both_polled_and_announced_is_fired_once_and_frees_its_slot(stor
             assert recorder.ids == [timer_id]
             recorder.gate = asyncio.Event()  # hold the next deliveries in flight
             later = [add_timer(store, START_MS + 200) for _ in range(2)]
-            daemon._next_poll_s = 0.0
+            daemon.window.poll_soon()
             clock.advance(100)
             await daemon.step()
             await asyncio.sleep(0)
@@ -553,7 +553,7 @@ def test_a_url_changed_after_the_poll_gives_its_slot_back_to_the_host_it_took(
             await daemon.step()
             await settle(daemon)
             later = add_timer(store, START_MS + 200)  # the first host's one slot must be free
-            daemon._next_poll_s = 0.0
+            daemon.window.poll_soon()
             clock.advance(100)
             await daemon.step()
             await settle(daemon)

@@ -91,7 +91,7 @@ def test_a_failed_claim_gives_back_its_host_slots_and_its_claims(store: Store) -
 
     async def scenario() -> None:
         async with leading(lossy, clock, recorder, per_host_concurrency=4) as daemon:
-            assert await daemon._safe_step() > 0  # the claim applied, then raised
+            assert await daemon.step_or_back_off() > 0  # the claim applied, then raised
             assert {store.get(i).state for i in ids} == {State.FIRING}
             assert daemon.counters() == Counters(0, 0, 0, 0, unsettled_claims=1)
             await daemon.step()  # gives the claim back, polls, claims and fires
@@ -163,7 +163,7 @@ def test_a_delivery_that_raises_is_a_recorded_failed_attempt(
             first = store.get(timer_id)
             assert (first.state, first.last_error) == (State.PENDING, type(error).__name__)
             clock.ms = first.due_at_ms
-            daemon._next_poll_s = 0.0
+            daemon.window.poll_soon()
             await daemon.lease.tick()
             await daemon.step()
             await daemon.step()
@@ -211,7 +211,7 @@ def test_outcome_errors_that_mean_try_again_are_retried_until_written(store: Sto
     async def scenario() -> None:
         async with leading(lossy, clock, recorder) as daemon:
             await daemon.step()
-            await asyncio.gather(*daemon._inflight)
+            await daemon.deliveries.settled()
             for _ in range(3):
                 await asyncio.sleep(0.01)
                 assert daemon.counters().outcomes_queued == 1
@@ -333,7 +333,7 @@ def test_a_stale_leaders_outcome_is_rejected_after_the_sweep_and_a_new_claim(
             await daemon.recover_expired()
             await daemon.step()
             await daemon.step()
-            await asyncio.gather(*daemon._inflight)
+            await daemon.deliveries.settled()
             # the old leader wakes up and reports its delivery, too late
             delivered = Attempt(clock.now_ms(), 1.0, status=200)
             late = judge(stale, delivered, daemon.retry, clock.now_ms())

@@ -6,7 +6,7 @@ from timerd.hosts import Entry, HostSlots, host_of
 
 
 def entry(due: int, host: str = "a.test") -> Entry:
-    return (due, f"id-{host}-{due}", host)
+    return Entry(due, f"id-{host}-{due}", host)
 
 
 def test_host_of_counts_host_and_port_case_blind() -> None:

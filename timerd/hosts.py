@@ -12,10 +12,24 @@ from __future__ import annotations
 import heapq
 import urllib.parse
 from collections import Counter
+from typing import NamedTuple
 
+from timerd.models import Due, Timer
 from timerd.targets import origin_match
 
-Entry = tuple[int, str, str]  # (due_at_ms, timer id, host of its URL)
+
+class Entry(NamedTuple):
+    """A due timer the window holds: when it is due, its id, and the host it takes a slot at
+    (ordered by due time first, so entries make a heap)."""
+
+    due_at_ms: int
+    timer_id: str
+    host: str
+
+    @classmethod
+    def of(cls, timer: Due | Timer) -> Entry:
+        """The entry of a timer read from the due index, or created or moved in this process."""
+        return cls(timer.due_at_ms, timer.id, host_of(timer.url))
 
 
 def host_of(url: str) -> str:
@@ -48,7 +62,7 @@ class HostSlots:
 
     def take(self, entry: Entry) -> bool:
         """Take a slot at the entry's host; when there is none, park the entry and say no."""
-        host = entry[2]
+        host = entry.host
         if self._released[host] > 0:
             self._released[host] -= 1
         if self._inflight[host] < self.per_host:
@@ -70,7 +84,7 @@ class HostSlots:
             return []
         released = [heapq.heappop(heap) for _ in range(min(free, len(heap)))]
         self._released[host] += len(released)
-        self._parked_ids.difference_update(entry[1] for entry in released)
+        self._parked_ids.difference_update(entry.timer_id for entry in released)
         if not heap:
             del self._parked[host]
         return released
@@ -78,9 +92,9 @@ class HostSlots:
     def wanted(self, entry: Entry) -> bool:
         """Whether a polled entry should enter the window: not parked already, and not of a
         host whose parking is full."""
-        if entry[1] in self._parked_ids:
+        if entry.timer_id in self._parked_ids:
             return False
-        return len(self._parked.get(entry[2], ())) < self.park_limit
+        return len(self._parked.get(entry.host, ())) < self.park_limit
 
     def clear_parked(self) -> None:
         """Forget the parked entries (they are still pending in the store)."""
@@ -89,9 +103,9 @@ class HostSlots:
         self._released.clear()
 
     def _park(self, entry: Entry) -> None:
-        parked_here = len(self._parked.get(entry[2], ()))
+        parked_here = len(self._parked.get(entry.host, ()))
         full = parked_here >= self.park_limit or self.parked >= 4 * self.park_limit
-        if entry[1] in self._parked_ids or full:
+        if entry.timer_id in self._parked_ids or full:
             return  # dropped: still pending in the store; a later poll reads it again
-        heapq.heappush(self._parked.setdefault(entry[2], []), entry)
-        self._parked_ids.add(entry[1])
+        heapq.heappush(self._parked.setdefault(entry.host, []), entry)
+        self._parked_ids.add(entry.timer_id)
