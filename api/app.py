@@ -23,9 +23,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import Authenticator
 from api.console import Console
-from api.errors import EXCEPTION_HANDLERS, ApiError, log
+from api.contract import BATCH_MAX, BatchAnswer, BatchResult, TimerPage, encode
+from api.errors import EXCEPTION_HANDLERS, ApiError, error_object, log
 from api.limits import RequestHeadLimit
-from api.openapi import openapi_json
+from api.openapi import openapi_route
 from api.series import (
     change_schedule,
     first_occurrence,
@@ -40,6 +41,8 @@ from api.validation import (
     TIME_FIELDS,
     URL_SCAN,
     Rules,
+    json_object,
+    parse_batch,
     parse_changes,
     parse_create,
     parse_idempotency_key,
@@ -104,42 +107,83 @@ class TimerRoutes:
         if self.on_insert is not None:
             self.on_insert(timer)
 
-    async def timers(self, request: Request) -> JSONResponse:
+    async def timers(self, request: Request) -> Response:
         """POST creates, GET lists: one route, so that a 405 there allows both."""
         if request.method == "POST":
             return await self.create(request)
         return await run_in_threadpool(self.list_timers, request)
 
-    async def create(self, request: Request) -> JSONResponse:
-        """`POST /timers`: validate, insert durably, answer 201 (or the original timer when an
-        `Idempotency-Key` was seen before with the same body)."""
+    async def _tenant_async(self, request: Request) -> str:
+        """The caller's tenant, on the loop when no store read is needed (see `api.auth`)."""
         tenant = self.auth.tenant_without_store()
         if tenant is None:
             tenant = await run_in_threadpool(self._tenant, request)
+        return tenant
+
+    async def create(self, request: Request) -> Response:
+        """`POST /timers`: validate, insert durably, answer 201 (or the original timer when an
+        `Idempotency-Key` was seen before with the same body). Nothing here waits in a thread:
+        the insert awaits the store's group commit (`Store.insert_many_async`)."""
+        tenant = await self._tenant_async(request)
         data = parse_json_object(await read_body(request, self.settings.max_body_bytes))
         idempotency_key = parse_idempotency_key(request.headers.get("idempotency-key"))
         now_ms = self.clock.now_ms()
-        timer = self._new_timer(data, now_ms)
-        timer = dataclasses.replace(
+        timer = self._owned(self._new_timer(data, now_ms), tenant, idempotency_key, data)
+        [outcome] = await self._store_new(tenant, [timer])
+        if isinstance(outcome, ApiError):
+            raise outcome
+        stored, replayed = outcome
+        headers = {"Location": f"/timers/{stored.id}"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return answer(timer_view(stored, now_ms), 201, headers)
+
+    async def create_batch(self, request: Request) -> Response:
+        """`POST /timers/batch`: a JSON array of up to BATCH_MAX create bodies, each checked
+        exactly as `POST /timers` checks one (an `idempotency_key` field stands for the
+        header); the valid ones are stored in one transaction. Answers 200 with one result per
+        item, in order: 201 and the timer, or the status and error a single create would have
+        answered."""
+        tenant = await self._tenant_async(request)
+        if request.headers.get("idempotency-key") is not None:
+            raise ApiError(
+                400,
+                "invalid_idempotency_key",
+                "a batch takes an idempotency_key in each item, not the Idempotency-Key header",
+            )
+        limit = self.settings.max_body_bytes * BATCH_MAX
+        items = parse_batch(await read_body(request, limit))
+        now_ms = self.clock.now_ms()
+        checked: list[Timer | ApiError] = []
+        for item in items:
+            try:
+                checked.append(self._batch_timer(item, tenant, now_ms))
+            except ApiError as exc:
+                checked.append(exc)
+        timers = [t for t in checked if isinstance(t, Timer)]
+        stored = iter(await self._store_new(tenant, timers))
+        results: list[BatchResult] = []
+        for item in checked:
+            outcome = item if isinstance(item, ApiError) else next(stored)
+            results.append(batch_result(outcome, now_ms))
+        return answer(BatchAnswer(results), 200)
+
+    def _batch_timer(self, item: Any, tenant: str, now_ms: int) -> Timer:
+        """The timer one batch item asks for, or the ApiError a single create would raise."""
+        data = dict(json_object(item))
+        key = parse_idempotency_key(data.pop("idempotency_key", None), "idempotency_key")
+        return self._owned(self._new_timer(data, now_ms), tenant, key, data)
+
+    @staticmethod
+    def _owned(
+        timer: Timer, tenant: str, idempotency_key: str | None, data: dict[str, Any]
+    ) -> Timer:
+        return dataclasses.replace(
             timer,
             tenant=tenant,
             idempotency_key=idempotency_key,
             request_hash=request_hash(data) if idempotency_key else None,
         )
-        stored = await run_in_threadpool(self._insert, timer)
-        headers = {"Location": f"/timers/{stored.id}"}
-        if stored.id != timer.id:
-            if stored.request_hash != timer.request_hash:
-                raise ApiError(
-                    422,
-                    "idempotency_conflict",
-                    "this Idempotency-Key was used with a different request body",
-                )
-            headers["Idempotent-Replayed"] = "true"
-        else:
-            metrics.TIMERS_CREATED.inc()
-            self._announce(stored)
-        return JSONResponse(timer_view(stored, now_ms), status_code=201, headers=headers)
 
     def _new_timer(self, data: dict[str, Any], now_ms: int) -> Timer:
         """The timer a create body asks for: a one-off, or a series at its first occurrence."""
@@ -165,26 +209,53 @@ class TimerRoutes:
             on_failure_url=spec.on_failure_url,
         )
 
-    def _insert(self, timer: Timer) -> Timer:
-        """Insert under the tenant's cap; a retry of a create that succeeded returns the
-        original timer even when the tenant is at its cap now."""
-        if timer.idempotency_key is not None:
-            earlier = self.store.find_by_idempotency_key(timer.tenant, timer.idempotency_key)
-            if earlier is not None:
-                return earlier
-        self.cap.check(timer.tenant)
-        stored = self.store.insert(timer)
-        if stored.id == timer.id:
-            self.cap.added(timer.tenant)
-        return stored
+    async def _store_new(self, tenant: str, timers: list[Timer]) -> list[Stored | ApiError]:
+        """Insert `timers` of `tenant` in one durable write, under the tenant's cap. For each,
+        in order: (the stored timer, whether it is an idempotent replay), or the ApiError of a
+        single create (429 past the cap, 422 for a key reused with another body). A retry of a
+        create that succeeded gets the original timer even when the tenant is at its cap now."""
+        earlier: dict[str, Timer] = {}
+        if any(t.idempotency_key is not None for t in timers):
+            earlier = await run_in_threadpool(self._earlier, tenant, timers)
+        fresh = [t for t in timers if t.idempotency_key not in earlier]
+        allowed = fresh[: await self.cap.room(tenant)]
+        stored = await self.store.insert_many_async(allowed) if allowed else []
+        inserted = {t.id: s for t, s in zip(allowed, stored, strict=True)}
+        outcomes: list[Stored | ApiError] = []
+        for timer in timers:
+            if timer.idempotency_key in earlier:
+                outcomes.append(replay(timer, earlier[timer.idempotency_key]))
+            elif timer.id in inserted:
+                outcomes.append(self._inserted(timer, inserted[timer.id]))
+            else:
+                outcomes.append(self.cap.refusal())
+        return outcomes
 
-    async def timer(self, request: Request) -> JSONResponse:
+    def _earlier(self, tenant: str, timers: list[Timer]) -> dict[str, Timer]:
+        """The tenant's timers already created with the idempotency keys of `timers`."""
+        found = {}
+        for key in {t.idempotency_key for t in timers if t.idempotency_key is not None}:
+            timer = self.store.find_by_idempotency_key(tenant, key)
+            if timer is not None:
+                found[key] = timer
+        return found
+
+    def _inserted(self, timer: Timer, stored: Timer) -> Stored | ApiError:
+        """What inserting `timer` came to: new, or a concurrent create's under the same key."""
+        if stored.id != timer.id:
+            return replay(timer, stored)
+        self.cap.added(timer.tenant)
+        metrics.TIMERS_CREATED.inc()
+        self._announce(stored)
+        return stored, False
+
+    async def timer(self, request: Request) -> Response:
         """GET reads, PATCH changes, DELETE cancels: one route, so a 405 there allows all."""
         if request.method == "PATCH":
             return await self.change(request)
         return await run_in_threadpool(self.read_or_cancel, request)
 
-    def read_or_cancel(self, request: Request) -> JSONResponse:
+    def read_or_cancel(self, request: Request) -> Response:
         """`GET /timers/{id}` reads a timer; `DELETE /timers/{id}` cancels a pending one."""
         tenant = self._tenant(request)
         timer_id = request.path_params["timer_id"]
@@ -193,9 +264,9 @@ class TimerRoutes:
             timer = self.store.cancel(timer_id, now_ms, tenant)
         else:
             timer = self.store.get(timer_id, tenant)
-        return JSONResponse(timer_view(timer, now_ms))
+        return answer(timer_view(timer, now_ms))
 
-    async def change(self, request: Request) -> JSONResponse:
+    async def change(self, request: Request) -> Response:
         """`PATCH /timers/{id}`: move or edit a pending timer, or change a pending or paused
         series (its schedule too: it carries on at the new schedule's next occurrence); 409
         once it is claimed."""
@@ -207,7 +278,7 @@ class TimerRoutes:
         timer = await run_in_threadpool(self.store.update_pending, timer_id, changes, tenant)
         if changes.due_at_ms is not None:
             self._announce(timer)
-        return JSONResponse(timer_view(timer, now_ms))
+        return answer(timer_view(timer, now_ms))
 
     def _changes(
         self, timer_id: str, tenant: str, data: dict[str, Any], now_ms: int
@@ -234,13 +305,13 @@ class TimerRoutes:
         schedule, first = change_schedule(current.schedule, data, now_ms, self.rules)
         return parse_changes(data, now_ms, self.rules, schedule=(schedule.to_json(), first))
 
-    def pause(self, request: Request) -> JSONResponse:
+    def pause(self, request: Request) -> Response:
         """`POST /timers/{id}/pause`: a pending series stops until resumed."""
         tenant = self._tenant(request)
         timer = self.store.pause(request.path_params["timer_id"], tenant)
-        return JSONResponse(timer_view(timer, self.clock.now_ms()))
+        return answer(timer_view(timer, self.clock.now_ms()))
 
-    def resume(self, request: Request) -> JSONResponse:
+    def resume(self, request: Request) -> Response:
         """`POST /timers/{id}/resume`: a paused series carries on at its next occurrence from
         now; the occurrences it missed while paused are not fired."""
         tenant = self._tenant(request)
@@ -258,9 +329,9 @@ class TimerRoutes:
             raise
         timer = self.store.resume(timer_id, due_at_ms, tenant)
         self._announce(timer)
-        return JSONResponse(timer_view(timer, now_ms))
+        return answer(timer_view(timer, now_ms))
 
-    def list_timers(self, request: Request) -> JSONResponse:
+    def list_timers(self, request: Request) -> Response:
         """`GET /timers?state=failed&limit=50&cursor=<id>`: newest first, one page at a time;
         with `url_prefix`, each page scans at most `URL_SCAN` timers."""
         tenant = self._tenant(request)
@@ -282,22 +353,20 @@ class TimerRoutes:
             if query.recurring is not None:  # the scan's cursor still says where to go on
                 timers = [t for t in timers if (t.schedule is not None) == query.recurring]
         now_ms = self.clock.now_ms()
-        return JSONResponse(
-            {"timers": [timer_view(t, now_ms) for t in timers], "next_cursor": cursor}
-        )
+        return answer(TimerPage([timer_view(t, now_ms) for t in timers], cursor))
 
     def stats(self, request: Request) -> JSONResponse:
         """`GET /stats`: the caller's tenant at a glance (see `api.stats`)."""
         tenant = self._tenant(request)
         return JSONResponse(self.stats_cache.get(tenant, self.clock.now_ms()))
 
-    def replay(self, request: Request) -> JSONResponse:
+    def replay(self, request: Request) -> Response:
         """`POST /timers/{id}/replay`: a failed or fired timer fires again now, same id."""
         tenant = self._tenant(request)
         now_ms = self.clock.now_ms()
         timer = self.store.replay(request.path_params["timer_id"], now_ms, tenant)
         self._announce(timer)
-        return JSONResponse(timer_view(timer, now_ms))
+        return answer(timer_view(timer, now_ms))
 
     def readyz(self, _: Request) -> JSONResponse:
         """200 while the store answers, 503 otherwise."""
@@ -320,28 +389,60 @@ class PendingCap:
         self._counts: dict[str, tuple[int, float]] = {}  # tenant → (pending, counted at)
         self._lock = threading.Lock()
 
-    def check(self, tenant: str) -> None:
-        """Raise 429 when `tenant` has its cap of pending timers already."""
+    async def room(self, tenant: str) -> int:
+        """How many more pending timers `tenant` may have now; counts them in a worker thread
+        only when the last count is over REFRESH_S old."""
         now = time.monotonic()
         with self._lock:
             count, at = self._counts.get(tenant, (0, -math.inf))
         if now - at > self.REFRESH_S:
-            count, at = self._store.count_pending(tenant, self._limit), now
+            count = await run_in_threadpool(self._store.count_pending, tenant, self._limit)
             with self._lock:
-                self._counts[tenant] = (count, at)
-        if count >= self._limit:
-            raise ApiError(
-                429,
-                "too_many_pending",
-                f"this tenant already has {self._limit} pending timers",
-                headers={"Retry-After": "60"},
-            )
+                self._counts[tenant] = (count, now)
+        return max(0, self._limit - count)
+
+    def refusal(self) -> ApiError:
+        """The 429 of a create past the cap."""
+        return ApiError(
+            429,
+            "too_many_pending",
+            f"this tenant already has {self._limit} pending timers",
+            headers={"Retry-After": "60"},
+        )
 
     def added(self, tenant: str) -> None:
         """Count a timer just inserted for `tenant` until the next refresh."""
         with self._lock:
             count, at = self._counts.get(tenant, (0, -math.inf))
             self._counts[tenant] = (count + 1, at)
+
+
+Stored = tuple[Timer, bool]  # a stored timer, and whether it answers an idempotent replay
+
+
+def replay(timer: Timer, earlier: Timer) -> Stored | ApiError:
+    """The answer to `timer` whose idempotency key `earlier` already has: `earlier`, unless
+    it was created from another body."""
+    if earlier.request_hash != timer.request_hash:
+        return ApiError(
+            422,
+            "idempotency_conflict",
+            "this Idempotency-Key was used with a different request body",
+        )
+    return earlier, True
+
+
+def answer(model: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer of an `api.contract` model, encoded by msgspec."""
+    return Response(encode(model), status, headers, media_type="application/json")
+
+
+def batch_result(outcome: Stored | ApiError, now_ms: int) -> BatchResult:
+    """One item of a batch answer."""
+    if isinstance(outcome, ApiError):
+        return BatchResult(status=outcome.status, error=error_object(outcome))
+    stored, replayed = outcome
+    return BatchResult(status=201, timer=timer_view(stored, now_ms), replayed=replayed)
 
 
 async def healthz(_: Request) -> JSONResponse:
@@ -409,8 +510,9 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
             Route("/metrics", metrics_page, methods=["GET"]),
-            Route("/openapi.json", openapi_json, methods=["GET"]),
+            Route("/openapi.json", openapi_route(settings), methods=["GET"]),
             Route("/timers", routes.timers, methods=["GET", "POST"]),
+            Route("/timers/batch", routes.create_batch, methods=["POST"]),
             Route("/timers/{timer_id}/replay", routes.replay, methods=["POST"]),
             Route("/timers/{timer_id}/pause", routes.pause, methods=["POST"]),
             Route("/timers/{timer_id}/resume", routes.resume, methods=["POST"]),
@@ -431,10 +533,19 @@ def create_app(
 
 
 class RequestMetrics:
-    """Counts every answered request by route template, method and status."""
+    """Counts every answered request by route template, method and status. The labelled child
+    counter of each (route, method, status) is looked up once and kept."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._counters: dict[tuple[str, str, int], Any] = {}
+
+    def _count(self, path: str, method: str, status: int) -> None:
+        key = (path, method, status)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = metrics.API_REQUESTS.labels(path, method, str(status))
+        counter.inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -451,6 +562,4 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, record_status)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            metrics.API_REQUESTS.labels(path, scope["method"], str(status)).inc()
+            self._count(getattr(scope.get("route"), "path", "unmatched"), scope["method"], status)

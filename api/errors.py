@@ -9,8 +9,9 @@ from typing import Any
 import structlog
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
+from api.contract import ErrorBody, ErrorObject, encode
 from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
 
 log = structlog.get_logger("timerd.api")
@@ -42,34 +43,39 @@ def error_response(
     message: str,
     headers: Mapping[str, str] | None = None,
     **details: Any,
-) -> JSONResponse:
-    """The one shape of every error body."""
-    body = {"error": {"code": code, "message": message, **details}}
-    return JSONResponse(body, status_code=status, headers=headers)
+) -> Response:
+    """The one shape of every error body (`api.contract.ErrorBody`)."""
+    body = ErrorBody(ErrorObject(code, message, **details))
+    return Response(encode(body), status, headers, media_type="application/json")
 
 
-async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
+def error_object(exc: ApiError) -> ErrorObject:
+    """The error object of `exc`, as an error body or a batch item holds it."""
+    return ErrorObject(exc.code, exc.message, **exc.details)
+
+
+async def on_api_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return error_response(exc.status, exc.code, exc.message, exc.headers, **exc.details)
 
 
-async def on_not_found(_: Request, exc: Exception) -> JSONResponse:
+async def on_not_found(_: Request, exc: Exception) -> Response:
     return error_response(404, "not_found", "no timer with this id")
 
 
-async def on_conflict(_: Request, exc: Exception) -> JSONResponse:
+async def on_conflict(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, TimerStateConflict)
     return error_response(409, "state_conflict", f"the timer is {exc.state}", state=exc.state)
 
 
-async def on_store_unavailable(_: Request, exc: Exception) -> JSONResponse:
+async def on_store_unavailable(_: Request, exc: Exception) -> Response:
     log.warning("store_unavailable", error=str(exc))
     return error_response(
         503, "store_unavailable", "the store is unavailable; try again", {"Retry-After": "1"}
     )
 
 
-async def on_http_exception(_: Request, exc: Exception) -> JSONResponse:
+async def on_http_exception(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
@@ -85,7 +91,7 @@ async def on_client_disconnect(request: Request, _: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+async def on_unexpected(request: Request, exc: Exception) -> Response:
     request_id = uuid.uuid4().hex
     log.error("unexpected_error", request_id=request_id, path=request.url.path, exc_info=exc)
     return error_response(500, "internal", "unexpected error", request_id=request_id)

@@ -8,16 +8,21 @@ quoted come from `api.validation`, so the two cannot drift apart.
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
+import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
+from api import contract
 from api.console import PAGE, load_assets
+from api.contract import MAX_ATTEMPTS_CAP
 from api.stats import RECENT
 from api.validation import (
     DEFAULT_PAGE,
-    MAX_ATTEMPTS_CAP,
+    FORBIDDEN_HEADER_NAMES,
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
     MAX_HEADERS,
@@ -29,7 +34,7 @@ from api.validation import (
 )
 from timerd import __version__
 from timerd.models import State
-from timerd.settings import default
+from timerd.settings import Settings, default
 
 MAX_REQUEST_HEAD_BYTES: int = default("max_request_head_bytes")
 
@@ -41,9 +46,9 @@ FIRE_AT_PATTERN = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
     r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
 )
-HEADER_NAME_PATTERN = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}$"
-HEADER_VALUE_PATTERN = r"^[\x20-\x7e\t]{0,1024}$"
-IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+HEADER_NAME_PATTERN = f"^{contract.HEADER_NAME_PATTERN}$"
+HEADER_VALUE_PATTERN = f"^{contract.HEADER_VALUE_PATTERN}$"
+IDEMPOTENCY_KEY_PATTERN = f"^{contract.IDEMPOTENCY_KEY_PATTERN}$"
 
 
 def _ref(name: str) -> Schema:
@@ -107,21 +112,6 @@ ON_FAILURE_URL: Schema = {
     "examples": ["https://example.com/failures"],
 }
 
-CALLBACK: Schema = {
-    "type": ["object", "null"],
-    "description": "The failure callback of the latest failure; null before any.",
-    "properties": {
-        "state": {"type": "string", "enum": ["pending", "firing", "delivered", "failed"]},
-        "attempts": {"type": "integer", "minimum": 0},
-        "last_status": _nullable({"type": "integer"}),
-        "last_error": _nullable({"type": "string"}),
-        "next_attempt_at": _nullable(DATE_TIME),
-        "occurrence": _nullable({"type": "integer", "minimum": 0}),
-    },
-    "required": ["state", "attempts", "last_status", "last_error", "next_attempt_at"],
-    "additionalProperties": False,
-}
-
 PAYLOAD: Schema = {
     "description": f"Any JSON value, at most {MAX_PAYLOAD_BYTES} bytes as compact JSON and "
     f"{MAX_PAYLOAD_DEPTH} levels of arrays and objects deep; delivered inside the webhook body.",
@@ -136,10 +126,8 @@ HEADERS: Schema = {
     f"{MAX_HEADER_BYTES} bytes of names and values in all; names match "
     f"`{HEADER_NAME_PATTERN}`, values `{HEADER_VALUE_PATTERN}` (printable ASCII). Names are "
     "case-insensitive (lower-cased; the same name twice is refused). Hop-by-hop and framing "
-    "headers (`connection`, `keep-alive`, `proxy-authenticate`, `proxy-authorization`, "
-    "`proxy-connection`, `te`, `trailer`, `transfer-encoding`, `upgrade`, `host`, "
-    "`content-length`, `content-type`, `content-encoding`, `expect`) and every `webhook-*` "
-    "header are refused.",
+    f"headers ({', '.join(f'`{name}`' for name in FORBIDDEN_HEADER_NAMES)}) and every "
+    "`webhook-*` header are refused.",
 }
 
 SERIES_FIELDS: dict[str, Schema] = {
@@ -258,131 +246,6 @@ CHANGE_TIMER: Schema = {
     "examples": [{"minutes": 30}],
 }
 
-ATTEMPT: Schema = {
-    "type": "object",
-    "description": "One delivery attempt.",
-    "properties": {
-        "attempt": {"type": "integer", "minimum": 1},
-        "at": DATE_TIME,
-        "status": _nullable({"type": "integer"}),
-        "error": _nullable({"type": "string"}),
-        "latency_ms": {"type": "number", "minimum": 0},
-        "response": _nullable(
-            {"type": "string", "description": "The first 256 characters of the answer."}
-        ),
-    },
-    "required": ["attempt", "at", "status", "error", "latency_ms", "response"],
-    "additionalProperties": False,
-}
-
-TIMER: Schema = {
-    "type": "object",
-    "description": "A timer and its delivery state.",
-    "properties": {
-        "id": {"type": "string", "pattern": TIMER_ID_PATTERN},
-        "time_left": {
-            "type": "integer",
-            "minimum": 0,
-            "description": "Whole seconds until it fires, rounded up; 0 once due or finished.",
-        },
-        "state": _ref("State"),
-        "fire_at": {**DATE_TIME, "description": "When it fires (next)."},
-        "url": {"type": "string"},
-        "attempts": {"type": "integer", "minimum": 0},
-        "created_at": DATE_TIME,
-        "fired_at": _nullable(DATE_TIME),
-        "last_status": _nullable({"type": "integer"}),
-        "last_error": _nullable({"type": "string"}),
-        "next_attempt_at": _nullable(
-            {**DATE_TIME, "description": "Set while a pending timer waits for a retry."}
-        ),
-        "max_attempts": _nullable({"type": "integer", "minimum": 1, "maximum": MAX_ATTEMPTS_CAP}),
-        "payload": {"description": "The client's payload; null when it has none."},
-        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-        "history": {
-            "type": "array",
-            "maxItems": 10,
-            "items": _ref("Attempt"),
-            "description": "The newest 10 attempts, oldest first.",
-        },
-        "recurring": {"type": "boolean", "description": "Whether the timer is a series."},
-        "schedule": {
-            "type": "object",
-            "description": "A series' schedule, as created or last changed.",
-            "properties": {
-                "every": {"type": "string"},
-                "start_at": _nullable(DATE_TIME),
-                "cron": {"type": "string"},
-                "timezone": {"type": "string"},
-                "until": _nullable(DATE_TIME),
-                "max_occurrences": _nullable({"type": "integer"}),
-                "catch_up": {"type": "string", "enum": ["once", "all"]},
-            },
-            "additionalProperties": False,
-        },
-        "occurrence": {
-            "type": "integer",
-            "minimum": 1,
-            "description": "A series: the current occurrence (the next or the one in flight).",
-        },
-        "occurrence_at": {**_nullable(DATE_TIME), "description": "When it is scheduled."},
-        "occurrences": {
-            "type": "integer",
-            "minimum": 0,
-            "description": "A series: how many occurrences have ended (delivered or failed), "
-            "those a catch-up stood for included.",
-        },
-        "occurrences_failed": {"type": "integer", "minimum": 0},
-        "next_fire_at": {
-            **_nullable(DATE_TIME),
-            "description": "A pending series: when it fires next (a retry included).",
-        },
-        "upcoming": {
-            "type": "array",
-            "maxItems": 5,
-            "items": DATE_TIME,
-            "description": "A pending or firing series: its next 5 occurrence times, the "
-            "current one first.",
-        },
-        "on_failure_url": _nullable({"type": "string"}),
-        "callback": CALLBACK,
-    },
-    "required": [
-        "id",
-        "time_left",
-        "state",
-        "fire_at",
-        "url",
-        "attempts",
-        "created_at",
-        "fired_at",
-        "last_status",
-        "last_error",
-        "next_attempt_at",
-        "max_attempts",
-        "payload",
-        "headers",
-        "history",
-        "recurring",
-        "on_failure_url",
-        "callback",
-    ],
-    "additionalProperties": False,
-}
-
-TIMER_PAGE: Schema = {
-    "type": "object",
-    "properties": {
-        "timers": {"type": "array", "maxItems": MAX_PAGE, "items": _ref("Timer")},
-        "next_cursor": {
-            **_nullable({"type": "string", "pattern": TIMER_ID_PATTERN}),
-            "description": "Pass as `cursor` for the next page; null on the last page.",
-        },
-    },
-    "required": ["timers", "next_cursor"],
-    "additionalProperties": False,
-}
-
 
 def _counts(description: str) -> Schema:
     return {"type": "integer", "minimum": 0, "description": description}
@@ -493,37 +356,6 @@ STATS: Schema = {
     "additionalProperties": False,
 }
 
-ERROR: Schema = {
-    "type": "object",
-    "properties": {
-        "error": {
-            "type": "object",
-            "properties": {
-                "code": {"type": "string", "description": "A stable code a program can match."},
-                "message": {"type": "string", "description": "For people; may change."},
-                "field": {"type": "string", "description": "The offending field."},
-                "fields": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "description": "The unknown fields or parameters (`unknown_field`).",
-                },
-                "state": {
-                    **_ref("State"),
-                    "description": "The timer's state (`state_conflict`).",
-                },
-                "request_id": {
-                    "type": "string",
-                    "description": "Also in the server's logs (`internal`).",
-                },
-            },
-            "required": ["code", "message"],
-            "additionalProperties": False,
-        }
-    },
-    "required": ["error"],
-    "additionalProperties": False,
-}
-
 STATUS: Schema = {
     "type": "object",
     "properties": {"status": {"type": "string"}},
@@ -620,7 +452,7 @@ CONSOLE_HEADERS: dict[str, Schema] = {
 TIMERS_SECURITY: list[Schema] = [{"apiKey": []}, {}]  # {}: no key, when none is configured
 TIMER_OK = _ok("The timer as it now is.", _ref("Timer"))
 
-OPENAPI: Schema = {
+_TEMPLATE: Schema = {
     "openapi": "3.1.0",
     "info": {
         "title": "timerd",
@@ -642,10 +474,10 @@ OPENAPI: Schema = {
                         "name": "Idempotency-Key",
                         "in": "header",
                         "required": False,
-                        "description": "Makes the create idempotent for this tenant (kept at "
-                        "least 24 hours): the same key with the same body answers the original "
-                        "timer (201, `Idempotent-Replayed: true`); with a different body, 422 "
-                        "`idempotency_conflict`.",
+                        "description": "Makes the create idempotent for this tenant (kept as "
+                        "long as the timer is): the same key with the same body answers the "
+                        "original timer (201, `Idempotent-Replayed: true`); with a different "
+                        "body, 422 `idempotency_conflict`.",
                         "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
                     }
                 ],
@@ -948,17 +780,152 @@ OPENAPI: Schema = {
         "schemas": {
             "CreateTimer": CREATE_TIMER,
             "ChangeTimer": CHANGE_TIMER,
-            "Timer": TIMER,
-            "Attempt": ATTEMPT,
-            "TimerPage": TIMER_PAGE,
             "Stats": STATS,
             "State": {"type": "string", "enum": [state.value for state in State]},
-            "Error": ERROR,
         },
     },
 }
 
 
-async def openapi_json(_: Request) -> JSONResponse:
-    """`GET /openapi.json`: this document, without authentication."""
-    return JSONResponse(OPENAPI)
+# the document of one app: the template, the models' components, the limits in force
+
+ANSWER_MODELS = (
+    contract.TimerView,
+    contract.TimerPage,
+    contract.ErrorBody,
+    contract.BatchItem,
+    contract.BatchAnswer,
+)
+# Components named as the document has always named them, rather than by class name.
+COMPONENT_NAMES = {"TimerView": "Timer", "AttemptView": "Attempt", "ErrorBody": "Error"}
+REF = "#/components/schemas/"
+
+
+def model_components() -> dict[str, Schema]:
+    """The JSON Schema of every answer model and the batch item, from msgspec."""
+    _, components = msgspec.json.schema_components(ANSWER_MODELS, ref_template=REF + "{name}")
+    renamed = {COMPONENT_NAMES.get(name, name): schema for name, schema in components.items()}
+    return cast(dict[str, Schema], _rename_refs(renamed))
+
+
+def _rename_refs(value: Any) -> Any:
+    if isinstance(value, dict):
+        ref = value.get("$ref")
+        if isinstance(ref, str) and ref.startswith(REF):
+            name = ref.removeprefix(REF)
+            return {**value, "$ref": REF + COMPONENT_NAMES.get(name, name)}
+        return {key: _rename_refs(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rename_refs(item) for item in value]
+    return value
+
+
+def batch_path(settings: Settings) -> Schema:
+    """`POST /timers/batch`."""
+    limit = settings.max_body_bytes * contract.BATCH_MAX
+    return {
+        "post": {
+            "operationId": "createTimers",
+            "summary": "Create up to 1000 timers at once",
+            "description": "A JSON array of 1 to 1000 create bodies (`BatchItem`: a "
+            "`CreateTimer` with an optional `idempotency_key`, which stands for the "
+            "`Idempotency-Key` header of a single create; the header itself is refused here). "
+            "Each item is checked exactly as `POST /timers` checks one; the valid ones are "
+            "stored durably in one transaction, under the tenant's pending cap (items past it "
+            "get 429 `too_many_pending`). The answer holds one result per item, in order: "
+            "`status` 201 and `timer` (`replayed` for a known key with the same body), or the "
+            "status and `error` a single create would have answered.",
+            "requestBody": {
+                "required": True,
+                "content": _json(
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": contract.BATCH_MAX,
+                        "items": _ref("BatchItem"),
+                    }
+                ),
+            },
+            "responses": _answers(
+                {
+                    "200": _ok("One result per item, in order.", _ref("BatchAnswer")),
+                    "400": _error(
+                        "The body is not JSON (or holds `NaN`, `Infinity` or an integer of "
+                        "more than 30 digits) or not an array, or an `Idempotency-Key` header "
+                        "was sent.",
+                        *BAD_JSON,
+                        "invalid_idempotency_key",
+                    ),
+                    "413": _error(
+                        f"More than {contract.BATCH_MAX} items, or a body over {limit} bytes.",
+                        "too_many_timers",
+                        "body_too_large",
+                    ),
+                    "422": _error("An empty array.", "invalid_body"),
+                }
+            ),
+        }
+    }
+
+
+def build_openapi(settings: Settings) -> Schema:
+    """The OpenAPI document of an app run with `settings`: every limit it states is the one in
+    force. Built once, when the app is."""
+    document = copy.deepcopy(_TEMPLATE)
+    paths = document["paths"]
+    paths["/timers/batch"] = batch_path(settings)
+    schemas = document["components"]["schemas"]
+    schemas.update(model_components())
+    for name in ("CreateTimer", "ChangeTimer", "BatchItem"):
+        _set_body_limits(schemas[name]["properties"], settings)
+    too_large = f"The body is over {settings.max_body_bytes} bytes."
+    for path in ("/timers", "/timers/{timer_id}"):
+        for operation in _operations(paths[path]):
+            if "413" in operation.get("responses", {}):
+                operation["responses"]["413"]["description"] = too_large
+    head = (
+        "The request line and headers are over `TIMERD_MAX_REQUEST_HEAD_BYTES` "
+        f"({settings.max_request_head_bytes} bytes) in all."
+    )
+    for item in paths.values():
+        for operation in _operations(item):
+            if "431" in operation.get("responses", {}):
+                operation["responses"]["431"]["description"] = head
+    return document
+
+
+def _operations(path_item: Schema) -> list[Schema]:
+    return [value for value in path_item.values() if isinstance(value, dict)]
+
+
+def _set_body_limits(properties: dict[str, Schema], settings: Settings) -> None:
+    """The limits of `settings` on a body's url, payload and headers."""
+    for name in ("url", "on_failure_url"):
+        properties[name] = {**URL, **properties.get(name, {}), "maxLength": settings.max_url_chars}
+        properties[name].pop("anyOf", None)
+        properties[name]["type"] = "string"
+    properties["payload"] = {
+        "description": f"Any JSON value, at most {settings.max_payload_bytes} bytes as compact "
+        f"JSON and {MAX_PAYLOAD_DEPTH} levels of arrays and objects deep; delivered inside the "
+        "webhook body.",
+    }
+    properties["headers"] = {
+        **HEADERS,
+        "description": str(HEADERS["description"]).replace(
+            f"{MAX_HEADER_BYTES} bytes", f"{settings.max_headers_bytes} bytes"
+        ),
+    }
+
+
+OPENAPI = build_openapi(Settings())  # the document of an app run with the default settings
+
+
+def openapi_route(settings: Settings) -> Callable[[Request], Awaitable[Response]]:
+    """`GET /openapi.json` of an app run with `settings`: its document, encoded once."""
+    body = contract.encode(build_openapi(settings))
+
+    async def openapi_json(_: Request) -> Response:
+        """The document, without authentication."""
+        return Response(body, media_type="application/json")
+
+    return openapi_json

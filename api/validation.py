@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -12,11 +13,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
+from api.contract import (
+    BATCH_MAX,
+    HEADER_NAME_PATTERN,
+    HEADER_VALUE_PATTERN,
+    IDEMPOTENCY_KEY_PATTERN,
+    MAX_ATTEMPTS_CAP,
+    ChangeTimer,
+    CreateTimer,
+    field_names,
+)
 from api.errors import ApiError
 from timerd.models import State, TimerChanges, is_timer_id
 from timerd.schedules import ScheduleError, local_to_ms
 from timerd.settings import Settings, default
-from timerd.ssrf import PUBLIC_ONLY, AddressPolicy
+from timerd.ssrf import PUBLIC_ONLY, AddressPolicy, Denial
 from timerd.targets import url_problem
 
 MAX_BODY_BYTES: int = default("max_body_bytes")
@@ -30,38 +43,34 @@ SERIES_FIELDS = frozenset(
     {"every", "start_at", "cron", "timezone", "until", "max_occurrences", "catch_up"}
 )  # checked by api/series.py
 TIME_FIELDS = frozenset({*DURATION_FIELDS, "fire_at", "fire_at_local"})  # a one-off's time
-CREATE_FIELDS = frozenset(
-    {*TIME_FIELDS, *SERIES_FIELDS, "url", "payload", "headers", "max_attempts", "on_failure_url"}
-)
+CREATE_FIELDS = field_names(CreateTimer)  # what a create body may hold
 MAX_PAYLOAD_BYTES: int = default("max_payload_bytes")
 MAX_PAYLOAD_DEPTH = 100  # arrays and objects within one another: far from the recursion limit
 MAX_HEADERS = 20
 MAX_HEADER_BYTES: int = default("max_headers_bytes")  # names and values together
-MAX_ATTEMPTS_CAP = 100
 DEFAULT_PAGE, MAX_PAGE = 50, 100
 URL_SCAN = 1000  # timers one page of a `url_prefix` listing looks at, at most
 LIMIT = re.compile(r"[0-9]{1,9}")
 # Headers a client may not set: hop-by-hop ones, framing, and what timerd itself sends.
-FORBIDDEN_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "content-type",
-        "content-encoding",
-        "expect",
-    }
-)
-HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}", re.ASCII)
-HEADER_VALUE = re.compile(r"[\x20-\x7e\t]{0,1024}", re.ASCII)
+FORBIDDEN_HEADER_NAMES = (
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "expect",
+)  # in the order the OpenAPI document lists them
+FORBIDDEN_HEADERS = frozenset(FORBIDDEN_HEADER_NAMES)
+HEADER_NAME = re.compile(HEADER_NAME_PATTERN, re.ASCII)
+HEADER_VALUE = re.compile(HEADER_VALUE_PATTERN, re.ASCII)
 RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
 )
@@ -134,15 +143,57 @@ def loads_strict(text: str | bytes) -> Any:
     )
 
 
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    """Decode a JSON object body; 400 for anything that is not one, and for numbers that are
-    not finite floats or integers of at most MAX_INT_DIGITS digits, wherever they are."""
+_DECODER = msgspec.json.Decoder()
+HUGE_INT = 10**MAX_INT_DIGITS  # the least integer of more than MAX_INT_DIGITS digits
+
+
+def loads_fast(body: bytes) -> Any:
+    """`loads_strict`, by msgspec's decoder where it can: what msgspec refuses (malformed JSON,
+    `1e400`, NaN, lone surrogates, a byte-order mark) goes through `loads_strict`, which says
+    why in our words or accepts it as `json.loads` would."""
     try:
-        data = loads_strict(body)
+        value = _DECODER.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return loads_strict(body)
+    if _has_huge_int(value):
+        raise _BadNumber("an integer in the body has too many digits")
+    return value
+
+
+def _has_huge_int(value: Any) -> bool:
+    """Whether an integer of more than MAX_INT_DIGITS digits is anywhere in `value`."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is int:
+            if not -HUGE_INT < item < HUGE_INT:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def parse_json(body: bytes) -> Any:
+    """Decode a JSON body; 400 `invalid_json` for anything that is not JSON, and for numbers
+    that are not finite floats or integers of at most MAX_INT_DIGITS digits, wherever they are."""
+    try:
+        return loads_fast(body)
     except _BadNumber as exc:
         raise ApiError(400, "invalid_json", str(exc)) from exc
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from exc
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """Decode a JSON object body (`parse_json`); 400 for anything that is not one."""
+    return json_object(parse_json(body))
+
+
+def json_object(data: Any) -> dict[str, Any]:
+    """`data` if it is an object whose top-level names and strings are valid Unicode; else
+    400 (a body, or an item of a batch)."""
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_body", "the body must be a JSON object")
     # Only top-level names and strings are ever stored or echoed back; nothing deeper is.
@@ -356,12 +407,29 @@ def parse_url(value: Any, rules: Rules = DEFAULT_RULES, field: str = "url") -> s
         raise _invalid(field, f"{field} must not contain a fragment")
     if port == 0:
         raise _invalid(field, f"{field} has an invalid port")
-    denial = rules.policy.url_denial(value)
+    denial, problem = host_checks(_origin(value, parts.scheme), rules.policy)
     if denial is not None:
         raise _invalid(field, f"{field}'s host {denial}: webhooks may only reach public addresses")
-    if (problem := url_problem(value)) is not None:
+    if problem is not None:
         raise _invalid(field, f"{field} {problem}: no webhook could ever be delivered to it")
     return value
+
+
+def _origin(url: str, scheme: str) -> str:
+    """`scheme://authority` of `url`, what the host checks read; the whole URL when it has a
+    backslash (which `url_problem` refuses wherever it is)."""
+    if "\\" in url:
+        return url
+    rest = url[len(scheme) + 3 :]
+    end = min((i for i in map(rest.find, "/?") if i >= 0), default=len(rest))
+    return url[: len(scheme) + 3 + end]
+
+
+@functools.lru_cache(maxsize=4096)
+def host_checks(origin: str, policy: AddressPolicy) -> tuple[Denial | None, str | None]:
+    """The SSRF policy's denial and `url_problem` of a URL's origin (both judge only its
+    host), kept for the origins seen last: one URL per timer mostly shares a few origins."""
+    return policy.url_denial(origin), url_problem(origin)
 
 
 def _refuse_unknown(given: Iterable[str], allowed: Set[str], noun: str) -> None:
@@ -422,23 +490,37 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
     )
 
 
-IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)
-CHANGE_FIELDS = frozenset(
-    {*TIME_FIELDS, *SERIES_FIELDS, "url", "payload", "headers", "on_failure_url"}
-)
+IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN, re.ASCII)
+CHANGE_FIELDS = field_names(ChangeTimer)  # what a PATCH body may hold
 
 
-def parse_idempotency_key(value: str | None) -> str | None:
-    """The `Idempotency-Key` header: 1 to 255 visible ASCII characters, or absent."""
+def parse_idempotency_key(value: Any, name: str = "Idempotency-Key") -> str | None:
+    """The `Idempotency-Key` header (or a batch item's `idempotency_key`): 1 to 255 visible
+    ASCII characters, or absent."""
     if value is None:
         return None
-    if not IDEMPOTENCY_KEY.fullmatch(value):
+    if not isinstance(value, str) or not IDEMPOTENCY_KEY.fullmatch(value):
         raise ApiError(
             400,
             "invalid_idempotency_key",
-            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            f"{name} must be 1 to 255 visible ASCII characters",
         )
     return value
+
+
+def parse_batch(body: bytes) -> list[Any]:
+    """A batch body: a JSON array of 1 to BATCH_MAX items (each checked as a create body by
+    the caller). 400 for what is not JSON or not an array, 413 for more than BATCH_MAX items."""
+    items = parse_json(body)
+    if not isinstance(items, list):
+        raise ApiError(400, "invalid_body", "the body must be a JSON array of timers")
+    if not items:
+        raise ApiError(422, "invalid_body", "give at least one timer")
+    if len(items) > BATCH_MAX:
+        raise ApiError(
+            413, "too_many_timers", f"a batch may hold at most {BATCH_MAX} timers", limit=BATCH_MAX
+        )
+    return items
 
 
 def request_hash(data: dict[str, Any]) -> str:

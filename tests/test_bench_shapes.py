@@ -124,3 +124,21 @@ def test_a_burst_fired_by_two_processes_is_complete_and_compared_with_the_ceilin
         assert result["ratio_to_ceiling"] > 0
     else:
         assert result["ceiling"] is None
+
+
+def test_the_create_shape_measures_timerd_next_to_the_floor_and_batches() -> None:
+    result = bench("--shape", "create", "--n", "200", "--clients", "8")
+
+    assert (result["shape"], result["n"], result["clients"]) == ("create", 200, 8)
+    assert result["urls"] == "one per timer"
+    assert result["log_level"] == "info"
+    assert result["errors"] == {} and result["floor"]["errors"] == {}
+    assert result["creates_per_s"] > 0 and result["floor"]["creates_per_s"] > 0
+    assert result["cpu_ms_per_create"] > 0
+    assert result["create_ratio_to_floor"] == round(
+        result["creates_per_s"] / result["floor"]["creates_per_s"], 3
+    )
+    batch = result["batch"]
+    assert batch["batch_size"] == 1000 and batch["errors"] == {} and batch["timers_per_s"] > 0
+    # every create answered 201 is in the file: warm-up, measured creates and one batch
+    assert result["states"] == {"pending": 500 + 200 + 1000}

@@ -5,6 +5,7 @@
     timerd bench --shape spread  --n 20000 --rate 1000  # due evenly, `rate` per second
     timerd bench --shape backlog --n 1000000            # memory and start-up over a big backlog
     timerd bench --shape store-scale --n 1000000        # hot store calls over 1M finished timers
+    timerd bench --shape create  --n 5000               # creates/s next to a bare endpoint; batches
 
 Burst and spread start, as child processes, a raw-asyncio HTTP receiver, one `timerd api` and one
 `timerd daemon` (random free ports, a temporary SQLite file unless --store is given; the daemon
@@ -17,7 +18,9 @@ straight into the SQLite file, plus one due a second after the daemon starts, st
 daemon, and reports when that timer arrived and the daemon's resident memory. Store-scale writes
 N finished timers and --pending pending ones over a few tenants through the store's `insert_many`,
 then times the store calls on the hot paths (--repeat times each) and the same through a
-`timerd api` process over HTTP.
+`timerd api` process over HTTP. Create measures one `timerd api`'s creates/s next to a bare
+Starlette endpoint's in the same run, and its timers/s through `POST /timers/batch`
+(`timerd.bench_create`).
 
 Prints one JSON line with every figure on stdout and a short summary on stderr. Children log at
 the daemon's default level (info) unless --log-level or TIMERD_LOG_LEVEL says otherwise; the
@@ -89,7 +92,7 @@ OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CEILING = "../shared/bench/ceiling.py"  # relative to the repository's root
 CEILING_TIMEOUT_S = 600.0
-SHAPES = ("burst", "spread", "backlog", "store-scale")
+SHAPES = ("burst", "spread", "backlog", "store-scale", "create")
 
 
 class BenchError(Exception):
@@ -790,10 +793,10 @@ def run_header(opts: Options, lab: Lab) -> dict[str, Any]:
     header: dict[str, Any] = {"shape": opts.shape, "n": opts.n}
     if opts.shape == "spread":
         header["rate"] = opts.rate
-    if opts.shape in ("burst", "spread"):
+    if opts.shape in ("burst", "spread", "create"):
         header["clients"] = opts.clients
         header["urls"] = "one" if opts.same_url else "one per timer"
-    if opts.shape != "store-scale":
+    if opts.shape not in ("store-scale", "create"):
         header["workers"], header["workers_from"] = workers(opts)
     store = "temporary sqlite" if lab.temp_store else opts.store
     level, level_from = log_level(opts)
@@ -1226,6 +1229,8 @@ def summary(result: dict[str, Any]) -> str:
             f"{head}\n  due timer fired {result['fired_s_after_start']} s after the daemon"
             f" started (due at +1 s); daemon RSS {result['rss_mb']} MB, peak {result['hwm_mb']} MB"
         )
+    if result["shape"] == "create":
+        return create_summary(head, result)
     if result["shape"] == "store-scale":
         lines = [f"{head}, {result['pending']} pending, {result['db_mb']} MB"]
         for where in ("store_ms", "http_ms"):
@@ -1253,6 +1258,20 @@ def summary(result: dict[str, Any]) -> str:
     )
 
 
+def run_create(opts: Options) -> dict[str, Any]:
+    """The create shape (`timerd.bench_create`, which builds on this module)."""
+    from timerd.bench_create import run_create as run  # noqa: PLC0415 -- it imports this module
+
+    return run(opts)
+
+
+def create_summary(head: str, result: dict[str, Any]) -> str:
+    """The create shape's summary lines (`timerd.bench_create`)."""
+    from timerd.bench_create import create_summary as lines  # noqa: PLC0415 -- as run_create
+
+    return lines(head, result)
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt  # so SIGTERM, like Ctrl-C, stops the children on the way out
 
@@ -1262,7 +1281,7 @@ def run_bench(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         opts = options(args)
-        runs = {"backlog": run_backlog, "store-scale": run_store_scale}
+        runs = {"backlog": run_backlog, "store-scale": run_store_scale, "create": run_create}
         result = runs.get(opts.shape, run_firing)(opts)
     except BenchError as exc:
         print(f"timerd bench: {exc}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 Both adapters (`sqlite.py`, `mongo.py`) implement `Store` exactly as documented here, and
 `tests/test_store_contract.py` holds them to it. All methods are synchronous and thread-safe: the
-API calls them from Starlette's thread pool, the daemon through `asyncio.to_thread`.
+API calls them from Starlette's thread pool, the daemon through `asyncio.to_thread`; the one
+exception, `insert_many_async`, is the API's create path on the event loop.
 
 Time is always passed in (`now_ms`, UTC epoch milliseconds); no method reads the clock.
 Every state change is a single conditional write. A write that matches nothing means another
@@ -13,6 +14,7 @@ Any method may raise `StoreUnavailable` when the store cannot be reached or stay
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Sequence
 
 from timerd.models import (
@@ -52,6 +54,12 @@ class Store(abc.ABC):
     def insert_many(self, timers: Sequence[Timer]) -> list[Timer]:
         """Insert each of `timers` as `insert` would, in one durable write (one transaction on
         SQLite); return, in order, what `insert` would have returned for each."""
+
+    async def insert_many_async(self, timers: Sequence[Timer]) -> list[Timer]:
+        """`insert_many` for a caller on an event loop, which it does not block. This default
+        runs it in a worker thread; an adapter with a writer thread of its own resolves an
+        asyncio future from that thread instead, with no thread hop per call."""
+        return await asyncio.to_thread(self.insert_many, timers)
 
     @abc.abstractmethod
     def find_by_idempotency_key(self, tenant: str, key: str) -> Timer | None:

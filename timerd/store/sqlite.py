@@ -8,6 +8,7 @@ statement on a per-thread connection; SQLite serialises writers across processes
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import json
@@ -387,14 +388,17 @@ class SqliteStore(Store):
 
     # timers
 
-    def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` in the writer thread's next transaction and wait for its commit."""
+    def _group_committer(self) -> _GroupCommitter:
         with self._writer_lock:
             if self._writer is None:
                 self._writer = _GroupCommitter(self._connect)
-            writer = self._writer
+            return self._writer
+
+    def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in the writer thread's next transaction and wait for its commit."""
+        future = self._group_committer().submit(work)
         with translate_errors():
-            return writer.submit(work).result()
+            return future.result()
 
     def partitions(self) -> int:
         return self._partitions
@@ -404,6 +408,16 @@ class SqliteStore(Store):
 
     def insert_many(self, timers: Sequence[Timer]) -> list[Timer]:
         return self._write(lambda conn: [_insert_one(conn, t, self._partitions) for t in timers])
+
+    async def insert_many_async(self, timers: Sequence[Timer]) -> list[Timer]:
+        """`insert_many` awaited on the event loop: the writer thread's commit resolves an
+        asyncio future (through `call_soon_threadsafe`), so no worker thread waits for it."""
+        batch = list(timers)
+        work = self._group_committer().submit(
+            lambda conn: [_insert_one(conn, t, self._partitions) for t in batch]
+        )
+        with translate_errors():
+            return await asyncio.wrap_future(work)
 
     def find_by_idempotency_key(self, tenant: str, key: str) -> Timer | None:
         row = self._run(lambda c: c.execute(BY_IDEMPOTENCY_KEY_SQL, (tenant, key)).fetchone())
