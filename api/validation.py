@@ -30,7 +30,7 @@ from timerd.models import State, TimerChanges, is_timer_id
 from timerd.schedules import ScheduleError, local_to_ms
 from timerd.settings import Settings, default
 from timerd.ssrf import PUBLIC_ONLY, AddressPolicy, Denial
-from timerd.targets import url_problem
+from timerd.targets import origin_of, url_problem
 
 MAX_BODY_BYTES: int = default("max_body_bytes")
 MAX_URL_CHARS: int = default("max_url_chars")
@@ -407,22 +407,12 @@ def parse_url(value: Any, rules: Rules = DEFAULT_RULES, field: str = "url") -> s
         raise _invalid(field, f"{field} must not contain a fragment")
     if port == 0:
         raise _invalid(field, f"{field} has an invalid port")
-    denial, problem = host_checks(_origin(value, parts.scheme), rules.policy)
+    denial, problem = host_checks(origin_of(value), rules.policy)
     if denial is not None:
         raise _invalid(field, f"{field}'s host {denial}: webhooks may only reach public addresses")
     if problem is not None:
         raise _invalid(field, f"{field} {problem}: no webhook could ever be delivered to it")
     return value
-
-
-def _origin(url: str, scheme: str) -> str:
-    """`scheme://authority` of `url`, what the host checks read; the whole URL when it has a
-    backslash (which `url_problem` refuses wherever it is)."""
-    if "\\" in url:
-        return url
-    rest = url[len(scheme) + 3 :]
-    end = min((i for i in map(rest.find, "/?") if i >= 0), default=len(rest))
-    return url[: len(scheme) + 3 + end]
 
 
 @functools.lru_cache(maxsize=4096)
