@@ -122,6 +122,8 @@ def test_a_burst_fired_by_two_processes_is_complete_and_compared_with_the_ceilin
         assert result["ceiling"]["missing"] == 0
         assert result["ceiling"]["fires_per_s"] > 0
         assert result["ratio_to_ceiling"] > 0
+        assert result["floor"]["creates_per_s"] > 0 and result["floor"]["errors"] == {}
+        assert result["create_ratio_to_floor"] > 0  # one command, both ratios
     else:
         assert result["ceiling"] is None
 

@@ -773,13 +773,16 @@ def run_firing(opts: Options) -> dict[str, Any]:
         arrivals = wait_for_arrivals(receiver, len(creation.due_ms), last_due_s + opts.margin)
         cpu_fire = meter.lap()
         daemon.check_alive()
+        creates = creation_figures(creation, opts)
+        floor = {} if ceiling_path(opts) is None else floor_of(lab, opts, creates["creates_per_s"])
         lab.stop()
         states = state_counts(lab.sqlite_path()) if lab.temp_store else None
         fired_by = fired_by_counts(lab.sqlite_path()) if lab.temp_store else None
     result = {
         **run_header(opts, lab),
         "partitions_held": sorted(held.values(), reverse=True),
-        **creation_figures(creation, opts),
+        **creates,
+        **floor,
         **firing_figures(opts.shape, creation, arrivals),
         "states": states,
         "fired_by_process": fired_by,
@@ -1248,8 +1251,14 @@ def summary(result: dict[str, Any]) -> str:
     else:
         ceiling = ""
     before = "finished" if result["created_before_due"] else "NOT finished"
+    floor = result.get("floor")
+    to_floor = (
+        f" (floor {floor['creates_per_s']}/s: ratio {result['create_ratio_to_floor']})"
+        if floor
+        else ""
+    )
     return (
-        f"{head}\n  created {result['created']} at {result['creates_per_s']}/s, {before}"
+        f"{head}\n  created {result['created']} at {result['creates_per_s']}/s{to_floor}, {before}"
         f" {result['creation_done_s_before_due']} s before the first due time"
         f"\n  fired {result.get('fires_per_s')}/s; late ms p50 {result.get('late_ms_p50')}"
         f" p99 {result.get('late_ms_p99')} max {result.get('late_ms_max')};"
@@ -1263,6 +1272,13 @@ def run_create(opts: Options) -> dict[str, Any]:
     from timerd.bench_create import run_create as run  # noqa: PLC0415 -- it imports this module
 
     return run(opts)
+
+
+def floor_of(lab: Lab, opts: Options, creates_per_s: int) -> dict[str, Any]:
+    """The floor next to a firing run's creates (`timerd.bench_create.floor_figures`)."""
+    from timerd.bench_create import floor_figures  # noqa: PLC0415 -- as run_create
+
+    return floor_figures(lab, opts, creates_per_s)
 
 
 def create_summary(head: str, result: dict[str, Any]) -> str:

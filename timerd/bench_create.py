@@ -139,6 +139,15 @@ def batches(pid: int, port: int, opts: Options) -> Phase:
     return measured(pid, port, chunks, "/timers/batch", BATCH_CLIENTS)
 
 
+def floor_figures(lab: Lab, opts: Options, creates_per_s: int) -> dict[str, Any]:
+    """The floor's creates/s from the same clients and body shape (for the burst and spread
+    shapes, after their firing), and a run's `creates_per_s` as a ratio of it."""
+    port, floor = start_floor(lab)
+    figures = creates(floor.proc.pid, port, opts, "f").figures("creates")
+    ratio = round(creates_per_s / max(figures["creates_per_s"], 1), 3)
+    return {"floor": figures, "create_ratio_to_floor": ratio}
+
+
 def run_create(opts: Options) -> dict[str, Any]:
     """The create shape: timerd's creates, the floor's, then batches; one JSON object."""
     with Lab(opts) as lab:
