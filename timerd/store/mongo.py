@@ -390,6 +390,12 @@ class MongoStore(BaseStore):
     def partitions(self) -> int:
         return self._partitions
 
+    def timer_indexes(self) -> Mapping[str, Any]:
+        """The indexes of the `timers` collection by name, as pymongo's `index_information`
+        describes them (which fields, in which order, over which documents)."""
+        with translate_errors():
+            return self._timers.index_information()
+
     def insert(self, timer: Timer) -> Timer:
         with translate_errors():
             try:

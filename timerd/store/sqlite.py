@@ -440,6 +440,16 @@ class SqliteStore(BaseStore):
     def partitions(self) -> int:
         return self._partitions
 
+    @property
+    def path(self) -> str:
+        """The SQLite file this store opened."""
+        return self._path
+
+    def synchronous_level(self) -> int:
+        """SQLite's `synchronous` level on this store's connections: 1 NORMAL, 2 FULL, 3 EXTRA."""
+        level: int = self._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        return level
+
     def insert(self, timer: Timer) -> Timer:
         return self._write(lambda conn: _insert_one(conn, timer, self._partitions))
 
