@@ -926,14 +926,14 @@ def test_the_due_query_is_served_by_the_partial_index_over_pending_timers(
 ) -> None:
     if isinstance(store, SqliteStore):
         sql = PENDING_DUE_SQL.format(after="", partitions=partitions)
-        with closing(sqlite3.connect(store._path)) as conn:
+        with closing(sqlite3.connect(store.path)) as conn:
             plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
         assert len(plan) == 1  # one index search; no "USE TEMP B-TREE FOR ORDER BY" step
         assert plan[0].startswith("SEARCH timers USING ")
         assert plan[0].endswith("INDEX timers_pending_due (due_at_ms<?)")
     else:
         assert isinstance(store, MongoStore)
-        index = store._timers.index_information()[PENDING_DUE_INDEX]
+        index = store.timer_indexes()[PENDING_DUE_INDEX]
         assert list(index["key"]) == [("due_at_ms", 1), ("_id", 1), ("partition", 1)]
         assert index["partialFilterExpression"] == {"state": "pending"}
 
@@ -1137,7 +1137,7 @@ def test_sqlite_durability_is_full_unless_the_daemon_or_the_url_says_otherwise(
 ) -> None:
     with closing(open_store(f"sqlite:///{db_path}{query}", for_daemon=for_daemon)) as store:
         assert isinstance(store, SqliteStore)
-        assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == synchronous
+        assert store.synchronous_level() == synchronous
 
 
 def _open_and_close(url: str, barrier: Any) -> None:

@@ -74,15 +74,40 @@ CALLS: dict[str, Callable[[Any], object]] = {
 }
 
 
-class _Failing:
-    """A collection whose every operation raises `fault`."""
+class _FailingClient:
+    """A mongomock client whose collections, once `armed`, raise `fault` on every operation:
+    the store opens on it as on a real one, then meets the fault at every call."""
 
     def __init__(self, fault: Fault) -> None:
-        self._fault = fault
+        self._client: Any = mongomock.MongoClient()
+        self.fault = fault
+        self.armed = False
 
-    def __getattr__(self, name: str) -> Callable[..., object]:
+    def __getitem__(self, database: str) -> _Database:
+        return _Database(self, self._client[database])
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class _Database:
+    def __init__(self, client: _FailingClient, database: Any) -> None:
+        self._client, self._database = client, database
+
+    def __getitem__(self, name: str) -> _Collection:
+        return _Collection(self._client, self._database[name])
+
+
+class _Collection:
+    def __init__(self, client: _FailingClient, collection: Any) -> None:
+        self._client, self._collection = client, collection
+
+    def __getattr__(self, name: str) -> Any:
+        if not self._client.armed:
+            return getattr(self._collection, name)
+
         def fail(*_: object, **__: object) -> object:
-            raise self._fault()
+            raise self._client.fault()
 
         return fail
 
@@ -95,9 +120,9 @@ def test_mongo_store_methods_raise_store_unavailable(
     def server_time() -> int:
         raise fault()
 
-    store = MongoStore(mongomock.MongoClient(), "timerd", server_time=server_time)
-    failing = _Failing(fault)
-    store._timers = store._leases = failing  # type: ignore[assignment]
+    client = _FailingClient(fault)
+    store = MongoStore(client, "timerd", server_time=server_time)  # type: ignore[arg-type]
+    client.armed = True
     with pytest.raises(StoreUnavailable):
         call(store)
 

@@ -43,6 +43,12 @@ from timerd.workers import Workers, worker_count
 
 log = structlog.get_logger("timerd")
 
+DESCRIPTION = (
+    "timerd keeps timers durably and, when one is due, sends its webhook: POST <url>/<id>."
+    " `timerd run` starts the API (127.0.0.1:8081) and the firing daemon on ./timerd.db."
+    " Every setting is a flag of its command or a TIMERD_* variable: timerd run --help."
+)
+
 
 class _Server(uvicorn.Server):
     """uvicorn's server without its own signal handling: the CLI owns SIGTERM and SIGINT so it
@@ -218,9 +224,7 @@ COMMANDS: dict[str, Callable[[Settings], Coroutine[None, None, None]]] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="timerd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="timerd", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"timerd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (

@@ -10,7 +10,9 @@ import bson
 
 
 class State(enum.StrEnum):
-    """Where a timer is in its life; see the state machine in DESIGN.md."""
+    """Where a timer is in its life: `pending` until claimed, then `firing` until delivered
+    (`fired`), out of retries (`failed`) or due again (`pending`); only a pending timer (or a
+    series) can be `cancelled`. See "Read a timer" in the README."""
 
     PENDING = "pending"
     FIRING = "firing"

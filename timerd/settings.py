@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args, get_type_hints
 
 from timerd.durations import parse_retention_s
 from timerd.errors import ConfigError
@@ -20,6 +20,10 @@ from timerd.signing import Signer
 from timerd.ssrf import parse_allowed_networks
 
 DAY_S = 86_400.0
+
+Auth = Literal["auto", "keys", "none"]
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 def _help(text: str) -> dict[str, Any]:
@@ -43,7 +47,7 @@ class Settings:
         default=9464,
         metadata=_help("port of `timerd daemon`'s /metrics, /healthz and /readyz; 0: none"),
     )
-    auth: str = field(
+    auth: Auth = field(
         default="auto",
         metadata=_help("keys, none, or auto: keys once any exist, and always off loopback"),
     )
@@ -67,8 +71,8 @@ class Settings:
     max_delay_s: float = field(
         default=365 * DAY_S, metadata=_help("longest delay a timer may have")
     )
-    log_level: str = field(default="info", metadata=_help("debug, info, warning or error"))
-    log_format: str = field(
+    log_level: LogLevel = field(default="info", metadata=_help("debug, info, warning or error"))
+    log_format: LogFormat = field(
         default="auto", metadata=_help("json, console, or auto (console on a terminal)")
     )
     allowed_networks: str = field(
@@ -165,13 +169,13 @@ def _check_settings(s: Settings) -> None:
         raise ConfigError("TIMERD_METRICS_PORT must be between 0 and 65535")
     if s.lease_renew_s > s.lease_ttl_s / 2:
         raise ConfigError("TIMERD_LEASE_RENEW_S must be at most half of TIMERD_LEASE_TTL_S")
-    if s.log_level.lower() not in {"debug", "info", "warning", "error"}:
+    if s.log_level not in get_args(LogLevel):
         raise ConfigError("TIMERD_LOG_LEVEL must be debug, info, warning or error")
-    if s.auth not in {"auto", "keys", "none"}:
+    if s.auth not in get_args(Auth):
         raise ConfigError("TIMERD_AUTH must be auto, keys or none")
     if s.rate_limit_per_s < 0:
         raise ConfigError("TIMERD_RATE_LIMIT_PER_S must not be negative")
-    if s.log_format not in {"auto", "json", "console"}:
+    if s.log_format not in get_args(LogFormat):
         raise ConfigError("TIMERD_LOG_FORMAT must be auto, json or console")
     parse_schedule(s.retry_schedule)
     parse_retention_s(s.retention)
@@ -213,11 +217,16 @@ def _parse_bool(text: str) -> bool:
         raise ValueError("not a boolean") from None
 
 
+# By each field's type. A choice is read as it is written (any case, for the log level) and
+# checked with the other settings, so its error lists the choices.
 _PARSERS: dict[Any, Callable[[str], Any]] = {
-    "str": str,
-    "int": int,
-    "float": _parse_float,
-    "bool": _parse_bool,
+    str: str,
+    int: int,
+    float: _parse_float,
+    bool: _parse_bool,
+    Auth: str,
+    LogFormat: str,
+    LogLevel: str.lower,
 }
 
 
@@ -237,14 +246,18 @@ def build_settings(args: argparse.Namespace | None, environ: Mapping[str, str]) 
     """Settings from parsed flags, then `environ`, then defaults. Raises `ConfigError` naming
     the variable whose value cannot be used."""
     values: dict[str, Any] = {}
+    types = get_type_hints(Settings)
     for f in dataclasses.fields(Settings):
         raw = getattr(args, f.name, None) if args is not None else None
         if raw is None:
             raw = environ.get(env_name(f.name))
         if raw is None:
             continue
+        kind = types[f.name]
         try:
-            values[f.name] = _PARSERS[f.type](raw)
+            values[f.name] = _PARSERS[kind](raw)
         except ValueError as exc:
-            raise ConfigError(f"{env_name(f.name)}: cannot read {raw!r} as {f.type}") from exc
+            raise ConfigError(
+                f"{env_name(f.name)}: cannot read {raw!r} as {kind.__name__}"
+            ) from exc
     return Settings(**values)

@@ -1,4 +1,5 @@
-"""Stores: the contract in `base`, one module per backend, and `open_store` to pick one by URL."""
+"""Stores: the contract in `base`, the rules every backend shares in `rules`, one module per
+backend, and `open_store` to pick one by URL."""
 
 from __future__ import annotations
 

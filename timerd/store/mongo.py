@@ -19,7 +19,7 @@ import pymongo.errors
 from pymongo import ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 
-from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
+from timerd.errors import StoreUnavailable, TimerStateConflict
 from timerd.models import (
     HISTORY_MAX,
     PARTITIONS,
@@ -33,13 +33,12 @@ from timerd.models import (
     Outcome,
     State,
     Timer,
-    TimerChanges,
     history_from_dicts,
     history_to_dicts,
-    is_timer_id,
     partition_of,
 )
-from timerd.store.base import CLAIM_EXPIRED, Store
+from timerd.store.base import CLAIM_EXPIRED
+from timerd.store.rules import BaseStore, InState, TimerFilter, key_holder
 
 Doc = dict[str, Any]
 DUPLICATE_KEY = 11000
@@ -57,15 +56,41 @@ _TIMER_FIELDS = tuple(
 )
 
 
+_ENCODERS: dict[str, Callable[[Any], Any]] = {
+    "state": lambda state: state.value,
+    "callback_state": lambda state: None if state is None else state.value,
+    "headers": lambda headers: [list(pair) for pair in headers],
+    "history": history_to_dicts,
+}
+
+
+def _encode(values: Mapping[str, Any]) -> Doc:
+    """Document fields of Timer fields (given as a Timer holds them): `state` and
+    `callback_state` as their strings, `headers` as pairs, `history` as documents."""
+    fields = dict(values)
+    for name, encode in _ENCODERS.items():
+        if name in fields:
+            fields[name] = encode(fields[name])
+    return fields
+
+
+_STORED_FIELDS = (*_TIMER_FIELDS, "headers", "history")  # what every document holds
+
+
 def _to_doc(t: Timer, partitions: int) -> Doc:
     doc: Doc = {"_id": t.id, "partition": partition_of(t.id, partitions)}
-    doc.update({name: getattr(t, name) for name in _TIMER_FIELDS})
-    doc["state"] = t.state.value
-    doc["callback_state"] = None if t.callback_state is None else t.callback_state.value
-    doc["headers"] = [list(pair) for pair in t.headers]
-    doc["history"] = history_to_dicts(t.history)
+    doc.update(_encode({name: getattr(t, name) for name in _STORED_FIELDS}))
     doc.update({name: getattr(t, name) for name in _OPTIONAL_FIELDS if getattr(t, name)})
     return doc
+
+
+def _update(values: Mapping[str, Any]) -> Doc:
+    """The update that sets Timer fields to `values`: optional fields set to None are removed."""
+    fields = _encode(values)
+    unset = {name: "" for name in _OPTIONAL_FIELDS if name in fields and fields[name] is None}
+    changes = {name: value for name, value in fields.items() if name not in unset}
+    update: Doc = {"$set": changes} if changes else {}
+    return update | ({"$unset": unset} if unset else {})
 
 
 # Fields documents of earlier releases lack, read as their defaults.
@@ -100,12 +125,18 @@ def _to_key(doc: Mapping[str, Any]) -> ApiKey:
     )
 
 
-def _mine(timer_id: str, tenant: str | None) -> Doc:
-    """The filter of one timer, of `tenant` when one is given."""
-    query: Doc = {"_id": timer_id}
-    if tenant is not None:
-        query["tenant"] = tenant
-    return query
+_SERIES = {True: "$ne", False: "$eq"}  # a series has a schedule, a one-off timer none
+
+
+def _query(where: TimerFilter) -> Doc:
+    """The MongoDB filter of a listing's filter."""
+    conditions: Doc = {
+        "tenant": where.tenant,
+        "state": None if where.state is None else where.state.value,
+        "_id": None if where.before_id is None else {"$lt": where.before_id},
+        "schedule": None if where.recurring is None else {_SERIES[where.recurring]: None},
+    }
+    return {name: value for name, value in conditions.items() if value is not None}
 
 
 def _to_lease(doc: Mapping[str, Any]) -> Lease:
@@ -254,7 +285,7 @@ def _hello_time_ms(client: pymongo.MongoClient[Doc]) -> int | None:
     return round(local_time.timestamp() * 1000)
 
 
-class MongoStore(Store):
+class MongoStore(BaseStore):
     """`Store` over a MongoDB database: collections `timers` and `leases`.
 
     Takes a ready client so tests can pass a `mongomock.MongoClient`; `open_store` builds the
@@ -359,15 +390,19 @@ class MongoStore(Store):
     def partitions(self) -> int:
         return self._partitions
 
+    def timer_indexes(self) -> Mapping[str, Any]:
+        """The indexes of the `timers` collection by name, as pymongo's `index_information`
+        describes them (which fields, in which order, over which documents)."""
+        with translate_errors():
+            return self._timers.index_information()
+
     def insert(self, timer: Timer) -> Timer:
         with translate_errors():
             try:
                 self._timers.insert_one(_to_doc(timer, self._partitions))
             except pymongo.errors.DuplicateKeyError:
-                if timer.idempotency_key is None:
-                    raise
-                existing = self.find_by_idempotency_key(timer.tenant, timer.idempotency_key)
-                if existing is None:  # cannot happen: the unique index said it exists
+                existing = key_holder(timer, self.find_by_idempotency_key)
+                if existing is None:  # cannot happen: only the idempotency index can refuse
                     raise
                 return existing
         return timer
@@ -388,9 +423,7 @@ class MongoStore(Store):
 
     def _existing(self, timer: Timer) -> Timer:
         """The timer that holds `timer`'s idempotency key (its insert was refused for it)."""
-        existing = None
-        if timer.idempotency_key is not None:
-            existing = self.find_by_idempotency_key(timer.tenant, timer.idempotency_key)
+        existing = key_holder(timer, self.find_by_idempotency_key)
         if existing is None:  # cannot happen: only the idempotency index can refuse an insert
             raise TimerStateConflict(timer.id, "already stored")
         return existing
@@ -400,83 +433,31 @@ class MongoStore(Store):
             doc = self._timers.find_one({"tenant": tenant, "idempotency_key": key})
         return None if doc is None else _to_timer(doc)
 
-    def get(self, timer_id: str, tenant: str | None = None) -> Timer:
-        if not is_timer_id(timer_id):
-            raise TimerNotFound(timer_id)
+    def _find(self, timer_id: str) -> Timer | None:
         with translate_errors():
-            doc = self._timers.find_one(_mine(timer_id, tenant))
-        if doc is None:
-            raise TimerNotFound(timer_id)
-        return _to_timer(doc)
+            doc = self._timers.find_one({"_id": timer_id})
+        return None if doc is None else _to_timer(doc)
 
-    def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        values = {
-            "state": "cancelled",
-            "finished_at_ms": now_ms,
-            "claimed_by": None,
-            "claimed_until_ms": None,
-        }
-        return self._update_in_state(
-            timer_id, tenant, ["pending"], values, series_also=["paused", "firing"]
-        )
-
-    def pause(self, timer_id: str, tenant: str | None = None) -> Timer:
-        values = {"state": "paused", "attempts": 0}
-        return self._update_in_state(timer_id, tenant, [], values, series_also=["pending"])
-
-    def resume(self, timer_id: str, due_at_ms: int, tenant: str | None = None) -> Timer:
-        values = {"state": "pending", "due_at_ms": due_at_ms, "occurrence_at_ms": due_at_ms}
-        return self._update_in_state(timer_id, tenant, ["paused"], values)
-
-    def update_pending(
-        self, timer_id: str, changes: TimerChanges, tenant: str | None = None
-    ) -> Timer:
-        values: Doc = {
-            "due_at_ms": changes.due_at_ms,
-            "url": changes.url,
-            "payload": changes.payload,
-            "headers": None if changes.headers is None else [list(h) for h in changes.headers],
-            "schedule": changes.schedule,
-            "on_failure_url": changes.on_failure_url,
-        }
-        given = {name: value for name, value in values.items() if value is not None}
-        if changes.schedule is not None:
-            given |= {"occurrence_at_ms": changes.due_at_ms, "attempts": 0}
-        return self._update_in_state(timer_id, tenant, ["pending"], given, series_also=["paused"])
-
-    def _update_in_state(
-        self,
-        timer_id: str,
-        tenant: str | None,
-        states: list[str],
-        values: Doc,
-        series_also: list[str] | None = None,
-    ) -> Timer:
-        """Set `values` on the timer if it is in one of `states`, or is a series in one of
-        `series_also` (and is the tenant's)."""
-        if not is_timer_id(timer_id):
-            raise TimerNotFound(timer_id)
-        either: list[Doc] = [{"state": {"$in": states}}]
-        if series_also:
-            either.append({"schedule": {"$ne": None}, "state": {"$in": series_also}})
-        query = {**_mine(timer_id, tenant), "$or": either}
-        update: Doc = {"$set": values}
-        if values.get("state") == "cancelled":
-            update["$unset"] = {"claim_token": ""}
+    def _update_if(
+        self, timer_id: str, tenant: str | None, when: InState, values: Mapping[str, Any]
+    ) -> Timer | None:
+        either: list[Doc] = [{"state": {"$in": [s.value for s in when.states]}}]
+        if when.series_states:
+            series_states = [s.value for s in when.series_states]
+            either.append({"schedule": {"$ne": None}, "state": {"$in": series_states}})
+        query: Doc = {"_id": timer_id, "$or": either}
+        if tenant is not None:
+            query["tenant"] = tenant
+        update = _update(values)
         with translate_errors():
             doc = (
                 self._timers.find_one_and_update(
                     query, update, return_document=ReturnDocument.AFTER
                 )
-                if values
+                if update
                 else self._timers.find_one(query)
             )
-        if doc is not None:
-            return _to_timer(doc)
-        timer = self.get(timer_id, tenant)
-        if not timer.recurring and series_also and not states:
-            raise TimerNotFound(timer_id)  # only series can be paused
-        raise TimerStateConflict(timer_id, timer.state.value)
+        return None if doc is None else _to_timer(doc)
 
     def count_pending(self, tenant: str, limit: int) -> int:
         if limit <= 0:  # MongoDB reads limit 0 as no limit at all
@@ -577,30 +558,10 @@ class MongoStore(Store):
             result = self._timers.bulk_write([_complete_op(o) for o in outcomes], ordered=False)
         return result.modified_count
 
-    def list_timers(
-        self,
-        state: State | None,
-        before_id: str | None,
-        limit: int,
-        tenant: str | None = None,
-        recurring: bool | None = None,
-    ) -> list[Timer]:
-        if limit <= 0:
-            return []
-        conditions: Doc = {
-            "tenant": tenant,
-            "state": None if state is None else state.value,
-            "_id": None if before_id is None else {"$lt": before_id},
-            "schedule": None if recurring is None else {"$ne" if recurring else "$eq": None},
-        }
-        query = {name: value for name, value in conditions.items() if value is not None}
+    def _list(self, where: TimerFilter, limit: int) -> list[Timer]:
         with translate_errors():
-            docs = self._timers.find(query).sort("_id", -1).limit(limit)
+            docs = self._timers.find(_query(where)).sort("_id", -1).limit(limit)
             return [_to_timer(d) for d in docs]
-
-    def replay(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        values = {"state": "pending", "due_at_ms": now_ms, "attempts": 0, "finished_at_ms": None}
-        return self._update_in_state(timer_id, tenant, ["failed", "fired"], values)
 
     def recover_expired(
         self, now_ms: int, limit: int, max_attempts: int, partitions: Sequence[int] | None = None
@@ -846,25 +807,13 @@ class MongoStore(Store):
             docs = list(cursor.sort([("due_at_ms", 1), ("_id", 1)]).limit(1))
         return next((Due(id=d["_id"], due_at_ms=d["due_at_ms"], url=d["url"]) for d in docs), None)
 
-    def list_timers_by_url(
-        self,
-        url_prefix: str,
-        state: State | None,
-        before_id: str | None,
-        limit: int,
-        *,
-        tenant: str | None,
-        scan: int,
+    def _scan_by_url(
+        self, url_prefix: str, where: TimerFilter, limit: int, scan: int
     ) -> tuple[list[Timer], str | None]:
-        if limit <= 0:
-            return [], None
-        conditions: Doc = {"tenant": tenant, "state": None if state is None else state.value}
-        query = {name: value for name, value in conditions.items() if value is not None}
-        if before_id is not None:
-            query["_id"] = {"$lt": before_id}
+        query = _query(where)
         with translate_errors():
             edges = list(
-                self._timers.find(query, {"_id": 1}).sort("_id", -1).skip(max(scan, 1) - 1).limit(1)
+                self._timers.find(query, {"_id": 1}).sort("_id", -1).skip(scan - 1).limit(1)
             )
             edge_id: str | None = edges[0]["_id"] if edges else None
             ids = {**query.get("_id", {}), **({"$gte": edge_id} if edge_id else {})}
@@ -872,5 +821,4 @@ class MongoStore(Store):
             if ids:
                 matching["_id"] = ids
             docs = self._timers.find(matching).sort("_id", -1).limit(limit)
-            timers = [_to_timer(d) for d in docs]
-        return timers, timers[-1].id if len(timers) == limit else edge_id
+            return [_to_timer(d) for d in docs], edge_id

@@ -15,13 +15,13 @@ import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import msgspec
 
-from timerd.errors import StoreUnavailable, TimerNotFound, TimerStateConflict
+from timerd.errors import StoreUnavailable
 from timerd.models import (
     HISTORY_MAX,
     ApiKey,
@@ -33,13 +33,12 @@ from timerd.models import (
     Outcome,
     State,
     Timer,
-    TimerChanges,
     history_from_dicts,
     history_to_dicts,
-    is_timer_id,
     partition_of,
 )
-from timerd.store.base import CLAIM_EXPIRED, Store
+from timerd.store.base import CLAIM_EXPIRED
+from timerd.store.rules import BaseStore, InState, TimerFilter, key_holder
 from timerd.store.sqlite_schema import migrate, transaction, use_wal
 
 T = TypeVar("T")
@@ -179,7 +178,8 @@ WHERE id IN (
 )
 """
 
-KEY_COLUMNS = "key_id, name, tenant, secret_hash, created_at_ms, revoked_at_ms"
+KEY_FIELDS = tuple(f.name for f in dataclasses.fields(ApiKey))  # the `api_keys` columns
+KEY_COLUMNS = ", ".join(KEY_FIELDS)
 
 _GROUP_COMMIT_MAX = 1000
 
@@ -197,14 +197,32 @@ def _to_timer(row: sqlite3.Row) -> Timer:
     return Timer(**values)
 
 
+def _encode(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Column values of Timer fields (given as a Timer holds them): `state` and
+    `callback_state` as their strings, `headers` and `history` as JSON text (NULL when empty)."""
+    columns = dict(values)
+    for name, encode in _ENCODERS.items():
+        if name in columns:
+            columns[name] = encode(columns[name])
+    return columns
+
+
+_ENCODERS: dict[str, Callable[[Any], Any]] = {
+    "state": lambda state: state.value,
+    "callback_state": lambda state: None if state is None else state.value,
+    "headers": lambda headers: json.dumps(headers) if headers else None,
+    "history": lambda history: json.dumps(history_to_dicts(history)) if history else None,
+}
+
+
 def _insert_params(t: Timer, partitions: int) -> dict[str, Any]:
-    values = {name: getattr(t, name) for name in TIMER_COLUMNS}
-    values["state"] = t.state.value
-    values["callback_state"] = None if t.callback_state is None else t.callback_state.value
-    values["headers"] = json.dumps(t.headers) if t.headers else None
-    values["history"] = json.dumps(history_to_dicts(t.history)) if t.history else None
+    values = _encode({name: getattr(t, name) for name in TIMER_COLUMNS})
     values["partition"] = partition_of(t.id, partitions)
     return values
+
+
+def _to_key(row: sqlite3.Row) -> ApiKey:
+    return ApiKey(**{name: row[name] for name in KEY_FIELDS})
 
 
 def _to_lease(row: sqlite3.Row) -> Lease:
@@ -239,6 +257,20 @@ def _complete_params(o: Outcome) -> dict[str, Any]:
     }
 
 
+def _where(where: TimerFilter) -> tuple[str, tuple[Any, ...]]:
+    """The SQL conditions of a listing's filter ("1" when it has none) and their parameters."""
+    given = {
+        "tenant = ?": where.tenant,
+        "state = ?": None if where.state is None else where.state.value,
+        "id < ?": where.before_id,
+    }
+    clauses = {sql: value for sql, value in given.items() if value is not None}
+    conditions = list(clauses)
+    if where.recurring is not None:
+        conditions.append(f"schedule IS {'NOT ' if where.recurring else ''}NULL")
+    return " AND ".join(conditions) or "1", tuple(clauses.values())
+
+
 def _in_named(partitions: Sequence[int] | None) -> tuple[str, dict[str, int]]:
     """`AND partition IN (:p0, …)` and its parameters; nothing when `partitions` is None."""
     named = {f"p{i}": p for i, p in enumerate(partitions or ())}
@@ -258,10 +290,15 @@ def _insert_one(conn: sqlite3.Connection, timer: Timer, partitions: int) -> Time
     """Insert, or return the tenant's timer that already has this idempotency key."""
     if conn.execute(INSERT_SQL, _insert_params(timer, partitions)).rowcount == 1:
         return timer
-    row = conn.execute(BY_IDEMPOTENCY_KEY_SQL, (timer.tenant, timer.idempotency_key)).fetchone()
-    if row is None:  # not an idempotency clash: the id itself exists, which cannot happen
+
+    def find(tenant: str, key: str) -> Timer | None:
+        row = conn.execute(BY_IDEMPOTENCY_KEY_SQL, (tenant, key)).fetchone()
+        return None if row is None else _to_timer(row)
+
+    existing = key_holder(timer, find)  # read in this transaction: it may hold the other
+    if existing is None:  # not an idempotency clash: the id itself exists, which cannot happen
         raise sqlite3.IntegrityError(f"timer {timer.id} exists")
-    return _to_timer(row)
+    return existing
 
 
 Work = Callable[[sqlite3.Connection], Any]
@@ -333,7 +370,7 @@ class _GroupCommitter:
                 future.set_exception(value)
 
 
-class SqliteStore(Store):
+class SqliteStore(BaseStore):
     """`Store` over one SQLite file.
 
     `synchronous` is SQLite's setting for this store's connections: FULL (the default) makes
@@ -403,6 +440,16 @@ class SqliteStore(Store):
     def partitions(self) -> int:
         return self._partitions
 
+    @property
+    def path(self) -> str:
+        """The SQLite file this store opened."""
+        return self._path
+
+    def synchronous_level(self) -> int:
+        """SQLite's `synchronous` level on this store's connections: 1 NORMAL, 2 FULL, 3 EXTRA."""
+        level: int = self._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        return level
+
     def insert(self, timer: Timer) -> Timer:
         return self._write(lambda conn: _insert_one(conn, timer, self._partitions))
 
@@ -423,78 +470,26 @@ class SqliteStore(Store):
         row = self._run(lambda c: c.execute(BY_IDEMPOTENCY_KEY_SQL, (tenant, key)).fetchone())
         return None if row is None else _to_timer(row)
 
-    def get(self, timer_id: str, tenant: str | None = None) -> Timer:
-        if not is_timer_id(timer_id):
-            raise TimerNotFound(timer_id)
+    def _find(self, timer_id: str) -> Timer | None:
         sql = f"SELECT {COLUMNS} FROM timers WHERE id = ?"
         row = self._run(lambda c: c.execute(sql, (timer_id,)).fetchone())
-        if row is None or (tenant is not None and row["tenant"] != tenant):
-            raise TimerNotFound(timer_id)
-        return _to_timer(row)
+        return None if row is None else _to_timer(row)
 
-    def cancel(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        values = {
-            "state": "cancelled",
-            "finished_at_ms": now_ms,
-            "claimed_by": None,
-            "claimed_until_ms": None,
-            "claim_token": None,
-        }
-        return self._update_in_state(
-            timer_id, tenant, ("pending",), values, series_also=("paused", "firing")
-        )
-
-    def pause(self, timer_id: str, tenant: str | None = None) -> Timer:
-        values = {"state": "paused", "attempts": 0}
-        return self._update_in_state(timer_id, tenant, (), values, series_also=("pending",))
-
-    def resume(self, timer_id: str, due_at_ms: int, tenant: str | None = None) -> Timer:
-        values = {"state": "pending", "due_at_ms": due_at_ms, "occurrence_at_ms": due_at_ms}
-        return self._update_in_state(timer_id, tenant, ("paused",), values)
-
-    def update_pending(
-        self, timer_id: str, changes: TimerChanges, tenant: str | None = None
-    ) -> Timer:
-        values: dict[str, Any] = {
-            "due_at_ms": changes.due_at_ms,
-            "url": changes.url,
-            "payload": changes.payload,
-            "headers": None if changes.headers is None else json.dumps(changes.headers),
-            "schedule": changes.schedule,
-            "on_failure_url": changes.on_failure_url,
-        }
-        given = {name: value for name, value in values.items() if value is not None}
-        if changes.schedule is not None:
-            given |= {"occurrence_at_ms": changes.due_at_ms, "attempts": 0}
-        return self._update_in_state(timer_id, tenant, ("pending",), given, series_also=("paused",))
-
-    def _update_in_state(
-        self,
-        timer_id: str,
-        tenant: str | None,
-        states: tuple[str, ...],
-        values: dict[str, Any],
-        series_also: tuple[str, ...] = (),
-    ) -> Timer:
-        """Set `values` on the timer if it is in one of `states`, or is a series in one of
-        `series_also` (and is the tenant's)."""
-        if not is_timer_id(timer_id):
-            raise TimerNotFound(timer_id)
-        assignments = ", ".join(f"{name} = ?" for name in values) or "id = id"
+    def _update_if(
+        self, timer_id: str, tenant: str | None, when: InState, values: Mapping[str, Any]
+    ) -> Timer | None:
+        columns = _encode(values)
+        assignments = ", ".join(f"{name} = ?" for name in columns) or "id = id"
+        states, series_states = when.states, when.series_states
         sql = (
             f"UPDATE timers SET {assignments} WHERE id = ?"
             f" AND (state IN ({', '.join('?' * len(states))})"
-            f" OR (schedule IS NOT NULL AND state IN ({', '.join('?' * len(series_also))})))"
+            f" OR (schedule IS NOT NULL AND state IN ({', '.join('?' * len(series_states))})))"
             f" AND (? IS NULL OR tenant = ?) RETURNING {COLUMNS}"
         )
-        params = (*values.values(), timer_id, *states, *series_also, tenant, tenant)
+        params = (*columns.values(), timer_id, *states, *series_states, tenant, tenant)
         row = self._write(lambda c: c.execute(sql, params).fetchone())
-        if row is not None:
-            return _to_timer(row)
-        timer = self.get(timer_id, tenant)
-        if not timer.recurring and series_also and not states:
-            raise TimerNotFound(timer_id)  # only series can be paused
-        raise TimerStateConflict(timer_id, timer.state.value)
+        return None if row is None else _to_timer(row)
 
     def count_pending(self, tenant: str, limit: int) -> int:
         sql = (
@@ -562,28 +557,13 @@ class SqliteStore(Store):
 
         return self._run(work) if outcomes else 0
 
-    def list_timers(
-        self,
-        state: State | None,
-        before_id: str | None,
-        limit: int,
-        tenant: str | None = None,
-        recurring: bool | None = None,
-    ) -> list[Timer]:
-        conditions = {"tenant = ?": tenant, "state = ?": state, "id < ?": before_id}
-        given = {sql: value for sql, value in conditions.items() if value is not None}
-        clauses = list(given)
-        if recurring is not None:
-            clauses.append(f"schedule IS {'NOT ' if recurring else ''}NULL")
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        indexed = "INDEXED BY timers_tenant_series" if recurring and tenant is not None else ""
-        sql = f"SELECT {COLUMNS} FROM timers {indexed} {where} ORDER BY id DESC LIMIT ?"
-        params = (*given.values(), max(limit, 0))
-        return [_to_timer(r) for r in self._run(lambda c: c.execute(sql, params).fetchall())]
-
-    def replay(self, timer_id: str, now_ms: int, tenant: str | None = None) -> Timer:
-        values = {"state": "pending", "due_at_ms": now_ms, "attempts": 0, "finished_at_ms": None}
-        return self._update_in_state(timer_id, tenant, ("failed", "fired"), values)
+    def _list(self, where: TimerFilter, limit: int) -> list[Timer]:
+        conditions, params = _where(where)
+        series_of_tenant = where.recurring and where.tenant is not None
+        indexed = "INDEXED BY timers_tenant_series" if series_of_tenant else ""
+        sql = f"SELECT {COLUMNS} FROM timers {indexed} WHERE {conditions} ORDER BY id DESC LIMIT ?"
+        rows = self._run(lambda c: c.execute(sql, (*params, limit)).fetchall())
+        return [_to_timer(r) for r in rows]
 
     def release_claim(self, token: str) -> int:
         return self._run(lambda c: c.execute(RELEASE_CLAIM_SQL, (token,)).rowcount)
@@ -609,7 +589,8 @@ class SqliteStore(Store):
         where, named = _in_named(partitions)
         sql = CALLBACKS_DUE_SQL.replace("{partitions}", where)
         params = {"before": before_ms, "limit": limit} | named
-        return [Due(*r) for r in self._run(lambda c: c.execute(sql, params).fetchall())]
+        rows = self._run(lambda c: c.execute(sql, params).fetchall())
+        return [Due(r["id"], r["callback_due_at_ms"], r["on_failure_url"]) for r in rows]
 
     def claim_callbacks(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
         if not timer_ids:
@@ -692,25 +673,19 @@ class SqliteStore(Store):
     # API keys
 
     def add_key(self, key: ApiKey) -> None:
-        sql = f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
-        params = (
-            key.key_id,
-            key.name,
-            key.tenant,
-            key.secret_hash,
-            key.created_at_ms,
-            key.revoked_at_ms,
-        )
+        marks = ", ".join(f":{name}" for name in KEY_FIELDS)
+        sql = f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ({marks})"
+        params = dataclasses.asdict(key)
         self._run(lambda c: c.execute(sql, params))
 
     def get_key(self, key_id: str) -> ApiKey | None:
         sql = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = ?"
         row = self._run(lambda c: c.execute(sql, (key_id,)).fetchone())
-        return None if row is None else ApiKey(*row)
+        return None if row is None else _to_key(row)
 
     def list_keys(self) -> list[ApiKey]:
         sql = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at_ms, key_id"
-        return [ApiKey(*row) for row in self._run(lambda c: c.execute(sql).fetchall())]
+        return [_to_key(row) for row in self._run(lambda c: c.execute(sql).fetchall())]
 
     def revoke_key(self, key_id: str, now_ms: int) -> bool:
         sql = "UPDATE api_keys SET revoked_at_ms = ? WHERE key_id = ? AND revoked_at_ms IS NULL"
@@ -753,36 +728,23 @@ class SqliteStore(Store):
             " ORDER BY due_at_ms, id LIMIT 1"
         )
         row = self._run(lambda c: c.execute(sql, (tenant,)).fetchone())
-        return None if row is None else Due(id=row[0], due_at_ms=row[1], url=row[2])
+        return None if row is None else Due(row["id"], row["due_at_ms"], row["url"])
 
-    def list_timers_by_url(
-        self,
-        url_prefix: str,
-        state: State | None,
-        before_id: str | None,
-        limit: int,
-        *,
-        tenant: str | None,
-        scan: int,
+    def _scan_by_url(
+        self, url_prefix: str, where: TimerFilter, limit: int, scan: int
     ) -> tuple[list[Timer], str | None]:
-        if limit <= 0:
-            return [], None
-        state_value = None if state is None else state.value
-        conditions = {"tenant = ?": tenant, "state = ?": state_value, "id < ?": before_id}
-        given = {sql: value for sql, value in conditions.items() if value is not None}
-        where = " AND ".join(["1", *given])
-        edge_sql = f"SELECT id FROM timers WHERE {where} ORDER BY id DESC LIMIT 1 OFFSET ?"
+        conditions, params = _where(where)
+        edge_sql = f"SELECT id FROM timers WHERE {conditions} ORDER BY id DESC LIMIT 1 OFFSET ?"
         sql = (
-            f"SELECT {COLUMNS} FROM timers WHERE {where} AND id >= ?"
+            f"SELECT {COLUMNS} FROM timers WHERE {conditions} AND id >= ?"
             " AND substr(url, 1, ?) = ? ORDER BY id DESC LIMIT ?"
         )
 
         def work(c: sqlite3.Connection) -> tuple[str | None, list[Any]]:
-            edge = c.execute(edge_sql, (*given.values(), max(scan, 1) - 1)).fetchone()
+            edge = c.execute(edge_sql, (*params, scan - 1)).fetchone()
             floor = "" if edge is None else edge[0]
-            params = (*given.values(), floor, len(url_prefix), url_prefix, limit)
-            return None if edge is None else edge[0], c.execute(sql, params).fetchall()
+            rows = c.execute(sql, (*params, floor, len(url_prefix), url_prefix, limit)).fetchall()
+            return None if edge is None else edge[0], rows
 
         edge_id, rows = self._run(work)
-        timers = [_to_timer(r) for r in rows]
-        return timers, timers[-1].id if len(timers) == limit else edge_id
+        return [_to_timer(r) for r in rows], edge_id
