@@ -4,16 +4,12 @@ function, tested in tests/test_daemon.py and tests/test_retry.py; the supervisor
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-
-import pytest
+from collections.abc import Sequence
 
 from tests.test_daemon import START_MS, FakeClock, add_timer, settings
 from timerd.claims import Claimer
 from timerd.hosts import Entry, HostSlots
 from timerd.models import Due, State
-from timerd.store import open_store
 from timerd.store.base import Store
 from timerd.window import DueWindow
 
@@ -104,13 +100,6 @@ def test_the_window_polls_on_its_interval_or_when_told() -> None:
     assert w.idle_s(clock.now_ms()) == 0.5  # the entry comes first
     w.poll_soon()
     assert w.poll_is_due()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = open_store(f"sqlite:///{tmp_path / 'timerd.db'}")
-    yield s
-    s.close()
 
 
 def claimer(store: Store, clock: FakeClock) -> Claimer:
