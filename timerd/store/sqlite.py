@@ -15,6 +15,7 @@ import json
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -277,6 +278,13 @@ def _in_named(partitions: Sequence[int] | None) -> tuple[str, dict[str, int]]:
     return ("" if partitions is None else f"AND partition IN (:{', :'.join(named)})"), named
 
 
+LOCK_POLL_S = (0.0002, 0.005)  # first and longest wait between tries of a locked write
+
+
+def _is_locked(exc: sqlite3.OperationalError) -> bool:
+    return "database is locked" in str(exc)
+
+
 @contextmanager
 def translate_errors() -> Iterator[None]:
     """The one place SQLite errors that mean "try again" become `StoreUnavailable`."""
@@ -389,6 +397,8 @@ class SqliteStore(BaseStore):
         self._conns_lock = threading.Lock()
         self._writer: _GroupCommitter | None = None
         self._writer_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # see _run_write
+        self._write_conn: sqlite3.Connection | None = None
         with translate_errors():
             conn = self._conn()
             use_wal(conn, busy_timeout_ms / 1000)
@@ -399,12 +409,14 @@ class SqliteStore(BaseStore):
 
     # connections
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, busy_timeout_ms: int | None = None) -> sqlite3.Connection:
+        if busy_timeout_ms is None:
+            busy_timeout_ms = self._busy_timeout_ms
         conn = sqlite3.connect(
             self._path,
             isolation_level=None,  # autocommit; transactions are explicit BEGIN IMMEDIATE
             check_same_thread=False,
-            timeout=self._busy_timeout_ms / 1000,
+            timeout=busy_timeout_ms / 1000,
         )
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.row_factory = sqlite3.Row
@@ -422,6 +434,30 @@ class SqliteStore(BaseStore):
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         with translate_errors():
             return work(self._conn())
+
+    def _run_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`_run` for a write outside the group commit (a daemon's claims, outcomes, sweeps and
+        leases). This process's writers take turns on a lock and one connection, and a write
+        the file's lock refuses (another process writes) is tried again within the busy
+        timeout, after 0.2 ms, then twice as long each time up to 5 ms: SQLite's own busy
+        handler sleeps 1, 2, 5, 10 ms..., which doubled a daemon's claim time in a burst, where
+        the other process holds the lock for about a millisecond. Retrying is safe: a write
+        refused the lock changed nothing (`complete` begins IMMEDIATE)."""
+        with self._write_lock, translate_errors():
+            if self._write_conn is None:
+                self._write_conn = self._connect(busy_timeout_ms=0)
+                with self._conns_lock:
+                    self._conns.append(self._write_conn)
+            deadline = time.monotonic() + self._busy_timeout_ms / 1000
+            delay_s = LOCK_POLL_S[0]
+            while True:
+                try:
+                    return work(self._write_conn)
+                except sqlite3.OperationalError as exc:
+                    if not _is_locked(exc) or time.monotonic() >= deadline:
+                        raise
+                time.sleep(delay_s)
+                delay_s = min(2 * delay_s, LOCK_POLL_S[1])
 
     # timers
 
@@ -546,7 +582,7 @@ class SqliteStore(BaseStore):
             f" AND state = 'pending' AND due_at_ms <= ? RETURNING {COLUMNS}"
         )
         params = (claim.owner, claim.until_ms, claim.token, *timer_ids, claim.now_ms)
-        rows = self._run(lambda c: c.execute(sql, params).fetchall())
+        rows = self._run_write(lambda c: c.execute(sql, params).fetchall())
         return [_to_timer(r) for r in rows]
 
     def complete(self, outcomes: Sequence[Outcome]) -> int:
@@ -555,7 +591,7 @@ class SqliteStore(BaseStore):
                 params = [_complete_params(o) for o in outcomes]
                 return conn.executemany(COMPLETE_SQL, params).rowcount  # the rows changed in all
 
-        return self._run(work) if outcomes else 0
+        return self._run_write(work) if outcomes else 0
 
     def _list(self, where: TimerFilter, limit: int) -> list[Timer]:
         conditions, params = _where(where)
@@ -566,7 +602,7 @@ class SqliteStore(BaseStore):
         return [_to_timer(r) for r in rows]
 
     def release_claim(self, token: str) -> int:
-        return self._run(lambda c: c.execute(RELEASE_CLAIM_SQL, (token,)).rowcount)
+        return self._run_write(lambda c: c.execute(RELEASE_CLAIM_SQL, (token,)).rowcount)
 
     def recover_expired(
         self, now_ms: int, limit: int, max_attempts: int, partitions: Sequence[int] | None = None
@@ -577,7 +613,7 @@ class SqliteStore(BaseStore):
         in_partitions = "" if partitions is None else f"AND partition IN (:{', :'.join(named)})"
         sql = RECOVER_EXPIRED_SQL.replace("{partitions}", in_partitions)
         params = {"now": now_ms, "limit": limit, "max_attempts": max_attempts} | named
-        return self._run(lambda c: c.execute(sql, params).rowcount)
+        return self._run_write(lambda c: c.execute(sql, params).rowcount)
 
     # failure callbacks
 
@@ -589,7 +625,7 @@ class SqliteStore(BaseStore):
         where, named = _in_named(partitions)
         sql = CALLBACKS_DUE_SQL.replace("{partitions}", where)
         params = {"before": before_ms, "limit": limit} | named
-        rows = self._run(lambda c: c.execute(sql, params).fetchall())
+        rows = self._run_write(lambda c: c.execute(sql, params).fetchall())
         return [Due(r["id"], r["callback_due_at_ms"], r["on_failure_url"]) for r in rows]
 
     def claim_callbacks(self, timer_ids: Sequence[str], claim: Claim) -> list[Timer]:
@@ -598,7 +634,7 @@ class SqliteStore(BaseStore):
         named = {f"i{n}": timer_id for n, timer_id in enumerate(timer_ids)}
         sql = CLAIM_CALLBACKS_SQL.replace("{ids}", ", ".join(f":{name}" for name in named))
         params = {"token": claim.token, "until": claim.until_ms, "now": claim.now_ms} | named
-        return [_to_timer(r) for r in self._run(lambda c: c.execute(sql, params).fetchall())]
+        return [_to_timer(r) for r in self._run_write(lambda c: c.execute(sql, params).fetchall())]
 
     def complete_callbacks(self, outcomes: Sequence[CallbackOutcome]) -> int:
         params = [
@@ -617,7 +653,7 @@ class SqliteStore(BaseStore):
             with transaction(conn):
                 return conn.executemany(COMPLETE_CALLBACK_SQL, params).rowcount
 
-        return self._run(work) if outcomes else 0
+        return self._run_write(work) if outcomes else 0
 
     def recover_expired_callbacks(
         self, now_ms: int, limit: int, partitions: Sequence[int] | None = None
@@ -627,16 +663,16 @@ class SqliteStore(BaseStore):
         where, named = _in_named(partitions)
         sql = RECOVER_CALLBACKS_SQL.replace("{partitions}", where)
         params = {"now": now_ms, "limit": limit} | named
-        return self._run(lambda c: c.execute(sql, params).rowcount)
+        return self._run_write(lambda c: c.execute(sql, params).rowcount)
 
     def purge_finished(self, before_ms: int, limit: int) -> int:
-        return self._run(lambda c: c.execute(PURGE_FINISHED_SQL, (before_ms, limit)).rowcount)
+        return self._run_write(lambda c: c.execute(PURGE_FINISHED_SQL, (before_ms, limit)).rowcount)
 
     # leases
 
     def acquire_lease(self, name: str, holder: str, ttl_ms: int, now_ms: int) -> Lease | None:
         params = {"name": name, "holder": holder, "expires": now_ms + ttl_ms, "now": now_ms}
-        row = self._run(lambda c: c.execute(ACQUIRE_LEASE_SQL, params).fetchone())
+        row = self._run_write(lambda c: c.execute(ACQUIRE_LEASE_SQL, params).fetchone())
         return None if row is None else _to_lease(row)
 
     def renew_leases(
@@ -647,14 +683,14 @@ class SqliteStore(BaseStore):
         in_names, name_params = _in("name", names)
         sql = f"UPDATE leases SET expires_at_ms = ? WHERE holder = ? {in_names} RETURNING name"
         params = (now_ms + ttl_ms, holder, *name_params)
-        return [row["name"] for row in self._run(lambda c: c.execute(sql, params).fetchall())]
+        return [row["name"] for row in self._run_write(lambda c: c.execute(sql, params).fetchall())]
 
     def release_lease(self, name: str, holder: str, epoch: int) -> bool:
         sql = (
             "UPDATE leases SET expires_at_ms = 0"
             " WHERE name = ? AND holder = ? AND epoch = ? AND expires_at_ms > 0"
         )
-        return self._run(lambda c: c.execute(sql, (name, holder, epoch)).rowcount) == 1
+        return self._run_write(lambda c: c.execute(sql, (name, holder, epoch)).rowcount) == 1
 
     def get_lease(self, name: str) -> Lease | None:
         sql = f"SELECT {LEASE_COLUMNS} FROM leases WHERE name = ?"
@@ -668,7 +704,7 @@ class SqliteStore(BaseStore):
     def delete_leases(self, prefix: str, expired_before_ms: int) -> int:
         sql = "DELETE FROM leases WHERE substr(name, 1, ?) = ? AND expires_at_ms < ?"
         params = (len(prefix), prefix, expired_before_ms)
-        return self._run(lambda c: c.execute(sql, params).rowcount)
+        return self._run_write(lambda c: c.execute(sql, params).rowcount)
 
     # API keys
 
@@ -676,7 +712,7 @@ class SqliteStore(BaseStore):
         marks = ", ".join(f":{name}" for name in KEY_FIELDS)
         sql = f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ({marks})"
         params = dataclasses.asdict(key)
-        self._run(lambda c: c.execute(sql, params))
+        self._run_write(lambda c: c.execute(sql, params))
 
     def get_key(self, key_id: str) -> ApiKey | None:
         sql = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = ?"
@@ -689,7 +725,7 @@ class SqliteStore(BaseStore):
 
     def revoke_key(self, key_id: str, now_ms: int) -> bool:
         sql = "UPDATE api_keys SET revoked_at_ms = ? WHERE key_id = ? AND revoked_at_ms IS NULL"
-        return self._run(lambda c: c.execute(sql, (now_ms, key_id)).rowcount) == 1
+        return self._run_write(lambda c: c.execute(sql, (now_ms, key_id)).rowcount) == 1
 
     # lifecycle
 
