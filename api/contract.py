@@ -31,59 +31,170 @@ HEADER_NAME_PATTERN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}"
 HEADER_VALUE_PATTERN = r"[\x20-\x7e\t]{0,1024}"
 IDEMPOTENCY_KEY_PATTERN = r"[\x21-\x7e]{1,255}"
 
+# What `api.validation.RFC3339` accepts: RFC 3339 with an offset, at most 6 fraction digits.
+FIRE_AT_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+
 DateTime = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
 TimerId = Annotated[str, Meta(pattern=TIMER_ID_PATTERN)]
 Count = Annotated[int, Meta(ge=0)]
-Delay = Annotated[
-    float,
-    Meta(
+
+
+def _delay(unit: str) -> Meta:
+    return Meta(
         ge=0,
-        description="From now; a non-negative integer or decimal, kept to the millisecond; 0 "
-        "when left out.",
+        description=f"{unit} from now; a non-negative integer or decimal, kept to the "
+        "millisecond; 0 when left out.",
+    )
+
+
+def _time(description: str) -> Meta:
+    """An RFC 3339 time with an offset, as `fire_at`, `start_at` and `until` take one."""
+    return Meta(
+        pattern=FIRE_AT_PATTERN,
+        extra_json_schema={"format": "date-time"},
+        description=description,
+        examples=["2030-01-01T12:00:00Z"],
+    )
+
+
+def _text(description: str, example: str) -> Meta:
+    return Meta(description=description, examples=[example])
+
+
+# The request fields, described once: the OpenAPI document takes them from these models (and
+# the limits in force from the live settings, see `api.openapi`).
+Hours = Annotated[float, _delay("Hours")]
+Minutes = Annotated[float, _delay("Minutes")]
+Seconds = Annotated[float, _delay("Seconds")]
+FireAt = Annotated[
+    str,
+    _time(
+        "An absolute RFC 3339 time with an offset (`2030-01-01T12:00:00Z`, "
+        "`2030-01-01T14:00:00.250+02:00`), at most 6 fraction digits. A time in the past fires now."
     ),
 ]
+FireAtLocal = Annotated[
+    str,
+    _text(
+        "A wall-clock time without an offset (`2026-12-24T09:00:00`) in `timezone` (required with "
+        "it). A time that does not exist there (skipped when clocks spring forward) fires at the "
+        "first valid instant, the moment of the jump (02:30 → 03:00); a time that happens twice "
+        "(clocks falling back) fires at its first occurrence. Not with `fire_at` or a duration.",
+        "2026-12-24T09:00:00",
+    ),
+]
+Every = Annotated[
+    str,
+    _text(
+        "Repeat at this interval (`ms`, `s`, `m`, `h`, `d`: `1s`, `15m`, `1.5h`), at least 1 s and "
+        "at most `TIMERD_MAX_DELAY_S`. Not with `cron`.",
+        "15m",
+    ),
+]
+StartAt = Annotated[
+    str,
+    _time(
+        "With `every`: the first occurrence (later ones follow at exact multiples of the "
+        "interval); default now + the interval."
+    ),
+]
+Cron = Annotated[
+    str,
+    _text(
+        "Repeat on a five-field crontab expression (minute hour day month weekday; `*/N`, ranges, "
+        "lists, month and day names; weekday 0 and 7 are Sunday), computed by APScheduler's "
+        "`CronTrigger` in `timezone`. Across daylight saving, a local time that does not "
+        "exist fires at the same time after the jump (02:30 → 03:30), and one that happens "
+        "twice fires at both. Not with `every`.",
+        "0 9 * * MON-FRI",
+    ),
+]
+Timezone = Annotated[
+    str,
+    _text("The IANA time zone of `cron` (default `UTC`) or of `fire_at_local`.", "Europe/Berlin"),
+]
+Until = Annotated[str, _time("No occurrence of the series after this time.")]
+MaxOccurrences = Annotated[
+    int, Meta(ge=1, le=1_000_000_000, description="The series ends after this many occurrences.")
+]
+CatchUp = Literal["once", "all"]
+CatchUpField = Annotated[
+    CatchUp,
+    Meta(
+        description="When occurrences were missed (every daemon down): `once` (default) fires "
+        "one delivery for all of them, its body's `missed` counting the ones it stands for, "
+        "then carries on at the next future occurrence; `all` fires each one."
+    ),
+]
+_URL_RULES = (
+    "An absolute `http` or `https` URL with a host, without user-info, a fragment, spaces or "
+    "control characters. A host that is a loopback name or a literal non-public address is "
+    "refused (422) unless `TIMERD_ALLOWED_NETWORKS` allows it; host names are not resolved "
+    "here."
+)
 Url = Annotated[
     str,
     Meta(
         extra_json_schema={"format": "uri"},
-        description="An absolute `http` or `https` URL with a host, without user-info, a "
-        "fragment, spaces or control characters. A host that is a loopback name or a literal "
-        "non-public address is refused (422) unless `TIMERD_ALLOWED_NETWORKS` allows it; host "
-        "names are not resolved here. The webhook goes to the URL with `/<id>` appended to its "
-        "path.",
+        description=f"{_URL_RULES} The webhook goes to the URL with `/<id>` appended to its path.",
         examples=["https://example.com/hooks"],
     ),
 ]
+OnFailureUrl = Annotated[
+    str,
+    Meta(
+        extra_json_schema={"format": "uri"},
+        description="Where a signed `timer.failed` POST goes when the timer, or an occurrence "
+        "of a series, ends `failed`: the same rules as `url` (checked the same way here, the "
+        "same SSRF guard, signing, retry schedule and per-host limit on delivery), with `/<id>` "
+        "appended. Its body holds `id`, `type`, `attempt`, `occurrence` (a series) and `timer` "
+        "(its state, last status and error, history); its `webhook-id` is `<id>_failed`, or "
+        "`<id>_<occurrence>_failed`. Its delivery shows as `callback` on the timer.",
+        examples=["https://example.com/failures"],
+    ),
+]
 MaxAttempts = Annotated[int, Meta(ge=1, le=MAX_ATTEMPTS_CAP)]
-Headers = dict[str, str]
-CatchUp = Literal["once", "all"]
+MaxAttemptsField = Annotated[
+    int,
+    Meta(
+        ge=1,
+        le=MAX_ATTEMPTS_CAP,
+        description="Attempts for this timer instead of the retry schedule's; null or left "
+        "out: the schedule's. A JSON integer (`3`, not `3.0`).",
+    ),
+]
+Headers = dict[str, str]  # described with the limits in force (`api.openapi`)
+Payload = Any  # likewise
 
 
 class _TimeFields(Struct, kw_only=True, forbid_unknown_fields=True):
     """The fields that say when a timer fires (a one-off) or on what schedule (a series)."""
 
-    hours: Delay | UnsetType = UNSET
-    minutes: Delay | UnsetType = UNSET
-    seconds: Delay | UnsetType = UNSET
-    fire_at: DateTime | UnsetType = UNSET
-    fire_at_local: str | UnsetType = UNSET
-    every: str | UnsetType = UNSET
-    start_at: DateTime | UnsetType = UNSET
-    cron: str | UnsetType = UNSET
-    timezone: str | UnsetType = UNSET
-    until: DateTime | UnsetType | None = UNSET
-    max_occurrences: Annotated[int, Meta(ge=1, le=1000000000)] | UnsetType | None = UNSET
-    catch_up: CatchUp | UnsetType = UNSET
+    hours: Hours | UnsetType = UNSET
+    minutes: Minutes | UnsetType = UNSET
+    seconds: Seconds | UnsetType = UNSET
+    fire_at: FireAt | UnsetType = UNSET
+    fire_at_local: FireAtLocal | UnsetType = UNSET
+    every: Every | UnsetType = UNSET
+    start_at: StartAt | UnsetType = UNSET
+    cron: Cron | UnsetType = UNSET
+    timezone: Timezone | UnsetType = UNSET
+    until: Until | UnsetType | None = UNSET
+    max_occurrences: MaxOccurrences | UnsetType | None = UNSET
+    catch_up: CatchUpField | UnsetType = UNSET
 
 
 class CreateTimer(_TimeFields, kw_only=True, forbid_unknown_fields=True):
-    """A webhook `url` and when to call it (see `api.openapi` for the whole description)."""
+    """A webhook `url` and when to call it (see `api.openapi` for the rules across fields)."""
 
     url: Url
-    payload: Any | UnsetType = UNSET
+    payload: Payload | UnsetType = UNSET
     headers: Headers | UnsetType = UNSET
-    max_attempts: MaxAttempts | UnsetType | None = UNSET
-    on_failure_url: Url | UnsetType = UNSET
+    max_attempts: MaxAttemptsField | UnsetType | None = UNSET
+    on_failure_url: OnFailureUrl | UnsetType = UNSET
 
 
 class BatchItem(CreateTimer, kw_only=True, forbid_unknown_fields=True):
@@ -96,9 +207,9 @@ class ChangeTimer(_TimeFields, kw_only=True, forbid_unknown_fields=True):
     """What to change on a pending timer or series; at least one field."""
 
     url: Url | UnsetType = UNSET
-    payload: Any | UnsetType = UNSET
+    payload: Payload | UnsetType = UNSET
     headers: Headers | UnsetType = UNSET
-    on_failure_url: Url | UnsetType = UNSET
+    on_failure_url: OnFailureUrl | UnsetType = UNSET
 
 
 def field_names(model: type[Struct]) -> frozenset[str]:

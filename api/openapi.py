@@ -1,9 +1,11 @@
 """The API's contract: an OpenAPI 3.1 document of every route, body and answer, served at
 `GET /openapi.json`.
 
-It is written by hand to say what the code does; `tests/test_openapi.py` checks that it is valid,
-that it names exactly the app's routes, and fuzzes a real `timerd api` against it. The limits
-quoted come from `api.validation`, so the two cannot drift apart.
+The schemas of bodies and answers come from the typed models of `api.contract` (with the rules
+across fields, which no field can say alone, added here); the paths, answers and descriptions
+are written here to say what the code does. The document is built when the app is, from its live
+`Settings`, so every limit it states is the one in force. `tests/test_openapi.py` checks that it
+is valid, that it names exactly the app's routes, and fuzzes a real `timerd api` against it.
 """
 
 from __future__ import annotations
@@ -18,16 +20,13 @@ from starlette.responses import Response
 
 from api import contract
 from api.console import PAGE, load_assets
-from api.contract import MAX_ATTEMPTS_CAP
 from api.stats import RECENT
 from api.validation import (
     DEFAULT_PAGE,
     FORBIDDEN_HEADER_NAMES,
     MAX_BODY_BYTES,
-    MAX_HEADER_BYTES,
     MAX_HEADERS,
     MAX_PAGE,
-    MAX_PAYLOAD_BYTES,
     MAX_PAYLOAD_DEPTH,
     MAX_URL_CHARS,
     URL_SCAN,
@@ -41,11 +40,6 @@ MAX_REQUEST_HEAD_BYTES: int = default("max_request_head_bytes")
 Schema = dict[str, Any]
 
 TIMER_ID_PATTERN = "^[0-9a-fA-F]{24}$"
-# What `api.validation.RFC3339` accepts: RFC 3339 with an offset, at most 6 fraction digits.
-FIRE_AT_PATTERN = (
-    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
-    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
-)
 HEADER_NAME_PATTERN = f"^{contract.HEADER_NAME_PATTERN}$"
 HEADER_VALUE_PATTERN = f"^{contract.HEADER_VALUE_PATTERN}$"
 IDEMPOTENCY_KEY_PATTERN = f"^{contract.IDEMPOTENCY_KEY_PATTERN}$"
@@ -61,127 +55,35 @@ def _nullable(schema: Schema) -> Schema:
 
 DATE_TIME: Schema = {"type": "string", "format": "date-time"}
 
-DURATION_FIELDS: dict[str, Schema] = {
-    name: {
-        "type": "number",
-        "minimum": 0,
-        "description": f"{name.capitalize()} from now; a non-negative integer or decimal, "
-        "kept to the millisecond; 0 when left out.",
-    }
-    for name in ("hours", "minutes", "seconds")
-}
 
-FIRE_AT: Schema = {
-    "type": "string",
-    "format": "date-time",
-    "pattern": FIRE_AT_PATTERN,
-    "description": "An absolute RFC 3339 time with an offset (`2030-01-01T12:00:00Z`, "
-    "`2030-01-01T14:00:00.250+02:00`), at most 6 fraction digits. A time in the past fires now.",
-    "examples": ["2030-01-01T12:00:00Z"],
-}
+def payload_description(settings: Settings) -> str:
+    return (
+        f"Any JSON value, at most {settings.max_payload_bytes} bytes as compact JSON and "
+        f"{MAX_PAYLOAD_DEPTH} levels of arrays and objects deep; delivered inside the webhook "
+        "body."
+    )
 
-FIRE_AT_LOCAL: Schema = {
-    "type": "string",
-    "description": "A wall-clock time without an offset (`2026-12-24T09:00:00`) in `timezone` "
-    "(required with it). A time that does not exist there (skipped when clocks spring forward) "
-    "fires at the first valid instant, the moment of the jump (02:30 → 03:00); a time that "
-    "happens twice (clocks falling back) fires at its first occurrence. Not with `fire_at` or "
-    "a duration.",
-    "examples": ["2026-12-24T09:00:00"],
-}
-
-URL: Schema = {
-    "type": "string",
-    "format": "uri",
-    "maxLength": MAX_URL_CHARS,
-    "description": "An absolute `http` or `https` URL with a host, without user-info, a "
-    "fragment, spaces or control characters. A host that is a loopback name or a literal "
-    "non-public address is refused (422) unless `TIMERD_ALLOWED_NETWORKS` allows it; host names "
-    "are not resolved here. The webhook goes to the URL with `/<id>` appended to its path.",
-    "examples": ["https://example.com/hooks"],
-}
-
-ON_FAILURE_URL: Schema = {
-    **URL,
-    "description": "Where a signed `timer.failed` POST goes when the timer, or an occurrence "
-    "of a series, ends `failed`: the same rules as `url` (checked the same way here, the same "
-    "SSRF guard, signing, retry schedule and per-host limit on delivery), with `/<id>` "
-    "appended. Its body holds `id`, `type`, `attempt`, `occurrence` (a series) and `timer` "
-    "(its state, last status and error, history); its `webhook-id` is `<id>_failed`, or "
-    "`<id>_<occurrence>_failed`. Its delivery shows as `callback` on the timer.",
-    "examples": ["https://example.com/failures"],
-}
-
-PAYLOAD: Schema = {
-    "description": f"Any JSON value, at most {MAX_PAYLOAD_BYTES} bytes as compact JSON and "
-    f"{MAX_PAYLOAD_DEPTH} levels of arrays and objects deep; delivered inside the webhook body.",
-}
 
 # Names and values are held to the rules below by the server (422), not by the schema, so
 # that a fuzzer generating from this document sends any names and any strings.
-HEADERS: Schema = {
-    "type": "object",
-    "additionalProperties": {"type": "string"},
-    "description": f"Extra request headers for the webhook: at most {MAX_HEADERS}, "
-    f"{MAX_HEADER_BYTES} bytes of names and values in all; names match "
-    f"`{HEADER_NAME_PATTERN}`, values `{HEADER_VALUE_PATTERN}` (printable ASCII). Names are "
-    "case-insensitive (lower-cased; the same name twice is refused). Hop-by-hop and framing "
-    f"headers ({', '.join(f'`{name}`' for name in FORBIDDEN_HEADER_NAMES)}) and every "
-    "`webhook-*` header are refused.",
-}
+def headers_description(settings: Settings) -> str:
+    return (
+        f"Extra request headers for the webhook: at most {MAX_HEADERS}, "
+        f"{settings.max_headers_bytes} bytes of names and values in all; names match "
+        f"`{HEADER_NAME_PATTERN}`, values `{HEADER_VALUE_PATTERN}` (printable ASCII). Names are "
+        "case-insensitive (lower-cased; the same name twice is refused). Hop-by-hop and framing "
+        f"headers ({', '.join(f'`{name}`' for name in FORBIDDEN_HEADER_NAMES)}) and every "
+        "`webhook-*` header are refused."
+    )
 
-SERIES_FIELDS: dict[str, Schema] = {
-    "every": {
-        "type": "string",
-        "description": "Repeat at this interval (`ms`, `s`, `m`, `h`, `d`: `1s`, `15m`, `1.5h`), "
-        "at least 1 s and at most `TIMERD_MAX_DELAY_S`. Not with `cron`.",
-        "examples": ["15m"],
-    },
-    "start_at": {
-        **FIRE_AT,
-        "description": "With `every`: the first occurrence (later ones follow at exact "
-        "multiples of the interval); default now + the interval.",
-    },
-    "cron": {
-        "type": "string",
-        "description": "Repeat on a five-field crontab expression (minute hour day month "
-        "weekday; `*/N`, ranges, lists, month and day names; weekday 0 and 7 are Sunday), "
-        "computed by APScheduler's `CronTrigger` in `timezone`. Across daylight saving, a local "
-        "time that does not exist fires at the same time after the jump (02:30 → 03:30), and "
-        "one that happens twice fires at both. Not with `every`.",
-        "examples": ["0 9 * * MON-FRI"],
-    },
-    "timezone": {
-        "type": "string",
-        "description": "The IANA time zone of `cron` (default `UTC`) or of `fire_at_local`.",
-        "examples": ["Europe/Berlin"],
-    },
-    "until": {
-        **_nullable(FIRE_AT),
-        "description": "No occurrence of the series after this time.",
-    },
-    "max_occurrences": {
-        "type": ["integer", "null"],
-        "minimum": 1,
-        "maximum": 1_000_000_000,
-        "description": "The series ends after this many occurrences.",
-    },
-    "catch_up": {
-        "type": "string",
-        "enum": ["once", "all"],
-        "description": "When occurrences were missed (every daemon down): `once` (default) "
-        "fires one delivery for all of them, its body's `missed` counting the ones it stands "
-        "for, then carries on at the next future occurrence; `all` fires each one.",
-    },
-}
 
+# What the body models (`api.contract`) cannot say field by field: the rules across fields.
+DURATION_FIELDS = ("hours", "minutes", "seconds")
 ANY_DURATION_FIELD: list[Schema] = [{"required": [name]} for name in DURATION_FIELDS]
 # JSON Schema for "not both `fire_at` and a duration field".
 NOT_BOTH: Schema = {"not": {"required": ["fire_at"], "anyOf": ANY_DURATION_FIELD}}
 ANY_SCHEDULE: list[Schema] = [{"required": ["every"]}, {"required": ["cron"]}]
-
-CREATE_TIMER: Schema = {
-    "type": "object",
+CREATE_RULES: Schema = {
     "description": "A webhook `url` and when to call it: either a duration "
     "(`hours`, `minutes`, `seconds`, each optional, added up) or an absolute `fire_at`, never "
     "both. The due time must be at least 1 ms and at most `TIMERD_MAX_DELAY_S` (365 days by "
@@ -191,25 +93,6 @@ CREATE_TIMER: Schema = {
     "occurrence is delivered like a one-off timer, its body carrying `occurrence`, "
     "`scheduled_at_ms` and `missed`, its `webhook-id` `<id>_<occurrence>`. Unknown fields are "
     "refused (422 `unknown_field`).",
-    "properties": {
-        **DURATION_FIELDS,
-        "fire_at": FIRE_AT,
-        "fire_at_local": FIRE_AT_LOCAL,
-        **SERIES_FIELDS,
-        "url": URL,
-        "payload": PAYLOAD,
-        "headers": HEADERS,
-        "on_failure_url": ON_FAILURE_URL,
-        "max_attempts": {
-            "type": ["integer", "null"],
-            "minimum": 1,
-            "maximum": MAX_ATTEMPTS_CAP,
-            "description": "Attempts for this timer instead of the retry schedule's; "
-            "null or left out: the schedule's. A JSON integer (`3`, not `3.0`).",
-        },
-    },
-    "required": ["url"],
-    "additionalProperties": False,
     "anyOf": [
         {"required": ["fire_at"]},
         {"required": ["fire_at_local"]},
@@ -219,31 +102,26 @@ CREATE_TIMER: Schema = {
     **NOT_BOTH,
     "examples": [{"hours": 4, "minutes": 0, "seconds": 1, "url": "https://example.com/hooks"}],
 }
-
-CHANGE_TIMER: Schema = {
-    "type": "object",
-    "description": "What to change on a pending timer, at least one field: a new due time "
-    "(a duration from now, or `fire_at`, never both; the same limits as on create), `url`, "
-    "`payload`, `headers` (which replace the old ones) or `on_failure_url`. On a pending or "
-    "paused series, the "
-    "schedule fields instead of a due time: `every` or `cron` replaces the kind of schedule, "
-    "the others change only themselves, and the series carries on at the new schedule's next "
-    "occurrence. Unknown fields (`max_attempts` "
-    "included) are refused (422 `unknown_field`); an empty object answers 422 `invalid_body`.",
-    "properties": {
-        **DURATION_FIELDS,
-        "fire_at": FIRE_AT,
-        "fire_at_local": FIRE_AT_LOCAL,
-        **SERIES_FIELDS,
-        "url": URL,
-        "payload": PAYLOAD,
-        "headers": HEADERS,
-        "on_failure_url": ON_FAILURE_URL,
+BODY_RULES: dict[str, Schema] = {
+    "CreateTimer": CREATE_RULES,
+    "BatchItem": {
+        **CREATE_RULES,
+        "description": "A `CreateTimer` with an optional `idempotency_key`, which stands for "
+        "the `Idempotency-Key` header of a single create.",
     },
-    "minProperties": 1,
-    "additionalProperties": False,
-    **NOT_BOTH,
-    "examples": [{"minutes": 30}],
+    "ChangeTimer": {
+        "description": "What to change on a pending timer, at least one field: a new due time "
+        "(a duration from now, or `fire_at`, never both; the same limits as on create), `url`, "
+        "`payload`, `headers` (which replace the old ones) or `on_failure_url`. On a pending "
+        "or paused series, the schedule fields instead of a due time: `every` or `cron` "
+        "replaces the kind of schedule, the others change only themselves, and the series "
+        "carries on at the new schedule's next occurrence. Unknown fields (`max_attempts` "
+        "included) are refused (422 `unknown_field`); an empty object answers 422 "
+        "`invalid_body`.",
+        "minProperties": 1,
+        **NOT_BOTH,
+        "examples": [{"minutes": 30}],
+    },
 }
 
 
@@ -778,8 +656,6 @@ _TEMPLATE: Schema = {
             }
         },
         "schemas": {
-            "CreateTimer": CREATE_TIMER,
-            "ChangeTimer": CHANGE_TIMER,
             "Stats": STATS,
             "State": {"type": "string", "enum": [state.value for state in State]},
         },
@@ -789,7 +665,9 @@ _TEMPLATE: Schema = {
 
 # the document of one app: the template, the models' components, the limits in force
 
-ANSWER_MODELS = (
+MODELS = (
+    contract.CreateTimer,
+    contract.ChangeTimer,
     contract.TimerView,
     contract.TimerPage,
     contract.ErrorBody,
@@ -802,8 +680,11 @@ REF = "#/components/schemas/"
 
 
 def model_components() -> dict[str, Schema]:
-    """The JSON Schema of every answer model and the batch item, from msgspec."""
-    _, components = msgspec.json.schema_components(ANSWER_MODELS, ref_template=REF + "{name}")
+    """The JSON Schema of every body and answer model, from msgspec, with the bodies' rules
+    across fields."""
+    _, components = msgspec.json.schema_components(MODELS, ref_template=REF + "{name}")
+    for name, rules in BODY_RULES.items():
+        components[name] = {**components[name], **rules}
     renamed = {COMPONENT_NAMES.get(name, name): schema for name, schema in components.items()}
     return cast(dict[str, Schema], _rename_refs(renamed))
 
@@ -901,20 +782,9 @@ def _operations(path_item: Schema) -> list[Schema]:
 def _set_body_limits(properties: dict[str, Schema], settings: Settings) -> None:
     """The limits of `settings` on a body's url, payload and headers."""
     for name in ("url", "on_failure_url"):
-        properties[name] = {**URL, **properties.get(name, {}), "maxLength": settings.max_url_chars}
-        properties[name].pop("anyOf", None)
-        properties[name]["type"] = "string"
-    properties["payload"] = {
-        "description": f"Any JSON value, at most {settings.max_payload_bytes} bytes as compact "
-        f"JSON and {MAX_PAYLOAD_DEPTH} levels of arrays and objects deep; delivered inside the "
-        "webhook body.",
-    }
-    properties["headers"] = {
-        **HEADERS,
-        "description": str(HEADERS["description"]).replace(
-            f"{MAX_HEADER_BYTES} bytes", f"{settings.max_headers_bytes} bytes"
-        ),
-    }
+        properties[name]["maxLength"] = settings.max_url_chars
+    properties["payload"] = {"description": payload_description(settings)}
+    properties["headers"] = {**properties["headers"], "description": headers_description(settings)}
 
 
 OPENAPI = build_openapi(Settings())  # the document of an app run with the default settings
