@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import math
 import threading
 import time
@@ -128,7 +127,7 @@ class TimerRoutes:
         data = parse_json_object(await read_body(request, self.settings.max_body_bytes))
         idempotency_key = parse_idempotency_key(request.headers.get("idempotency-key"))
         now_ms = self.clock.now_ms()
-        timer = self._owned(self._new_timer(data, now_ms), tenant, idempotency_key, data)
+        timer = self._new_timer(data, now_ms, tenant, idempotency_key)
         [outcome] = await self._store_new(tenant, [timer])
         if isinstance(outcome, ApiError):
             raise outcome
@@ -172,21 +171,13 @@ class TimerRoutes:
         """The timer one batch item asks for, or the ApiError a single create would raise."""
         data = dict(json_object(item))
         key = parse_idempotency_key(data.pop("idempotency_key", None), "idempotency_key")
-        return self._owned(self._new_timer(data, now_ms), tenant, key, data)
+        return self._new_timer(data, now_ms, tenant, key)
 
-    @staticmethod
-    def _owned(
-        timer: Timer, tenant: str, idempotency_key: str | None, data: dict[str, Any]
+    def _new_timer(
+        self, data: dict[str, Any], now_ms: int, tenant: str, idempotency_key: str | None
     ) -> Timer:
-        return dataclasses.replace(
-            timer,
-            tenant=tenant,
-            idempotency_key=idempotency_key,
-            request_hash=request_hash(data) if idempotency_key else None,
-        )
-
-    def _new_timer(self, data: dict[str, Any], now_ms: int) -> Timer:
-        """The timer a create body asks for: a one-off, or a series at its first occurrence."""
+        """The timer a create body asks `tenant` for: a one-off, or a series at its first
+        occurrence; with the digest of the body when it comes with an idempotency key."""
         if not is_series_request(data):
             refuse_series_fields(data)
             spec = parse_create(data, now_ms, self.rules)
@@ -207,6 +198,9 @@ class TimerRoutes:
             occurrence=occurrence,
             occurrence_at_ms=occurrence_at_ms,
             on_failure_url=spec.on_failure_url,
+            tenant=tenant,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash(data) if idempotency_key else None,
         )
 
     async def _store_new(self, tenant: str, timers: list[Timer]) -> list[Stored | ApiError]:
