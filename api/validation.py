@@ -75,6 +75,8 @@ RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
 )
 LOCAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?", re.ASCII)
+# What str.isspace() calls a space (sre's \s is the same test), and the C0 controls and DEL.
+SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what a JSON \u escape can make but UTF-8 cannot
 
 
@@ -390,22 +392,14 @@ def parse_url(value: Any, rules: Rules = DEFAULT_RULES, field: str = "url") -> s
         raise _invalid(field, f"{field} must be a string")
     if len(value) > rules.max_url_chars:
         raise _invalid(field, f"{field} may be at most {rules.max_url_chars} characters")
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+    if SPACE_OR_CONTROL.search(value) is not None:
         raise _invalid(field, f"{field} must not contain spaces or control characters")
-    try:
-        parts = urllib.parse.urlsplit(value)
-        port = parts.port
-    except ValueError as exc:
-        raise _invalid(field, f"{field} is not a valid URL") from exc
-    if parts.scheme not in {"http", "https"}:
-        raise _invalid(field, f"{field} must be an absolute http or https URL")
-    if not parts.hostname:
-        raise _invalid(field, f"{field} must have a host")
-    if "@" in parts.netloc:
-        raise _invalid(field, f"{field} must not contain user info")
+    problem, port_zero = authority_problem(origin_of(value))
+    if problem is not None:
+        raise _invalid(field, f"{field} {problem}")
     if "#" in value:
         raise _invalid(field, f"{field} must not contain a fragment")
-    if port == 0:
+    if port_zero:
         raise _invalid(field, f"{field} has an invalid port")
     denial, problem = host_checks(origin_of(value), rules.policy)
     if denial is not None:
@@ -413,6 +407,25 @@ def parse_url(value: Any, rules: Rules = DEFAULT_RULES, field: str = "url") -> s
     if problem is not None:
         raise _invalid(field, f"{field} {problem}: no webhook could ever be delivered to it")
     return value
+
+
+@functools.lru_cache(maxsize=4096)
+def authority_problem(url: str) -> tuple[str | None, bool]:
+    """What `parse_url` finds wrong in a URL's scheme and authority (the first of: unreadable,
+    not http(s), no host, user info), and whether its port is 0. Its origin alone decides both
+    (`timerd.targets.origin_of`), so they are kept for the origins seen last."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "is not a valid URL", False
+    if parts.scheme not in {"http", "https"}:
+        return "must be an absolute http or https URL", False
+    if not parts.hostname:
+        return "must have a host", False
+    if "@" in parts.netloc:
+        return "must not contain user info", False
+    return None, port == 0
 
 
 @functools.lru_cache(maxsize=4096)

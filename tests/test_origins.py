@@ -8,6 +8,7 @@ import urllib.parse
 from hypothesis import given
 from hypothesis import strategies as st
 
+from api.validation import SPACE_OR_CONTROL, authority_problem
 from tests.support.hostile import UNDELIVERABLE_URLS
 from timerd.delivery import webhook_url
 from timerd.hosts import host_of
@@ -64,6 +65,11 @@ def test_the_origin_decides_what_the_whole_url_decides(url: str) -> None:
 
 
 @given(URLS)
+def test_the_origin_decides_what_the_api_checks_of_scheme_and_authority(url: str) -> None:
+    assert authority_problem.__wrapped__(origin_of(url)) == authority_problem.__wrapped__(url)
+
+
+@given(URLS)
 def test_host_and_webhook_url_read_as_urlsplit_reads_them(url: str) -> None:
     try:
         netloc = urllib.parse.urlsplit(url).netloc
@@ -86,3 +92,12 @@ def test_a_host_yarl_cannot_read_is_judged_not_raised() -> None:
     url = "http://[::1]:80@"
     assert url_problem(url) is not None
     assert PUBLIC_ONLY.url_denial(url) is None  # no host: nothing to deny; url_problem refuses
+
+
+def test_the_url_space_check_is_str_isspace_and_controls_for_every_code_point() -> None:
+    differ = [
+        i
+        for i in range(0x110000)
+        if (SPACE_OR_CONTROL.search(chr(i)) is not None) != (chr(i).isspace() or i < 32 or i == 127)
+    ]
+    assert differ == []

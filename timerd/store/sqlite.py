@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import queue
 import sqlite3
@@ -310,7 +311,26 @@ def _insert_one(conn: sqlite3.Connection, timer: Timer, partitions: int) -> Time
 
 
 Work = Callable[[sqlite3.Connection], Any]
-_Pending = tuple[Work, "concurrent.futures.Future[Any]"]
+Settle = Callable[[Any, BaseException | None], None]  # hears (result, None) or (None, error)
+_Pending = tuple[Work, Settle]
+
+
+def _settle_future(
+    future: concurrent.futures.Future[Any], value: Any, error: BaseException | None
+) -> None:
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
+
+
+def _settle_asyncio(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.cancelled():  # the request went away meanwhile; the write stands
+        return
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
 
 
 class _GroupCommitter:
@@ -326,7 +346,20 @@ class _GroupCommitter:
     def submit(self, work: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
         """Queue `work` (statements on the writer's connection) for the next transaction."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((work, future))
+        self._queue.put((work, functools.partial(_settle_future, future)))
+        return future
+
+    def submit_async(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """`submit`, resolving a future of the running event loop (through
+        `call_soon_threadsafe`): no thread waits, and no `concurrent.futures.Future` (with its
+        condition variable) is made and chained for each create."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(value: Any, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle_asyncio, future, value, error)
+
+        self._queue.put((work, settle))
         return future
 
     def stop(self) -> None:
@@ -368,14 +401,14 @@ class _GroupCommitter:
                     except sqlite3.DatabaseError as exc:  # that statement alone was undone
                         outcomes.append((False, exc))
         except Exception as exc:  # every waiter must hear about the failure, whatever it was
-            for _, future in batch:
-                future.set_exception(exc)
+            for _, settle in batch:
+                settle(None, exc)
             return
-        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+        for (_, settle), (ok, value) in zip(batch, outcomes, strict=True):
             if ok:
-                future.set_result(value)
+                settle(value, None)
             else:
-                future.set_exception(value)
+                settle(None, value)
 
 
 class SqliteStore(BaseStore):
@@ -494,13 +527,13 @@ class SqliteStore(BaseStore):
 
     async def insert_many_async(self, timers: Sequence[Timer]) -> list[Timer]:
         """`insert_many` awaited on the event loop: the writer thread's commit resolves an
-        asyncio future (through `call_soon_threadsafe`), so no worker thread waits for it."""
+        asyncio future (see `_GroupCommitter.submit_async`), so no worker thread waits for it."""
         batch = list(timers)
-        work = self._group_committer().submit(
+        work = self._group_committer().submit_async(
             lambda conn: [_insert_one(conn, t, self._partitions) for t in batch]
         )
         with translate_errors():
-            return await asyncio.wrap_future(work)
+            return await work
 
     def find_by_idempotency_key(self, tenant: str, key: str) -> Timer | None:
         row = self._run(lambda c: c.execute(BY_IDEMPOTENCY_KEY_SQL, (tenant, key)).fetchone())
