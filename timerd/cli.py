@@ -231,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "API and daemon in one process"),
         ("api", "the API alone"),
         ("daemon", "the firing daemon alone"),
-        ("status", "the store's leader, counts, backlog and recent lateness"),
+        ("status", "live daemons, their partitions and rates, counts, backlog, lateness"),
     ):
         add_arguments(commands.add_parser(name, help=help_text))
     add_bench_arguments(commands.add_parser("bench", help="measure timerd on loopback"))
