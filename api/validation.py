@@ -29,8 +29,8 @@ from api.errors import ApiError
 from timerd.models import State, TimerChanges, is_timer_id
 from timerd.schedules import ScheduleError, local_to_ms
 from timerd.settings import Settings, default
-from timerd.ssrf import PUBLIC_ONLY, AddressPolicy, Denial
-from timerd.targets import origin_of, url_problem
+from timerd.ssrf import PUBLIC_ONLY, AddressPolicy
+from timerd.targets import origin_checks, origin_of
 
 MAX_BODY_BYTES: int = default("max_body_bytes")
 MAX_URL_CHARS: int = default("max_url_chars")
@@ -394,14 +394,15 @@ def parse_url(value: Any, rules: Rules = DEFAULT_RULES, field: str = "url") -> s
         raise _invalid(field, f"{field} may be at most {rules.max_url_chars} characters")
     if SPACE_OR_CONTROL.search(value) is not None:
         raise _invalid(field, f"{field} must not contain spaces or control characters")
-    problem, port_zero = authority_problem(origin_of(value))
+    origin = origin_of(value)
+    problem, port_zero = authority_problem(origin)
     if problem is not None:
         raise _invalid(field, f"{field} {problem}")
     if "#" in value:
         raise _invalid(field, f"{field} must not contain a fragment")
     if port_zero:
         raise _invalid(field, f"{field} has an invalid port")
-    denial, problem = host_checks(origin_of(value), rules.policy)
+    denial, problem = origin_checks(origin, rules.policy)
     if denial is not None:
         raise _invalid(field, f"{field}'s host {denial}: webhooks may only reach public addresses")
     if problem is not None:
@@ -426,13 +427,6 @@ def authority_problem(url: str) -> tuple[str | None, bool]:
     if "@" in parts.netloc:
         return "must not contain user info", False
     return None, port == 0
-
-
-@functools.lru_cache(maxsize=4096)
-def host_checks(origin: str, policy: AddressPolicy) -> tuple[Denial | None, str | None]:
-    """The SSRF policy's denial and `url_problem` of a URL's origin (both judge only its
-    host), kept for the origins seen last: one URL per timer mostly shares a few origins."""
-    return policy.url_denial(origin), url_problem(origin)
 
 
 def _refuse_unknown(given: Iterable[str], allowed: Set[str], noun: str) -> None:

@@ -6,7 +6,6 @@ An attempt's outcome is a value (`Attempt`), never an exception: the daemon reco
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from timerd.schedules import missed_by
 from timerd.settings import Settings
 from timerd.signing import Signer
 from timerd.ssrf import ADDRESS_DENIED, AddressDenied, AddressPolicy, Denial, GuardedResolver
-from timerd.targets import INVALID_URL, origin_match, origin_of, url_problem
+from timerd.targets import INVALID_URL, origin_checks, origin_match, origin_of
 
 RESPONSE_PREFIX_BYTES = 1024  # read of an answer at most; the rest is never downloaded
 
@@ -99,10 +98,6 @@ class Deliverer:
         self._settings = settings
         self._signer = Signer.from_setting(settings.signing_secret)
         self._policy = AddressPolicy.from_setting(settings.allowed_networks)
-        # Judging a host costs more than sending a webhook; timers share few origins (see
-        # `_attempt`), even where each has a URL of its own.
-        self._url_denial = functools.lru_cache(maxsize=4096)(self._policy.url_denial)
-        self._url_problem = functools.lru_cache(maxsize=4096)(url_problem)
         self._inner_resolver = resolver
         self._resolver: GuardedResolver | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -179,13 +174,11 @@ class Deliverer:
     async def _attempt(
         self, session: aiohttp.ClientSession, post: _Post, started_ms: int, started: float
     ) -> Attempt:
-        origin = origin_of(post.base_url)
-        problem = self._url_problem(origin)  # stored before the API refused such URLs
-        if problem is not None:
+        denial, problem = origin_checks(origin_of(post.base_url), self._policy)
+        if problem is not None:  # stored before the API refused such URLs
             log.warning(INVALID_URL, timer_id=post.timer_id, problem=problem)
             return Attempt(started_ms, _ms_since(started), error=INVALID_URL, permanent=True)
-        denial = self._url_denial(origin)  # literals: aiohttp connects without resolving
-        if denial is not None:
+        if denial is not None:  # an address literal: aiohttp connects without resolving it
             return _denied(post.timer_id, denial, started_ms, started)
         try:
             async with session.post(

@@ -10,6 +10,7 @@ the SSRF guard (`timerd.ssrf`), which judges every textual form of them.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -17,7 +18,7 @@ import urllib.parse
 
 from yarl import URL
 
-from timerd.ssrf import parse_ip_literal
+from timerd.ssrf import AddressPolicy, Denial, parse_ip_literal
 
 INVALID_URL = "invalid_url"  # the error of an attempt at a URL no attempt can reach
 MAX_LABEL_CHARS = 63  # ASCII once IDNA-encoded, so characters are bytes
@@ -52,6 +53,14 @@ def origin_of(url: str) -> str:
     a parser could read otherwise is its own origin."""
     match = origin_match(url)
     return url if match is None else match.group()
+
+
+@functools.lru_cache(maxsize=4096)
+def origin_checks(origin: str, policy: AddressPolicy) -> tuple[Denial | None, str | None]:
+    """The policy's denial and `url_problem` of a URL's origin (`origin_of`: both judge its host
+    alone), kept for the origins seen last: judging a host costs more than sending a webhook,
+    and timers with a URL each share few origins. The API and delivery both ask here."""
+    return policy.url_denial(origin), url_problem(origin)
 
 
 def url_problem(url: str) -> str | None:
