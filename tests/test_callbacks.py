@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from tests.support.offload import inline
 from tests.test_daemon import START_MS, FakeClock, Recorder
 from timerd.callbacks import CallbackFirer, judge_callback
 from timerd.callbacks_body import callback_body, callback_webhook_id
@@ -19,8 +20,6 @@ from timerd.outcomes import judge
 from timerd.retry import RetryPolicy
 from timerd.settings import Settings
 from timerd.store import Store, open_store
-
-T = TypeVar("T")
 
 NOW = 1_700_000_000_000
 POLICY = RetryPolicy((1.0, 2.0))
@@ -153,7 +152,3 @@ def failed(store: Store, on_failure_url: str) -> str:
     )
     store.insert(timer)
     return timer.id
-
-
-async def inline(call: Callable[[], T]) -> T:
-    return call()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import structlog
 
 from api import create_app
 from tests.support.mongomock_compat import mongomock_client
+from tests.support.offload import inline
 from tests.test_daemon import (
     START_MS,
     FakeClock,
@@ -194,11 +195,6 @@ def test_an_unexpected_store_error_ends_the_daemon_loudly(store: Store) -> None:
         assert any(e["event"] == "daemon_crashed" and e.get("exc_info") for e in logs)
 
     run(scenario)
-
-
-async def inline(call: Callable[[], Any]) -> Any:
-    """An offload that runs the store call on the event loop (a test has no threads to spare)."""
-    return call()
 
 
 def test_outcome_errors_that_mean_try_again_are_retried_until_written(store: Store) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from tests.support.offload import inline
 from tests.test_daemon import START_MS, FakeClock, add_timer, settings
 from timerd.claims import Claimer
 from timerd.hosts import Entry, HostSlots
@@ -103,10 +104,7 @@ def test_the_window_polls_on_its_interval_or_when_told() -> None:
 
 
 def claimer(store: Store, clock: FakeClock) -> Claimer:
-    async def inline(call: object) -> object:
-        return call()  # type: ignore[operator]
-
-    return Claimer(settings(), store, clock, inline, "me")  # type: ignore[arg-type]
+    return Claimer(settings(), store, clock, inline, "me")
 
 
 def test_the_claimer_claims_due_timers_once(store: Store) -> None:

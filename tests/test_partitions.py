@@ -12,11 +12,11 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
+from tests.support.offload import inline
 from tests.support.procs import TimerdProcess, TimerdProcesses
 from tests.support.receiver import Receiver
 from tests.support.waiting import wait_until
@@ -27,10 +27,6 @@ from timerd.models import PARTITIONS, partition_of
 from timerd.store.base import Store
 
 TTL_S = 10.0
-
-
-async def inline(call: Callable[[], Any]) -> Any:
-    return call()
 
 
 def keeper(store: Store, clock: FakeClock, holder: str) -> PartitionKeeper:
