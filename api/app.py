@@ -79,7 +79,7 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
             raise _too_large(limit)
         chunks.append(chunk)
         more = message.get("more_body", False)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)
 
 
 def _too_large(limit: int) -> ApiError:

@@ -16,7 +16,6 @@ import json
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -41,7 +40,7 @@ from timerd.models import (
 )
 from timerd.store.base import CLAIM_EXPIRED
 from timerd.store.rules import BaseStore, InState, TimerFilter, key_holder
-from timerd.store.sqlite_schema import migrate, transaction, use_wal
+from timerd.store.sqlite_schema import migrate, retry_locked, transaction, use_wal
 
 T = TypeVar("T")
 
@@ -279,13 +278,6 @@ def _in_named(partitions: Sequence[int] | None) -> tuple[str, dict[str, int]]:
     return ("" if partitions is None else f"AND partition IN (:{', :'.join(named)})"), named
 
 
-LOCK_POLL_S = (0.0002, 0.005)  # first and longest wait between tries of a locked write
-
-
-def _is_locked(exc: sqlite3.OperationalError) -> bool:
-    return "database is locked" in str(exc)
-
-
 @contextmanager
 def translate_errors() -> Iterator[None]:
     """The one place SQLite errors that mean "try again" become `StoreUnavailable`."""
@@ -315,16 +307,11 @@ Settle = Callable[[Any, BaseException | None], None]  # hears (result, None) or 
 _Pending = tuple[Work, Settle]
 
 
-def _settle_future(
-    future: concurrent.futures.Future[Any], value: Any, error: BaseException | None
+def _settle(
+    future: asyncio.Future[Any] | concurrent.futures.Future[Any],
+    value: Any,
+    error: BaseException | None,
 ) -> None:
-    if error is None:
-        future.set_result(value)
-    else:
-        future.set_exception(error)
-
-
-def _settle_asyncio(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
     if future.cancelled():  # the request went away meanwhile; the write stands
         return
     if error is None:
@@ -346,7 +333,7 @@ class _GroupCommitter:
     def submit(self, work: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
         """Queue `work` (statements on the writer's connection) for the next transaction."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((work, functools.partial(_settle_future, future)))
+        self._queue.put((work, functools.partial(_settle, future)))
         return future
 
     def submit_async(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -357,7 +344,7 @@ class _GroupCommitter:
         future: asyncio.Future[T] = loop.create_future()
 
         def settle(value: Any, error: BaseException | None) -> None:
-            loop.call_soon_threadsafe(_settle_asyncio, future, value, error)
+            loop.call_soon_threadsafe(_settle, future, value, error)
 
         self._queue.put((work, settle))
         return future
@@ -471,28 +458,17 @@ class SqliteStore(BaseStore):
     def _run_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`_run` for a write outside the group commit (a daemon's claims, outcomes, sweeps and
         leases). This process's writers take turns on a lock and one connection, and a write
-        the file's lock refuses (another process writes) is tried again within the busy
-        timeout, after 0.2 ms, then twice as long each time up to 5 ms: SQLite's own busy
-        handler sleeps 1, 2, 5, 10 ms..., which doubled a daemon's claim time in a burst, where
-        the other process holds the lock for about a millisecond. Retrying is safe: a write
-        refused the lock changed nothing (`complete` begins IMMEDIATE)."""
+        the file's lock refuses (another process writes) is retried within the busy timeout
+        by `retry_locked`, whose waits are far shorter than SQLite's busy handler's (which
+        doubled a daemon's claim time in a burst). Retrying is safe: a write refused the lock
+        changed nothing (`complete` begins IMMEDIATE)."""
         with self._write_lock, translate_errors():
             if self._write_conn is None:
                 self._write_conn = self._connect(busy_timeout_ms=0)
                 with self._conns_lock:
                     self._conns.append(self._write_conn)
-            deadline = time.monotonic() + self._busy_timeout_ms / 1000
-            delay_s = LOCK_POLL_S[0]
-            while True:
-                try:
-                    return work(self._write_conn)
-                except sqlite3.OperationalError as exc:
-                    if not _is_locked(exc) or time.monotonic() >= deadline:
-                        raise
-                time.sleep(delay_s)
-                delay_s = min(2 * delay_s, LOCK_POLL_S[1])
-
-    # timers
+            conn = self._write_conn
+            return retry_locked(lambda: work(conn), self._busy_timeout_ms / 1000)
 
     def _group_committer(self) -> _GroupCommitter:
         with self._writer_lock:
