@@ -30,6 +30,7 @@ from timerd.models import (
     Claim,
     Timer,
     new_claim_token,
+    partition_scope,
 )
 from timerd.offload import Offload
 from timerd.outcomes import next_attempt
@@ -101,8 +102,7 @@ class CallbackFirer:
         return len(self._inflight)
 
     def _scope(self) -> list[int] | None:
-        held = self._held()
-        return None if len(held) == self._partitions else held
+        return partition_scope(self._held(), self._partitions)
 
     async def tick(self) -> None:
         """Claim the due callbacks (up to a batch) whose host has a free slot, and start

@@ -33,7 +33,7 @@ from timerd.firing import Deliver, Deliveries
 from timerd.hosts import Entry, HostSlots
 from timerd.housekeeping import Housekeeper
 from timerd.lease import PartitionKeeper, daemon_identity
-from timerd.models import Due, Timer, partition_of
+from timerd.models import Due, Timer, partition_of, partition_scope
 from timerd.offload import Offload, pool_offload, thread_pool
 from timerd.outcomes import OutcomeWriter
 from timerd.retry import RetryPolicy
@@ -338,8 +338,7 @@ class Daemon:
 
     async def _poll(self) -> None:
         horizon_ms = self.clock.now_ms() + int(self.settings.lookahead_s * 1000)
-        held = self._partitions
-        partitions = None if len(held) == self.lease.partitions else held
+        partitions = partition_scope(self._partitions, self.lease.partitions)
 
         async def read_page(
             before_ms: int, limit: int, after: tuple[int, str] | None

@@ -11,7 +11,7 @@ import structlog
 from timerd.clock import Clock
 from timerd.durations import parse_retention_s
 from timerd.lease import PartitionKeeper
-from timerd.models import MEMBER_PREFIX
+from timerd.models import MEMBER_PREFIX, partition_scope
 from timerd.offload import Offload
 from timerd.settings import Settings
 from timerd.store import Store
@@ -59,7 +59,7 @@ class Housekeeper:
             self._clock.now_ms(),
             self._settings.batch_size,
             self._max_attempts,
-            None if len(held) == self._lease.partitions else held,
+            partition_scope(held, self._lease.partitions),
         )
         n = await self._offload(call)
         if n:

@@ -262,6 +262,12 @@ def member_lease(holder: str) -> str:
     return MEMBER_PREFIX + holder
 
 
+def partition_scope(held: list[int], partitions: int) -> list[int] | None:
+    """The partitions filter of a store call over the `held` ones of `partitions`: None (no
+    filter) when they are all of them."""
+    return None if len(held) == partitions else held
+
+
 def partition_of(timer_id: str, partitions: int) -> int:
     """The partition a timer belongs to: from the counter at the end of its ObjectId, so
     consecutive creates spread evenly."""
