@@ -34,6 +34,17 @@ def created(client: httpx.Client, body: dict[str, Any]) -> str:
     return timer_id
 
 
+def callback_delivered(client: httpx.Client, timer_id: str) -> dict[str, Any]:
+    """The timer's view once its failure callback is recorded delivered (15 s at most)."""
+
+    def view() -> dict[str, Any] | None:
+        timer: dict[str, Any] = client.get(f"/timers/{timer_id}").json()
+        return timer if timer["callback"]["state"] == "delivered" else None
+
+    found: dict[str, Any] = wait_until(view, 15, "the callback to be recorded delivered")
+    return found
+
+
 def test_a_permanent_410_sends_a_signed_failure_callback_retried_until_delivered(
     procs: TimerdProcesses, db: Path
 ) -> None:
@@ -52,14 +63,7 @@ def test_a_permanent_410_sends_a_signed_failure_callback_retried_until_delivered
         )
         target.wait_for(1, timeout_s=15)
         first, second = hook.wait_for(2, timeout_s=20)[:2]
-        view = wait_until(
-            lambda: (
-                (v := client.get(f"/timers/{timer_id}").json())["callback"]["state"] == "delivered"
-                and v
-            ),
-            15,
-            "the callback to be recorded delivered",
-        )
+        view = callback_delivered(client, timer_id)
     assert len(target.arrivals) == 1, "a 410 is not retried"
     for n, arrival in enumerate((first, second), start=1):
         assert arrival.path == f"/hooks/{timer_id}"
@@ -167,14 +171,7 @@ def test_a_callback_in_flight_when_the_daemon_is_killed_is_sent_again_not_lost(
         daemon.kill()
         start_daemon(procs, db)
         again = hook.wait_for(2, timeout_s=30)
-        view = wait_until(
-            lambda: (
-                (v := client.get(f"/timers/{timer_id}").json())["callback"]["state"] == "delivered"
-                and v
-            ),
-            15,
-            "the callback to be recorded delivered",
-        )
+        view = callback_delivered(client, timer_id)
     assert [a.headers["webhook-id"] for a in again] == [f"{timer_id}_failed"] * 2
     assert [body_of(a)["attempt"] for a in again] == [1, 2]
     assert view["callback"]["attempts"] == 2
