@@ -782,6 +782,39 @@ def test_complete_appends_each_attempt_to_the_history_keeping_the_newest(store: 
     )
 
 
+@pytest.mark.parametrize("retries", [0, 1, HISTORY_MAX + 1])
+def test_a_delivery_after_retries_records_the_fire_and_its_attempt_last(
+    store: Store, retries: int
+) -> None:
+    timer = inserted(store)
+    for n in range(1, retries + 2):
+        current = claimed(store, store.get(timer.id), a_claim(now_ms=NOW_MS + n))
+        delivered = n == retries + 1
+        record = AttemptRecord(attempt=n, at_ms=NOW_MS + n, latency_ms=1.5, status=500)
+        outcome = outcome_for(
+            current,
+            State.FIRED if delivered else State.PENDING,
+            at_ms=NOW_MS + n,
+            status=200 if delivered else 500,
+            owner="daemon-a",
+            next_due_at_ms=None if delivered else NOW_MS + n,
+            record=dataclasses.replace(record, status=200) if delivered else record,
+        )
+        assert store.complete([outcome]) == 1
+    fired = store.get(timer.id)
+    assert (fired.state, fired.attempts, fired.last_status, fired.last_error) == (
+        State.FIRED,
+        retries + 1,
+        200,
+        None,
+    )
+    at_ms = NOW_MS + retries + 1
+    assert (fired.fired_at_ms, fired.finished_at_ms, fired.fired_by) == (at_ms, at_ms, "daemon-a")
+    assert (fired.claimed_by, fired.claimed_until_ms, fired.claim_token) == (None, None, None)
+    assert [r.attempt for r in fired.history] == list(range(1, retries + 2))[-HISTORY_MAX:]
+    assert fired.history[-1].status == 200
+
+
 def test_an_outcome_without_a_record_leaves_the_history_alone(store: Store) -> None:
     current = claimed(store, inserted(store))
     assert store.complete([outcome_for(current, State.PENDING, next_due_at_ms=NOW_MS)]) == 1

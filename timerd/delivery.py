@@ -30,7 +30,7 @@ RESPONSE_PREFIX_BYTES = 1024  # read of an answer at most; the rest is never dow
 log = structlog.get_logger("timerd.delivery")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per attempt (see models.AttemptRecord)
 class Attempt:
     """What one delivery attempt came to: an HTTP status, or the class of error that stopped it."""
 
@@ -215,7 +215,7 @@ class Deliverer:
         return headers
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per attempt (see models.AttemptRecord)
 class _Post:
     """One signed POST: a timer's webhook or its failure callback."""
 

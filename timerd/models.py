@@ -45,7 +45,10 @@ HISTORY_MAX = 10  # attempts kept per timer, newest last
 RESPONSE_PREFIX_CHARS = 256  # of a receiver's answer, kept in the attempt history
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (and so not hashable): a frozen dataclass sets each field through object.__setattr__,
+# ten times slower to build, and the daemon builds one of these for every claim, attempt and
+# outcome. Treat them as values all the same: change one with `dataclasses.replace`.
+@dataclass(slots=True)
 class AttemptRecord:
     """One delivery attempt as the history keeps it."""
 
@@ -79,7 +82,7 @@ def history_from_dicts(items: list[dict[str, Any]] | None) -> tuple[AttemptRecor
     return tuple(AttemptRecord(**item) for item in items or ())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see AttemptRecord
 class Timer:
     """One timer as stored. `due_at_ms` is when it fires next (UTC epoch milliseconds)."""
 
@@ -161,7 +164,7 @@ class Claim:
     token: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see AttemptRecord
 class Outcome:
     """The result of one delivery attempt, written back under the claim it was made for.
 
