@@ -144,3 +144,15 @@ def test_the_create_shape_measures_timerd_next_to_the_floor_and_batches() -> Non
     assert batch["batch_size"] == 1000 and batch["errors"] == {} and batch["timers_per_s"] > 0
     # every create answered 201 is in the file: warm-up, measured creates and one batch
     assert result["states"] == {"pending": 500 + 200 + 1000}
+
+
+def test_fire_cpu_measures_each_part_of_a_fire_in_every_round() -> None:
+    result = bench("--shape", "fire-cpu", "--n", "300", "--repeat", "2")
+
+    assert (result["shape"], result["n"], result["rounds"]) == ("fire-cpu", 300, 2)
+    assert (result["log_level"], result["log_level_from"]) == ("info", "default")
+    figures = result["us_per_fire"]
+    assert set(figures) == {"daemon", "delivery", "bare_post"}
+    for part, us in figures.items():
+        assert len(us["runs"]) == 2, part
+        assert 0 < us["min"] <= us["median"] <= max(us["runs"]), (part, us)

@@ -6,21 +6,23 @@
     timerd bench --shape backlog --n 1000000            # memory and start-up over a big backlog
     timerd bench --shape store-scale --n 1000000        # hot store calls over 1M finished timers
     timerd bench --shape create  --n 5000               # creates/s next to a bare endpoint; batches
+    timerd bench --shape fire-cpu --n 20000             # CPU per fire, part by part
 
 Burst and spread start, as child processes, a raw-asyncio HTTP receiver, one `timerd api` and one
-`timerd daemon` (random free ports, a temporary SQLite file unless --store is given; the daemon
-runs --workers firing processes, by default its own default: one per core), create the timers
-through the API from --clients concurrent clients with absolute `fire_at` times, each with a URL of
-its own (`…/hooks/<n>`; --same-url for one URL), and wait for them to arrive. Then, in the same
-run, they run `ceiling.py --uvloop` of the same shape (--ceiling; `none` skips it) and report
+`timerd daemon` (random free ports, a temporary SQLite file unless --store is given; the daemon runs
+--workers firing processes, by default its own default: one per core), create the
+timers through the API from --clients concurrent clients with absolute `fire_at` times, each with a
+URL of its own (`…/hooks/<n>`; --same-url for one URL), and wait for them to arrive. Then, in the
+same run, they run `ceiling.py --uvloop` of the same shape (--ceiling; `none` skips it) and report
 timerd's fires/s as a ratio of the ceiling's. Backlog writes N pending timers due a day from now
 straight into the SQLite file, plus one due a second after the daemon starts, starts only the
-daemon, and reports when that timer arrived and the daemon's resident memory. Store-scale writes
-N finished timers and --pending pending ones over a few tenants through the store's `insert_many`,
-then times the store calls on the hot paths (--repeat times each) and the same through a
-`timerd api` process over HTTP. Create measures one `timerd api`'s creates/s next to a bare
-Starlette endpoint's in the same run, and its timers/s through `POST /timers/batch`
-(`timerd.bench_create`).
+daemon, and reports when that timer arrived and the daemon's resident memory. Store-scale writes N
+finished timers and --pending pending ones over a few tenants through the store's `insert_many`,
+then times the store calls on the hot paths (--repeat times each) and the same through a `timerd
+api` process over HTTP. Create measures one `timerd api`'s creates/s next to a bare Starlette
+endpoint's in the same run, and its timers/s through `POST /timers/batch` (`timerd.bench_create`).
+Fire-cpu measures the CPU a fire takes in the daemon, in timerd's delivery and in a bare aiohttp
+post, apart (`timerd.bench_cpu`).
 
 Prints one JSON line with every figure on stdout and a short summary on stderr. Children log at
 the daemon's default level (info) unless --log-level or TIMERD_LOG_LEVEL says otherwise; the
@@ -92,7 +94,8 @@ OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CEILING = "../shared/bench/ceiling.py"  # relative to the repository's root
 CEILING_TIMEOUT_S = 600.0
-SHAPES = ("burst", "spread", "backlog", "store-scale", "create")
+SHAPES = ("burst", "spread", "backlog", "store-scale", "create", "fire-cpu")
+STORE_SCALE_REPEAT = 200
 
 
 class BenchError(Exception):
@@ -115,7 +118,7 @@ class Options:
     same_url: bool = False
     ceiling: str = DEFAULT_CEILING
     pending: int = 10_000
-    repeat: int = 200
+    repeat: int | None = None  # None: the shape's own (STORE_SCALE_REPEAT, bench_cpu's rounds)
 
     @property
     def margin(self) -> float:
@@ -162,7 +165,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--pending", type=int, default=10_000, help="store-scale: pending timers besides the N"
     )
     parser.add_argument(
-        "--repeat", type=int, default=200, help="store-scale: timed calls of each kind"
+        "--repeat",
+        type=int,
+        help=f"store-scale: timed calls of each kind (default {STORE_SCALE_REPEAT});"
+        " fire-cpu: rounds (default 5)",
     )
 
 
@@ -188,7 +194,7 @@ def options(args: argparse.Namespace) -> Options:
         raise BenchError("--n, --rate and --clients must be positive")
     if opts.workers is not None and opts.workers < 0:
         raise BenchError("--workers must not be negative (0: one per core)")
-    if opts.pending < 0 or opts.repeat < 1:
+    if opts.pending < 0 or (opts.repeat is not None and opts.repeat < 1):
         raise BenchError("--pending must not be negative, --repeat must be positive")
     file_shape = opts.shape in ("backlog", "store-scale")
     if file_shape and opts.store and not opts.store.startswith("sqlite:"):
@@ -1185,6 +1191,7 @@ def db_mb(path: str) -> float:
 def run_store_scale(opts: Options) -> dict[str, Any]:
     """The store-scale shape: build (or reuse) the file, time the store calls in this process,
     then the same reads through a `timerd api` process."""
+    repeat = opts.repeat or STORE_SCALE_REPEAT
     with Lab(opts) as lab:
         path = lab.sqlite_path()
         reuse = not lab.temp_store and holds_timers(path)
@@ -1192,20 +1199,20 @@ def run_store_scale(opts: Options) -> dict[str, Any]:
         store = SqliteStore(path)  # as the API opens it
         try:
             rows = {} if build_s is not None else {"counted": store.count_by_state()}
-            figures = time_store_calls(store, opts.n, opts.repeat)
+            figures = time_store_calls(store, opts.n, repeat)
         finally:
             store.close()
         port = free_port()
         api = lab.start("api", port)
         wait_until(lambda: healthz_ok(port), api, "the API's /healthz")
-        figures |= time_http_calls(port, opts.repeat)
+        figures |= time_http_calls(port, repeat)
         api.check_alive()
         size = db_mb(path)
     return {
         **run_header(opts, lab),
         "pending": opts.pending,
         "tenants": len(SCALE_TENANTS),
-        "repeat": opts.repeat,
+        "repeat": repeat,
         "built": build_s is not None,
         **{key: {str(s): c for s, c in value.items()} for key, value in rows.items()},
         "build_s": build_s and round(build_s, 1),
@@ -1234,6 +1241,10 @@ def summary(result: dict[str, Any]) -> str:
         )
     if result["shape"] == "create":
         return create_summary(head, result)
+    if result["shape"] == "fire-cpu":
+        from timerd.bench_cpu import fire_cpu_summary  # noqa: PLC0415 -- as run_create
+
+        return fire_cpu_summary(head, result)
     if result["shape"] == "store-scale":
         lines = [f"{head}, {result['pending']} pending, {result['db_mb']} MB"]
         for where in ("store_ms", "http_ms"):
@@ -1274,6 +1285,13 @@ def run_create(opts: Options) -> dict[str, Any]:
     return run(opts)
 
 
+def run_fire_cpu(opts: Options) -> dict[str, Any]:
+    """The fire-cpu shape (`timerd.bench_cpu`, which builds on this module)."""
+    from timerd.bench_cpu import run_fire_cpu as run  # noqa: PLC0415 -- it imports this module
+
+    return run(opts)
+
+
 def floor_of(lab: Lab, opts: Options, creates_per_s: int) -> dict[str, Any]:
     """The floor next to a firing run's creates (`timerd.bench_create.floor_figures`)."""
     from timerd.bench_create import floor_figures  # noqa: PLC0415 -- as run_create
@@ -1297,7 +1315,12 @@ def run_bench(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         opts = options(args)
-        runs = {"backlog": run_backlog, "store-scale": run_store_scale, "create": run_create}
+        runs = {
+            "backlog": run_backlog,
+            "store-scale": run_store_scale,
+            "create": run_create,
+            "fire-cpu": run_fire_cpu,
+        }
         result = runs.get(opts.shape, run_firing)(opts)
     except BenchError as exc:
         print(f"timerd bench: {exc}", file=sys.stderr)
