@@ -10,7 +10,7 @@
 
 Burst and spread start, as child processes, a raw-asyncio HTTP receiver, one `timerd api` and one
 `timerd daemon` (random free ports, a temporary SQLite file unless --store is given; the daemon runs
---workers firing processes, by default its own default: one per core), create the
+--workers firing processes, by default its own default: one per core and one more), create the
 timers through the API from --clients concurrent clients with absolute `fire_at` times, each with a
 URL of its own (`…/hooks/<n>`; --same-url for one URL), and wait for them to arrive. Then, in the
 same run, they run `ceiling.py --uvloop` of the same shape (--ceiling; `none` skips it) and report
@@ -76,6 +76,7 @@ from timerd.settings import Settings
 from timerd.store import open_store
 from timerd.store.base import Store
 from timerd.store.sqlite import SqliteStore
+from timerd.workers import worker_count
 
 T = TypeVar("T")
 Arrival = tuple[str, float]  # (timer id from the path, arrival time in epoch seconds)
@@ -114,7 +115,7 @@ class Options:
     log_level: str | None  # None: the children's default (info) or TIMERD_LOG_LEVEL
     lead_s: float | None
     margin_s: float | None
-    workers: int | None = None  # None: the daemon's default (TIMERD_WORKERS, else one per core)
+    workers: int | None = None  # None: the daemon's default (TIMERD_WORKERS, else `worker_count`)
     same_url: bool = False
     ceiling: str = DEFAULT_CEILING
     pending: int = 10_000
@@ -150,7 +151,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         help="firing processes of the daemon, as TIMERD_WORKERS (default: the daemon's, one per"
-        " core)",
+        " core and one more)",
     )
     parser.add_argument(
         "--same-url", action="store_true", help="one URL for every timer (default: one each)"
@@ -193,7 +194,7 @@ def options(args: argparse.Namespace) -> Options:
     if opts.n < least_n or opts.rate <= 0 or opts.clients < 1:
         raise BenchError("--n, --rate and --clients must be positive")
     if opts.workers is not None and opts.workers < 0:
-        raise BenchError("--workers must not be negative (0: one per core)")
+        raise BenchError("--workers must not be negative (0: the daemon's default)")
     if opts.pending < 0 or (opts.repeat is not None and opts.repeat < 1):
         raise BenchError("--pending must not be negative, --repeat must be positive")
     file_shape = opts.shape in ("backlog", "store-scale")
@@ -219,7 +220,7 @@ def workers(opts: Options) -> tuple[int, str]:
         setting, source = int(os.environ["TIMERD_WORKERS"]), "TIMERD_WORKERS"
     else:
         setting, source = Settings().workers, "default"
-    return (setting or os.cpu_count() or 1), source
+    return worker_count(dataclasses.replace(Settings(), workers=setting)), source
 
 
 def now_ms() -> int:

@@ -33,8 +33,12 @@ _CREDENTIALS = struct.Struct("3i")  # pid, uid, gid of the sender (SCM_CREDENTIA
 
 
 def worker_count(settings: Settings) -> int:
-    """How many firing processes `timerd daemon` runs: `TIMERD_WORKERS`, or one per core."""
-    return settings.workers or os.cpu_count() or 1
+    """How many firing processes `timerd daemon` runs: `TIMERD_WORKERS`, or by default one per
+    core and one more. Each process spends part of a burst waiting (for its claims, for its
+    receivers' answers, for SQLite's write lock), and the extra one fires in those gaps: on two
+    cores three processes fired a 20,000 burst about 11 % faster than two, and four no faster
+    than three (BENCHMARKS.md, 2026-12-07)."""
+    return settings.workers or (os.cpu_count() or 1) + 1
 
 
 def child_env(settings: Settings, index: int, notify_socket: str) -> dict[str, str]:
