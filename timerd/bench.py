@@ -1228,6 +1228,10 @@ def run_store_scale(opts: Options) -> dict[str, Any]:
 
 def summary(result: dict[str, Any]) -> str:
     """A few human-readable lines for stderr."""
+    if result["shape"] == "fire-cpu":
+        from timerd.bench_cpu import fire_cpu_summary  # noqa: PLC0415 -- as run_create
+
+        return fire_cpu_summary(result)
     head = (
         f"timerd bench {result['shape']} n={result['n']}"
         f" (children log at {result['log_level']}, from {result['log_level_from']}"
@@ -1242,10 +1246,7 @@ def summary(result: dict[str, Any]) -> str:
         )
     if result["shape"] == "create":
         return create_summary(head, result)
-    if result["shape"] == "fire-cpu":
-        from timerd.bench_cpu import fire_cpu_summary  # noqa: PLC0415 -- as run_create
 
-        return fire_cpu_summary(head, result)
     if result["shape"] == "store-scale":
         lines = [f"{head}, {result['pending']} pending, {result['db_mb']} MB"]
         for where in ("store_ms", "http_ms"):

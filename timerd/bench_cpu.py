@@ -77,10 +77,14 @@ def run_fire_cpu(opts: Options) -> dict[str, Any]:
     }
 
 
-def fire_cpu_summary(head: str, result: dict[str, Any]) -> str:
+def fire_cpu_summary(result: dict[str, Any]) -> str:
     """The shape's summary lines."""
     figures = result["us_per_fire"]
-    lines = [f"{head}, {result['rounds']} rounds: CPU microseconds per fire, least / median"]
+    lines = [
+        f"timerd bench fire-cpu n={result['n']}, {result['rounds']} rounds (the daemon logs at"
+        f" {result['log_level']}, from {result['log_level_from']}): CPU microseconds per fire,"
+        " least / median"
+    ]
     lines += [
         f"  {part:9} {figures[part]['min']:7.1f} / {figures[part]['median']:7.1f}" for part in PARTS
     ]

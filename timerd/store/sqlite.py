@@ -88,8 +88,8 @@ WHERE holder = excluded.holder OR expires_at_ms < :now
 RETURNING {LEASE_COLUMNS}
 """
 
-# The history grows by one entry per attempt and drops its oldest past HISTORY_MAX.
-# The first needs no JSON parsing.
+# The history grows by one entry per attempt and drops its oldest past HISTORY_MAX; the first
+# entry is written without parsing any JSON.
 _APPEND_HISTORY = f"""CASE WHEN history IS NULL THEN '[' || {{record}} || ']' ELSE (
     SELECT CASE WHEN json_array_length(h) > {HISTORY_MAX} THEN json_remove(h, '$[0]') ELSE h END
     FROM (SELECT json_insert(history, '$[#]', json({{record}})) AS h)
