@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from collections import Counter
@@ -24,7 +25,9 @@ from tests.test_daemon import FakeClock
 from timerd.clock import StoreClock
 from timerd.lease import PartitionKeeper, owners
 from timerd.models import PARTITIONS, partition_of
+from timerd.settings import Settings
 from timerd.store.base import Store
+from timerd.workers import worker_count
 
 TTL_S = 10.0
 
@@ -231,3 +234,12 @@ def test_two_daemons_on_one_host_with_default_metrics_ports_both_run(
 def test_partition_of_is_stable_and_in_range() -> None:
     assert partition_of("6b0c912909a000c549ae2f99", PARTITIONS) == 0xAE2F99 % PARTITIONS
     assert all(0 <= partition_of(f"{i:024x}", PARTITIONS) < PARTITIONS for i in range(1000))
+
+
+@pytest.mark.parametrize(("cores", "expected"), [(1, 2), (2, 3), (8, 9), (64, 64), (96, 64)])
+def test_the_daemon_runs_one_process_per_core_and_one_more_but_no_more_than_partitions(
+    monkeypatch: pytest.MonkeyPatch, cores: int, expected: int
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert worker_count(Settings()) == expected
+    assert worker_count(Settings(workers=5)) == 5  # TIMERD_WORKERS wins

@@ -25,6 +25,7 @@ from pathlib import Path
 import structlog
 
 from timerd import systemd
+from timerd.models import PARTITIONS
 from timerd.settings import Settings, env_name
 
 log = structlog.get_logger("timerd.workers")
@@ -37,8 +38,9 @@ def worker_count(settings: Settings) -> int:
     core and one more. Each process spends part of a burst waiting (for its claims, for its
     receivers' answers, for SQLite's write lock), and the extra one fires in those gaps: on two
     cores three processes fired a 20,000 burst about 11 % faster than two, and four no faster
-    than three (BENCHMARKS.md, 2026-12-07)."""
-    return settings.workers or (os.cpu_count() or 1) + 1
+    than three (BENCHMARKS.md, 2026-12-07). Never more by default than there are partitions:
+    a process without one would only wait."""
+    return settings.workers or min((os.cpu_count() or 1) + 1, PARTITIONS)
 
 
 def child_env(settings: Settings, index: int, notify_socket: str) -> dict[str, str]:
