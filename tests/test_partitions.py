@@ -22,6 +22,7 @@ from tests.support.procs import TimerdProcess, TimerdProcesses
 from tests.support.receiver import Receiver
 from tests.support.waiting import wait_until
 from tests.test_daemon import FakeClock
+from timerd import workers
 from timerd.clock import StoreClock
 from timerd.lease import PartitionKeeper, owners
 from timerd.models import PARTITIONS, partition_of
@@ -240,6 +241,23 @@ def test_partition_of_is_stable_and_in_range() -> None:
 def test_the_daemon_runs_one_process_per_core_and_one_more_but_no_more_than_partitions(
     monkeypatch: pytest.MonkeyPatch, cores: int, expected: int
 ) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(workers, "available_cpus", lambda: cores)
     assert worker_count(Settings()) == expected
     assert worker_count(Settings(workers=5)) == 5  # TIMERD_WORKERS wins
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("max 100000", 8), ("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1), (None, 8)],
+)
+def test_the_cores_a_daemon_may_use_are_its_affinity_within_its_cgroups_quota(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpu_max: str | None, expected: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))
+    own = tmp_path / "self-cgroup"
+    own.write_text("1:cpu:/\n0::/system.slice/timerd-daemon.service\n")
+    service = tmp_path / "root" / "system.slice" / "timerd-daemon.service"
+    service.mkdir(parents=True)
+    if cpu_max is not None:
+        (service / "cpu.max").write_text(cpu_max + "\n")
+    assert workers.available_cpus(tmp_path / "root", own) == expected

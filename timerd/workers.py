@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import socket
@@ -35,12 +36,39 @@ _CREDENTIALS = struct.Struct("3i")  # pid, uid, gid of the sender (SCM_CREDENTIA
 
 def worker_count(settings: Settings) -> int:
     """How many firing processes `timerd daemon` runs: `TIMERD_WORKERS`, or by default one per
-    core and one more. Each process spends part of a burst waiting (for its claims, for its
-    receivers' answers, for SQLite's write lock), and the extra one fires in those gaps: on two
-    cores three processes fired a 20,000 burst about 11 % faster than two, and four no faster
-    than three (BENCHMARKS.md, 2026-12-07). Never more by default than there are partitions:
-    a process without one would only wait."""
-    return settings.workers or min((os.cpu_count() or 1) + 1, PARTITIONS)
+    core it may use (`available_cpus`) and one more. Each process spends part of a burst waiting
+    (for its claims, for its receivers' answers, for SQLite's write lock), and the extra one
+    fires in those gaps: on two cores three processes fired a 20,000 burst about 11 % faster
+    than two, and four no faster than three (BENCHMARKS.md, 2026-12-07). Never more by default
+    than there are partitions: a process without one would only wait."""
+    return settings.workers or min(available_cpus() + 1, PARTITIONS)
+
+
+def available_cpus(
+    cgroup_root: Path = Path("/sys/fs/cgroup"), own_cgroup: Path = Path("/proc/self/cgroup")
+) -> int:
+    """The cores this process may use: those its affinity allows (a cpuset, `taskset`), and
+    no more than its cgroup's CPU quota (a container's CPU limit, systemd's `CPUQuota=`),
+    rounded up. `os.cpu_count()` counts the whole host's."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    quota = _cpu_quota(cgroup_root, own_cgroup)
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def _cpu_quota(cgroup_root: Path, own_cgroup: Path) -> float | None:
+    """The CPUs a cgroup v2 `cpu.max` of this process's cgroup allows; None without a limit
+    (or without cgroup v2)."""
+    try:
+        path = next(
+            line[3:] for line in own_cgroup.read_text().splitlines() if line.startswith("0::")
+        )
+        quota, period = (cgroup_root / path.strip().lstrip("/") / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, StopIteration, ValueError, ZeroDivisionError):
+        return None
 
 
 def child_env(settings: Settings, index: int, notify_socket: str) -> dict[str, str]:
