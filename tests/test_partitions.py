@@ -261,3 +261,16 @@ def test_the_cores_a_daemon_may_use_are_its_affinity_within_its_cgroups_quota(
     if cpu_max is not None:
         (service / "cpu.max").write_text(cpu_max + "\n")
     assert workers.available_cpus(tmp_path / "root", own) == expected
+
+
+def test_a_quota_on_a_parent_cgroup_limits_the_cores_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))
+    own = tmp_path / "self-cgroup"
+    own.write_text("0::/limited.slice/timerd-daemon.service\n")
+    service = tmp_path / "root" / "limited.slice" / "timerd-daemon.service"
+    service.mkdir(parents=True)
+    (service / "cpu.max").write_text("max 100000\n")
+    (service.parent / "cpu.max").write_text("300000 100000\n")
+    assert workers.available_cpus(tmp_path / "root", own) == 3

@@ -59,15 +59,28 @@ def available_cpus(
 
 
 def _cpu_quota(cgroup_root: Path, own_cgroup: Path) -> float | None:
-    """The CPUs a cgroup v2 `cpu.max` of this process's cgroup allows; None without a limit
-    (or without cgroup v2)."""
+    """The CPUs the tightest cgroup v2 `cpu.max` over this process's cgroup and its parents
+    allows; None without a limit (or without cgroup v2)."""
     try:
-        path = next(
-            line[3:] for line in own_cgroup.read_text().splitlines() if line.startswith("0::")
-        )
-        quota, period = (cgroup_root / path.strip().lstrip("/") / "cpu.max").read_text().split()
+        own = next(line[3:] for line in own_cgroup.read_text().splitlines() if line[:3] == "0::")
+    except (OSError, StopIteration):
+        return None
+    leaf = cgroup_root / own.strip().lstrip("/")
+    quotas = [
+        _cpu_max(group / "cpu.max")
+        for group in (leaf, *leaf.parents)
+        if group.is_relative_to(cgroup_root)
+    ]
+    limits = [q for q in quotas if q is not None]
+    return min(limits) if limits else None
+
+
+def _cpu_max(path: Path) -> float | None:
+    """The CPUs one `cpu.max` file allows ("<quota> <period>"); None for "max" or no file."""
+    try:
+        quota, period = path.read_text().split()
         return None if quota == "max" else int(quota) / int(period)
-    except (OSError, StopIteration, ValueError, ZeroDivisionError):
+    except (OSError, ValueError, ZeroDivisionError):
         return None
 
 
