@@ -38,9 +38,10 @@ def worker_count(settings: Settings) -> int:
     """How many firing processes `timerd daemon` runs: `TIMERD_WORKERS`, or by default one per
     core it may use (`available_cpus`) and one more. Each process spends part of a burst waiting
     (for its claims, for its receivers' answers, for SQLite's write lock), and the extra one
-    fires in those gaps: on two cores three processes fired a 20,000 burst about 11 % faster
-    than two, and four no faster than three (BENCHMARKS.md, 2026-12-07). Never more by default
-    than there are partitions: a process without one would only wait."""
+    fires in those gaps: on two cores three processes fired a 20,000 burst faster than two in
+    11 of 14 paired runs (median ratio to ceiling.py 0.99 against 0.91), and four no faster
+    than three (BENCHMARKS.md, 2026-12-07). Never more by default than there are partitions: a
+    process without one would only wait."""
     return settings.workers or min(available_cpus() + 1, PARTITIONS)
 
 
