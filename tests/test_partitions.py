@@ -247,30 +247,29 @@ def test_the_daemon_runs_one_process_per_core_and_one_more_but_no_more_than_part
 
 
 @pytest.mark.parametrize(
-    ("cpu_max", "expected"),
-    [("max 100000", 8), ("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1), (None, 8)],
+    ("service_max", "slice_max", "expected"),
+    [
+        ("max 100000", None, 8),
+        ("200000 100000", None, 2),
+        ("150000 100000", None, 2),
+        ("50000 100000", None, 1),
+        (None, None, 8),
+        ("max 100000", "300000 100000", 3),  # a quota on a parent (a systemd slice) counts too
+    ],
 )
-def test_the_cores_a_daemon_may_use_are_its_affinity_within_its_cgroups_quota(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpu_max: str | None, expected: int
+def test_the_cores_a_daemon_may_use_are_its_affinity_within_its_cgroups_quotas(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    service_max: str | None,
+    slice_max: str | None,
+    expected: int,
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))
     own = tmp_path / "self-cgroup"
     own.write_text("1:cpu:/\n0::/system.slice/timerd-daemon.service\n")
     service = tmp_path / "root" / "system.slice" / "timerd-daemon.service"
     service.mkdir(parents=True)
-    if cpu_max is not None:
-        (service / "cpu.max").write_text(cpu_max + "\n")
+    for group, cpu_max in ((service, service_max), (service.parent, slice_max)):
+        if cpu_max is not None:
+            (group / "cpu.max").write_text(cpu_max + "\n")
     assert workers.available_cpus(tmp_path / "root", own) == expected
-
-
-def test_a_quota_on_a_parent_cgroup_limits_the_cores_too(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))
-    own = tmp_path / "self-cgroup"
-    own.write_text("0::/limited.slice/timerd-daemon.service\n")
-    service = tmp_path / "root" / "limited.slice" / "timerd-daemon.service"
-    service.mkdir(parents=True)
-    (service / "cpu.max").write_text("max 100000\n")
-    (service.parent / "cpu.max").write_text("300000 100000\n")
-    assert workers.available_cpus(tmp_path / "root", own) == 3
