@@ -621,8 +621,13 @@ class SqliteStore(BaseStore):
         return [_to_timer(r) for r in rows]
 
     def complete(self, outcomes: Sequence[Outcome]) -> int:
-        fired = [_fired_params(o) for o in outcomes if _is_fired(o)]
-        others = [_complete_params(o) for o in outcomes if not _is_fired(o)]
+        fired: list[tuple[Any, ...]] = []
+        others: list[dict[str, Any]] = []
+        for o in outcomes:  # each outcome judged once: this runs for every delivery
+            if _is_fired(o):
+                fired.append(_fired_params(o))
+            else:
+                others.append(_complete_params(o))
 
         def work(conn: sqlite3.Connection) -> int:
             with transaction(conn):  # rowcount: the rows changed in all
