@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -31,6 +32,7 @@ from timerd.store.base import Store
 from timerd.workers import worker_count
 
 TTL_S = 10.0
+T = TypeVar("T")
 
 
 def keeper(store: Store, clock: FakeClock, holder: str) -> PartitionKeeper:
@@ -94,6 +96,40 @@ def test_keepers_share_join_leave_and_survive_a_death(store: Store) -> None:
         clock.advance(int(TTL_S * 1000) + 1)  # c dies: a takes its share once it expires
         await settle([a])
         assert a.held() == list(range(PARTITIONS))
+
+    asyncio.run(scenario())
+
+
+def test_taking_many_partitions_from_a_slow_store_never_lets_the_held_ones_expire(
+    store: Store,
+) -> None:
+    clock = FakeClock()
+    call_ms = [0]  # how long each store call takes, on the fake clock
+
+    async def slow(call: Callable[[], T]) -> T:
+        clock.advance(call_ms[0])
+        return call()
+
+    def live_holders() -> dict[str, str]:
+        return {
+            lease.name: lease.holder
+            for lease in store.leases()
+            if lease.expires_at_ms >= clock.now_ms() and lease.name.startswith("p")
+        }
+
+    async def scenario() -> None:
+        store_clock = StoreClock(clock, 60_000)
+        store_clock.observe(clock.now_ms(), None, clock.now_ms())
+        a = PartitionKeeper(store, store_clock, "a", ttl_s=TTL_S, renew_s=3.0, offload=slow)
+        b = keeper(store, clock, "b")
+        await settle([a, b])
+        kept = set(a.held())
+        assert len(kept) == PARTITIONS // 2
+        await b.release()
+        call_ms[0] = 1000  # the takes alone last three TTLs and more
+        await a.tick()
+        assert a.held() == list(range(PARTITIONS))
+        assert live_holders() == {f"p{p}": "a" for p in range(PARTITIONS)}
 
     asyncio.run(scenario())
 

@@ -177,11 +177,15 @@ class PartitionKeeper:
         members.add(self.holder)
         chosen = owners(self.partitions, members)
         mine = {p for p, owner in enumerate(chosen) if owner == self.holder}
+        # One store call per partition: renew between them when due, so that taking many
+        # partitions from a slow store never lets the ones already held expire.
         for partition in sorted(set(self._held) - mine):
+            await self._renew()
             await self._hand_over(partition)
         for partition in sorted(mine - set(self._held)):
             lease = live.get(partition_lease(partition))
             if lease is None or lease.holder == self.holder:
+                await self._renew()
                 await self._take(partition)
 
     async def _take(self, partition: int) -> None:
@@ -197,7 +201,9 @@ class PartitionKeeper:
         self.changed.set()
 
     async def _hand_over(self, partition: int) -> None:
-        held = self._held.pop(partition)
+        held = self._held.pop(partition, None)
+        if held is None:  # lost at the renewal just before
+            return
         self.changed.set()
         name = partition_lease(partition)
         await self._offload(lambda: self.store.release_lease(name, self.holder, held.epoch))
