@@ -34,7 +34,7 @@ from timerd.hosts import Entry, HostSlots
 from timerd.housekeeping import Housekeeper
 from timerd.lease import PartitionKeeper, daemon_identity
 from timerd.models import Due, Timer, partition_of, partition_scope
-from timerd.offload import Offload, pool_offload, thread_pool
+from timerd.offload import Offload, hybrid_offload, pool_offload, thread_pool
 from timerd.outcomes import OutcomeWriter
 from timerd.retry import RetryPolicy
 from timerd.settings import Settings
@@ -47,6 +47,7 @@ __all__ = ["Counters", "Daemon", "Deliver"]
 
 CLAIM_COALESCE_S = 0.002  # when few slots are free, wait this long for more before claiming
 CLOCK_READ_S = 10.0  # how often the store's clock is read
+CHECKPOINT_S = 1.0  # how often the write-ahead log is copied into the store's file, at most
 PURGE_EVERY_S = 10.0  # finished timers go within this (and a few batches) of their moment
 STORE_THREADS = 4  # claims, polls, outcomes and the sweep never wait behind one another
 
@@ -80,16 +81,23 @@ class Daemon:
     ) -> None:
         """`clock` is this host's (corrected to the store's here) or a `StoreClock` already
         shared with the deliverer. `offload` runs every store call; by default, thread pools
-        of the daemon's own (one for the lease alone). Tests and the simulator pass one that
-        runs calls inline. `deliver_callback` sends failure callbacks (`timerd.callbacks`);
-        without it this daemon sends none."""
+        of the daemon's own (one for the lease alone), and for claims, polls and outcomes the
+        event loop itself whenever the store can make them without waiting. Tests and the
+        simulator pass one that runs calls inline. `deliver_callback` sends failure callbacks
+        (`timerd.callbacks`); without it this daemon sends none."""
         self.settings = settings
         self.store = store
         if not isinstance(clock, StoreClock):  # a bare host clock: correct it here
             clock = StoreClock(clock or SystemClock(), int(settings.max_clock_offset_s * 1000))
         self.clock = clock
         self._pools: list[ThreadPoolExecutor] = []
-        self._offload = offload or self._pool("timerd-store", STORE_THREADS)
+        self._background = offload or self._pool("timerd-store", STORE_THREADS)
+        nonblocking = None if offload else store.nonblocking()
+        self._offload = (
+            self._background
+            if nonblocking is None
+            else hybrid_offload(nonblocking, elsewhere=self._background)
+        )
         self.lease = PartitionKeeper(
             store,
             self.clock,
@@ -116,7 +124,7 @@ class Daemon:
             store,
             self.clock,
             lease=self.lease,
-            offload=self._offload,
+            offload=self._background,
             max_attempts=self.retry.max_attempts,
             on_recovered=self._poll_now,
         )
@@ -213,6 +221,9 @@ class Daemon:
         """The recovery sweep, once (see `Housekeeper.recover_expired`)."""
         await self.housekeeper.recover_expired()
 
+    async def _checkpoint(self) -> None:
+        await self._background(self.store.checkpoint)
+
     async def purge_finished(self) -> None:
         """The retention purge, once (see `Housekeeper.purge_finished`)."""
         await self.housekeeper.purge_finished()
@@ -232,6 +243,8 @@ class Daemon:
             self._every(tasks, "sweep", self.settings.lease_renew_s, self.recover_expired),
             self._every(tasks, "purge", PURGE_EVERY_S, self.purge_finished),
         ]
+        if self._offload is not self._background:  # the loop's own calls never checkpoint
+            helpers.append(self._every(tasks, "checkpoint", CHECKPOINT_S, self._checkpoint))
         if self.callbacks is not None:
             poll_s = self.settings.poll_interval_s
             helpers.append(self._every(tasks, "callbacks", poll_s, self.callbacks.tick))

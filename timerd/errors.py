@@ -24,6 +24,11 @@ class StoreUnavailable(TimerdError):
     """The store cannot be reached, or stayed locked beyond its busy timeout."""
 
 
+class WouldBlock(TimerdError):
+    """A store call made inside `Store.nonblocking()` would have had to wait (for another
+    writer, or for the file's lock); it changed nothing and may be made again elsewhere."""
+
+
 class ConfigError(TimerdError, ValueError):
     """A setting has a value timerd cannot use; the message names the setting."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 from timerd.models import (
     ApiKey,
@@ -317,6 +318,21 @@ class Store(abc.ABC):
     def server_time_ms(self) -> int | None:
         """The store's own clock (UTC epoch milliseconds), which every daemon and API host
         judges time by; None when the store shares this host's clock (SQLite)."""
+
+    def nonblocking(self) -> AbstractContextManager[None] | None:
+        """A context within which this thread's calls never wait: each completes at once (no
+        lock held by another writer, no network round trip, no wait for the disk) or raises
+        `WouldBlock` having changed nothing, to be made again where waiting is harmless. An
+        event loop can then make most of its store calls itself instead of handing each to a
+        thread. None (the default) when the store cannot promise that: every MongoDB call is
+        a round trip."""
+        return None
+
+    @abc.abstractmethod
+    def checkpoint(self) -> None:
+        """Copy what the store's write-ahead log holds into its main file, without waiting for
+        readers or writers. Needed where calls made in `nonblocking` leave it to others; a
+        no-op where the store does this itself (MongoDB)."""
 
     @abc.abstractmethod
     def ping(self) -> None:

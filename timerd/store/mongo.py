@@ -780,6 +780,9 @@ class MongoStore(BaseStore):
         with translate_errors():
             return self._server_time()
 
+    def checkpoint(self) -> None:
+        pass  # the server manages its journal
+
     def ping(self) -> None:
         with translate_errors():
             self._timers.find_one({}, {"_id": 1})

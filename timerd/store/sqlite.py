@@ -17,12 +17,12 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 import msgspec
 
-from timerd.errors import StoreUnavailable
+from timerd.errors import StoreUnavailable, WouldBlock
 from timerd.models import (
     HISTORY_MAX,
     ApiKey,
@@ -424,6 +424,19 @@ class _GroupCommitter:
                 settle(None, value)
 
 
+class _Nonblocking:
+    """The context of `SqliteStore.nonblocking`: marks the calls of the thread that enters it."""
+
+    def __init__(self, local: threading.local) -> None:
+        self._local = local
+
+    def __enter__(self) -> None:
+        self._local.nonblocking = True
+
+    def __exit__(self, *_: object) -> None:
+        self._local.nonblocking = False
+
+
 class SqliteStore(BaseStore):
     """`Store` over one SQLite file.
 
@@ -478,6 +491,8 @@ class SqliteStore(BaseStore):
         return conn
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._local.__dict__.get("nonblocking"):
+            return self._run_now(work)
         with translate_errors():
             return work(self._conn())
 
@@ -488,6 +503,13 @@ class SqliteStore(BaseStore):
         by `retry_locked`, whose waits are far shorter than SQLite's busy handler's (which
         doubled a daemon's claim time in a burst). Retrying is safe: a write refused the lock
         changed nothing (`complete` begins IMMEDIATE)."""
+        if self._local.__dict__.get("nonblocking"):
+            if not self._write_lock.acquire(blocking=False):
+                raise WouldBlock("another thread of this process is writing")
+            try:
+                return self._run_now(work)
+            finally:
+                self._write_lock.release()
         with self._write_lock, translate_errors():
             if self._write_conn is None:
                 self._write_conn = self._connect(busy_timeout_ms=0)
@@ -507,6 +529,32 @@ class SqliteStore(BaseStore):
         future = self._group_committer().submit(work)
         with translate_errors():
             return future.result()
+
+    def nonblocking(self) -> AbstractContextManager[None] | None:
+        """Calls on this thread use a connection of its own that never waits for SQLite's
+        lock and never checkpoints (`checkpoint` does, elsewhere). A commit that waits for the
+        disk (synchronous FULL or EXTRA) cannot be made without waiting: None then."""
+        if self._synchronous not in ("OFF", "NORMAL"):
+            return None
+        return _Nonblocking(self._local)
+
+    def _run_now(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        conn: sqlite3.Connection | None = self._local.__dict__.get("nonblocking_conn")
+        if conn is None:
+            conn = self._connect(busy_timeout_ms=0)
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            self._local.nonblocking_conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        try:
+            return work(conn)
+        except sqlite3.OperationalError as exc:
+            if "database is locked" in str(exc):
+                raise WouldBlock(f"sqlite: {exc}") from exc
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    def checkpoint(self) -> None:
+        self._run(lambda c: c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
 
     def partitions(self) -> int:
         return self._partitions
