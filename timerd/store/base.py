@@ -2,8 +2,9 @@
 
 Both adapters (`sqlite.py`, `mongo.py`) implement `Store` exactly as documented here, and
 `tests/test_store_contract.py` holds them to it. All methods are synchronous and thread-safe: the
-API calls them from Starlette's thread pool, the daemon through `asyncio.to_thread`; the one
-exception, `insert_many_async`, is the API's create path on the event loop.
+API calls them from Starlette's thread pool, the daemon from thread pools of its own, or on its
+event loop inside `nonblocking()` where the store offers it; the one exception,
+`insert_many_async`, is the API's create path on the event loop.
 
 Time is always passed in (`now_ms`, UTC epoch milliseconds); no method reads the clock.
 Every state change is a single conditional write. A write that matches nothing means another
