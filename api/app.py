@@ -391,14 +391,24 @@ class PendingCap:
 
     async def room(self, tenant: str) -> int:
         """How many more pending timers `tenant` may have now; counts them in a worker thread
-        only when the last count is over REFRESH_S old."""
+        only when the last count is over REFRESH_S old. One request counts; those that come
+        meanwhile go by the last count instead of counting too."""
         now = time.monotonic()
         with self._lock:
             count, at = self._counts.get(tenant, (0, -math.inf))
-        if now - at > self.REFRESH_S:
-            count = await run_in_threadpool(self._store.count_pending, tenant, self._limit)
-            with self._lock:
+            counting = now - at > self.REFRESH_S
+            if counting:
                 self._counts[tenant] = (count, now)
+        if not counting:
+            return max(0, self._limit - count)
+        try:
+            count = await run_in_threadpool(self._store.count_pending, tenant, self._limit)
+        except BaseException:
+            with self._lock:  # the next request counts again
+                self._counts[tenant] = (self._counts[tenant][0], at)
+            raise
+        with self._lock:
+            self._counts[tenant] = (count, now)
         return max(0, self._limit - count)
 
     def refusal(self) -> ApiError:

@@ -8,6 +8,7 @@ Nothing sleeps to synchronise: every wait is on an answer, an exit or a bounded 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -28,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
+from api.app import PendingCap
 from api.auth import KEYS_EXIST_CACHE_S, check_protected_mode
 from tests.support.procs import HOST, TimerdProcess, TimerdProcesses, run_timerd
 from tests.support.timers import put_in_state
@@ -829,6 +831,28 @@ def test_the_per_tenant_cap_answers_429_and_frees_up_after_a_cancel(capped: Serv
         assert pending_of(capped.db, "acme") == 3
         assert_error(acme.post("/timers", content=body(hours=1)), 429, "too_many_pending")
         assert pending_of(capped.db, "acme") == 3
+
+
+def test_concurrent_creates_of_a_tenant_count_its_pending_timers_once(tmp_path: Path) -> None:
+    store = open_store(sqlite_url(tmp_path / "timers.db"))
+    counted: list[str] = []
+    count_pending = store.count_pending
+
+    def counting(tenant: str, limit: int) -> int:
+        counted.append(tenant)
+        return count_pending(tenant, limit)
+
+    store.count_pending = counting  # type: ignore[method-assign]
+    cap = PendingCap(store, 10)
+
+    async def creates_at_once() -> list[int]:
+        return list(await asyncio.gather(*(cap.room("acme") for _ in range(20))))
+
+    try:
+        assert asyncio.run(creates_at_once()) == [10] * 20
+    finally:
+        store.close()
+    assert counted == ["acme"]  # one counts, the others go by the last count meanwhile
 
 
 def test_an_idempotent_retry_at_the_cap_returns_the_original_timer(capped: Server) -> None:
