@@ -81,8 +81,8 @@ class Daemon:
     ) -> None:
         """`clock` is this host's (corrected to the store's here) or a `StoreClock` already
         shared with the deliverer. `offload` runs every store call; by default, thread pools
-        of the daemon's own (one for the lease alone), and for claims, polls and outcomes the
-        event loop itself whenever the store can make them without waiting. Tests and the
+        of the daemon's own (one for the lease alone), and for claims and outcomes the event
+        loop itself whenever the store can make them without waiting. Tests and the
         simulator pass one that runs calls inline. `deliver_callback` sends failure callbacks
         (`timerd.callbacks`); without it this daemon sends none."""
         self.settings = settings
@@ -357,7 +357,7 @@ class Daemon:
             before_ms: int, limit: int, after: tuple[int, str] | None
         ) -> Sequence[Due]:
             page = functools.partial(self.store.pending_due, before_ms, limit, after, partitions)
-            return await self._offload(page)
+            return await self._background(page)  # a page is long to read on the loop
 
         await self.window.poll(read_page, horizon_ms)
 
