@@ -10,7 +10,7 @@
 
 Burst and spread start, as child processes, a raw-asyncio HTTP receiver, one `timerd api` and one
 `timerd daemon` (random free ports, a temporary SQLite file unless --store is given; the daemon runs
---workers firing processes, by default its own default: one per core and one more), create the
+--workers firing processes, by default its own default: one per core), create the
 timers through the API from --clients concurrent clients with absolute `fire_at` times, each with a
 URL of its own (`…/hooks/<n>`; --same-url for one URL), and wait for them to arrive. Then, in the
 same run, they run `ceiling.py --uvloop` of the same shape (--ceiling; `none` skips it) and report
@@ -151,7 +151,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         help="firing processes of the daemon, as TIMERD_WORKERS (default: the daemon's, one per"
-        " core and one more)",
+        " core)",
     )
     parser.add_argument(
         "--same-url", action="store_true", help="one URL for every timer (default: one each)"

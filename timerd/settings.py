@@ -41,7 +41,7 @@ class Settings:
     port: int = field(default=8081, metadata=_help("port the API listens on"))
     workers: int = field(
         default=0,
-        metadata=_help("firing processes `timerd daemon` runs; 0: one per core, plus one"),
+        metadata=_help("firing processes `timerd daemon` runs; 0: one per core"),
     )
     metrics_port: int = field(
         default=9464,

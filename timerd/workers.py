@@ -36,13 +36,12 @@ _CREDENTIALS = struct.Struct("3i")  # pid, uid, gid of the sender (SCM_CREDENTIA
 
 def worker_count(settings: Settings) -> int:
     """How many firing processes `timerd daemon` runs: `TIMERD_WORKERS`, or by default one per
-    core it may use (`available_cpus`) and one more. Each process spends part of a burst waiting
-    (for its claims, for its receivers' answers, for SQLite's write lock), and the extra one
-    fires in those gaps: on two cores three processes fired a 20,000 burst faster than two in
-    11 of 14 paired runs (median ratio to ceiling.py 0.99 against 0.91), and four no faster
-    than three (BENCHMARKS.md, 2026-12-07). Never more by default than there are partitions: a
-    process without one would only wait."""
-    return settings.workers or min(available_cpus() + 1, PARTITIONS)
+    core it may use (`available_cpus`). Since a daemon makes its SQLite claims and outcomes on
+    its event loop, a process seldom waits, and on two cores two processes fired a 20,000
+    burst faster than three in 6 of 8 paired runs (median 4,340 against 3,918 fires/s;
+    BENCHMARKS.md, 2026-12-07). Never more by default than there are partitions: a process
+    without one would only wait."""
+    return settings.workers or min(available_cpus(), PARTITIONS)
 
 
 def available_cpus(

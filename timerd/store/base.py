@@ -325,8 +325,8 @@ class Store(abc.ABC):
         lock held by another writer, no network round trip, no wait for the disk) or raises
         `WouldBlock` having changed nothing, to be made again where waiting is harmless. An
         event loop can then make most of its store calls itself instead of handing each to a
-        thread. None (the default) when the store cannot promise that: every MongoDB call is
-        a round trip."""
+        thread. The context may be entered again and again, by any thread. None (the default)
+        when the store cannot promise that: every MongoDB call is a round trip."""
         return None
 
     @abc.abstractmethod
