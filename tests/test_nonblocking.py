@@ -8,7 +8,7 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import AbstractContextManager, closing
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,6 +34,13 @@ def daemon_store(tmp_path: Path) -> Iterator[SqliteStore]:
     assert isinstance(store, SqliteStore)
     yield store
     store.close()
+
+
+def on_the_loop(store: SqliteStore) -> AbstractContextManager[None]:
+    """The store's `nonblocking()` context, which a daemon's store offers."""
+    context = store.nonblocking()
+    assert context is not None
+    return context
 
 
 def due_timers(store: Store, n: int, payload: str | None = None) -> list[str]:
@@ -67,8 +74,7 @@ def test_claims_polls_and_outcomes_are_made_on_the_calling_thread(
     daemon_store: SqliteStore,
 ) -> None:
     ids = due_timers(daemon_store, 3)
-    context = daemon_store.nonblocking()
-    assert context is not None
+    context = on_the_loop(daemon_store)
     with context:
         assert sorted(d.id for d in daemon_store.pending_due(NOW_MS + 1, 10)) == sorted(ids)
         fire(daemon_store, ids)
@@ -79,8 +85,7 @@ def test_a_write_another_process_holds_the_lock_for_would_block_and_changes_noth
     daemon_store: SqliteStore,
 ) -> None:
     [timer_id] = due_timers(daemon_store, 1)
-    context = daemon_store.nonblocking()
-    assert context is not None
+    context = on_the_loop(daemon_store)
     with closing(sqlite3.connect(daemon_store.path, isolation_level=None)) as other:
         other.execute("BEGIN IMMEDIATE")  # another process's write in progress
         started = time.monotonic()
@@ -112,8 +117,7 @@ def test_the_loops_connection_never_checkpoints_and_checkpoint_does(
     wal = Path(daemon_store.path + "-wal")
     payload = '"' + "x" * 1000 + '"'  # four rows to a page
     ids = [i for _ in range(50) for i in due_timers(daemon_store, 100, payload)]
-    context = daemon_store.nonblocking()
-    assert context is not None
+    context = on_the_loop(daemon_store)
 
     def wal_pages_after_firing(ids: list[str]) -> int:
         with context:
@@ -132,8 +136,7 @@ def test_the_hybrid_offload_runs_on_the_loop_and_elsewhere_only_when_it_would_bl
     daemon_store: SqliteStore,
 ) -> None:
     ids = due_timers(daemon_store, 2)
-    context = daemon_store.nonblocking()
-    assert context is not None
+    context = on_the_loop(daemon_store)
     sent_elsewhere: list[str] = []
 
     async def elsewhere(call: Callable[[], T]) -> T:
