@@ -546,12 +546,13 @@ class SqliteStore(BaseStore):
             self._local.nonblocking_conn = conn
             with self._conns_lock:
                 self._conns.append(conn)
-        try:
-            return work(conn)
-        except sqlite3.OperationalError as exc:
-            if "database is locked" in str(exc):
+        with translate_errors():  # what is not the lock becomes StoreUnavailable there
+            try:
+                return work(conn)
+            except sqlite3.OperationalError as exc:
+                if "database is locked" not in str(exc):
+                    raise
                 raise WouldBlock(f"sqlite: {exc}") from exc
-            raise StoreUnavailable(f"sqlite: {exc}") from exc
 
     def checkpoint(self) -> None:
         self._run(lambda c: c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
