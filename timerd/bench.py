@@ -1246,7 +1246,6 @@ def summary(result: dict[str, Any]) -> str:
         )
     if result["shape"] == "create":
         return create_summary(head, result)
-
     if result["shape"] == "store-scale":
         lines = [f"{head}, {result['pending']} pending, {result['db_mb']} MB"]
         for where in ("store_ms", "http_ms"):
