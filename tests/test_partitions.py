@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 import pytest
@@ -25,6 +25,7 @@ from tests.support.waiting import wait_until
 from tests.test_daemon import FakeClock
 from timerd import workers
 from timerd.clock import StoreClock
+from timerd.errors import StoreUnavailable
 from timerd.lease import PartitionKeeper, owners
 from timerd.models import PARTITIONS, partition_of
 from timerd.settings import Settings
@@ -130,6 +131,74 @@ def test_taking_many_partitions_from_a_slow_store_never_lets_the_held_ones_expir
         await a.tick()
         assert a.held() == list(range(PARTITIONS))
         assert live_holders() == {f"p{p}": "a" for p in range(PARTITIONS)}
+
+    asyncio.run(scenario())
+
+
+class AnswersLost:
+    """A store whose next call to each named method fails with the store unavailable: before
+    it reaches the store, or (`applied`) after the store carried it out, as when a connection
+    drops on the way back."""
+
+    def __init__(self, store: Store, failing: set[str], *, applied: bool) -> None:
+        self._store, self._failing, self._applied = store, failing, applied
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._store, name)
+        if name not in self._failing:
+            return call
+
+        def fail(*args: Any) -> Any:
+            self._failing.discard(name)
+            if self._applied:
+                call(*args)
+            raise StoreUnavailable(f"{name}: connection lost (simulated)")
+
+        return fail
+
+
+def live_partitions(store: Store, clock: FakeClock, holder: str) -> set[str]:
+    now_ms = clock.now_ms()
+    return {
+        lease.name
+        for lease in store.leases()
+        if lease.holder == holder and lease.expires_at_ms >= now_ms and lease.name.startswith("p")
+    }
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["refused", "applied"])
+def test_a_hand_over_whose_release_fails_is_released_at_the_next_tick(
+    store: Store, applied: bool
+) -> None:
+    clock = FakeClock()
+    flaky = AnswersLost(store, set(), applied=applied)
+
+    async def scenario() -> None:
+        a, b = keeper(cast(Store, flaky), clock, "a"), keeper(store, clock, "b")
+        await settle([a, b], ticks=1)  # a holds them all; b is a member and waits
+        flaky._failing.add("release_lease")
+        await a.tick()  # its first hand-over fails
+        await settle([a, b])  # no time passes: nothing may wait for a lease to expire
+        assert_disjoint_and_complete(shares([a, b]))
+
+    asyncio.run(scenario())
+
+
+def test_a_take_whose_answer_was_lost_is_released_at_a_clean_stop(store: Store) -> None:
+    clock = FakeClock()
+
+    flaky = AnswersLost(store, set(), applied=True)
+
+    async def scenario() -> None:
+        a, b = keeper(cast(Store, flaky), clock, "a"), keeper(store, clock, "b")
+        await settle([a, b])
+        await b.release()
+        flaky._failing.add("acquire_lease")
+        await a.tick()  # takes the first of b's partitions, but never hears that it did
+        assert len(live_partitions(store, clock, "a")) == len(a.held()) + 1
+        await a.release()
+        assert live_partitions(store, clock, "a") == set()
+        assert not [lease for lease in store.leases() if lease.expires_at_ms >= clock.now_ms()]
 
     asyncio.run(scenario())
 

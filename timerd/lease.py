@@ -182,6 +182,8 @@ class PartitionKeeper:
         for partition in sorted(set(self._held) - mine):
             await self._renew()
             await self._hand_over(partition)
+        for lease in self._strays(live.values(), keep=mine):
+            await self._release(lease.name, lease.epoch)
         for partition in sorted(mine - set(self._held)):
             lease = live.get(partition_lease(partition))
             if lease is None or lease.holder == self.holder:
@@ -205,9 +207,26 @@ class PartitionKeeper:
         if held is None:  # lost at the renewal just before
             return
         self.changed.set()
-        name = partition_lease(partition)
-        await self._offload(lambda: self.store.release_lease(name, self.holder, held.epoch))
+        await self._release(partition_lease(partition), held.epoch)
         log.info("partition_handed_over", holder=self.holder, partition=partition)
+
+    def _strays(self, leases: Iterable[Lease], keep: set[int]) -> list[Lease]:
+        """Partition leases the store says are ours but this daemon does not hold: a release
+        that failed, or a take that the store applied but whose answer was lost. Left alone,
+        they would keep their partitions from the daemons that should have them until the
+        TTL runs out."""
+        return [
+            lease
+            for lease in leases
+            if lease.holder == self.holder
+            and lease.expires_at_ms > 0
+            and not _is_member(lease)
+            and int(lease.name[1:]) not in self._held
+            and int(lease.name[1:]) not in keep
+        ]
+
+    async def _release(self, name: str, epoch: int) -> None:
+        await self._offload(functools.partial(self.store.release_lease, name, self.holder, epoch))
 
     def _lose(self, partitions: list[int]) -> None:
         for partition in partitions:
@@ -243,9 +262,10 @@ class PartitionKeeper:
             releases.append((member_lease(self.holder), member_epoch))
         try:
             for name, epoch in releases:
-                await self._offload(
-                    functools.partial(self.store.release_lease, name, self.holder, epoch)
-                )
+                await self._release(name, epoch)
+            for lease in await self._offload(self.store.leases):  # and any the store says are ours
+                if lease.holder == self.holder and lease.expires_at_ms > 0:
+                    await self._release(lease.name, lease.epoch)
         except StoreUnavailable as exc:
             log.warning("lease_release_failed", error=str(exc))
             return
