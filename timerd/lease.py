@@ -182,8 +182,8 @@ class PartitionKeeper:
         for partition in sorted(set(self._held) - mine):
             await self._renew()
             await self._hand_over(partition)
-        for lease in self._strays(live.values(), keep=mine):
-            await self._release(lease.name, lease.epoch)
+        for stray in self._strays(live.values(), keep=mine):
+            await self._release(stray.name, stray.epoch)
         for partition in sorted(mine - set(self._held)):
             lease = live.get(partition_lease(partition))
             if lease is None or lease.holder == self.holder:
