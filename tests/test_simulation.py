@@ -41,6 +41,8 @@ REGRESSION_SEEDS: list[tuple[int, str, str]] = [
     (209, "sqlite", "an HTTP-date Retry-After judged by the host's skewed clock (d411f39)"),
     (7, "sqlite", "fired up to half a clock reading's round trip early: offset error"),
     (7, "mongo", "fired up to half a clock reading's round trip early: offset error"),
+    (40289, "sqlite", "a hand-over whose release failed kept its lease live after a clean stop"),
+    (40289, "mongo", "a hand-over whose release failed kept its lease live after a clean stop"),
 ]
 
 
