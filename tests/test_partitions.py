@@ -184,6 +184,27 @@ def test_a_hand_over_whose_release_fails_is_released_at_the_next_tick(
     asyncio.run(scenario())
 
 
+def test_a_hand_over_releases_each_partition_once(store: Store) -> None:
+    clock = FakeClock()
+    released: list[str] = []
+
+    class Counting(AnswersLost):
+        def release_lease(self, name: str, holder: str, epoch: int) -> bool:
+            released.append(name)
+            return store.release_lease(name, holder, epoch)
+
+    async def scenario() -> None:
+        a = keeper(cast(Store, Counting(store, set(), applied=False)), clock, "a")
+        b = keeper(store, clock, "b")
+        await settle([a, b], ticks=1)  # a holds them all; b is a member and waits
+        await a.tick()
+        await a.tick()
+        assert sorted(released) == sorted(f"p{p}" for p in range(PARTITIONS) if not a.holds(p))
+        assert len(released) == PARTITIONS // 2
+
+    asyncio.run(scenario())
+
+
 def test_a_take_whose_answer_was_lost_is_released_at_a_clean_stop(store: Store) -> None:
     clock = FakeClock()
 

@@ -177,12 +177,13 @@ class PartitionKeeper:
         members.add(self.holder)
         chosen = owners(self.partitions, members)
         mine = {p for p, owner in enumerate(chosen) if owner == self.holder}
+        strays = self._strays(live.values(), keep=mine)  # before the hand-overs add to them
         # One store call per partition: renew between them when due, so that taking many
         # partitions from a slow store never lets the ones already held expire.
         for partition in sorted(set(self._held) - mine):
             await self._renew()
             await self._hand_over(partition)
-        for stray in self._strays(live.values(), keep=mine):
+        for stray in strays:
             await self._release(stray.name, stray.epoch)
         for partition in sorted(mine - set(self._held)):
             lease = live.get(partition_lease(partition))
