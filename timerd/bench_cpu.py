@@ -12,7 +12,9 @@ part of a fire takes moves far less. This shape measures three parts in this pro
   `Deliverer`: body, headers, address checks and one aiohttp request.
 - `bare_post`: the same POSTs through a bare `ClientSession.post`, as `ceiling.py` sends them.
 
-A fire costs about `daemon + delivery`; the ceiling's costs about `bare_post`.
+A fire costs about `daemon + delivery`; the ceiling's costs about `bare_post`. The first two
+run with the garbage collector set as timerd sets it (`timerd.garbage`), the third with Python's
+defaults, as `ceiling.py` runs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any, TextIO
 import aiohttp
 import uvloop
 
+from timerd import garbage
 from timerd.bench import BenchError, Options, Receiver, log_level
 from timerd.clock import SystemClock
 from timerd.daemon import Daemon
@@ -106,11 +109,19 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _per_fire(n: int, work: Callable[[], Awaitable[None]]) -> float:
-    """CPU microseconds per fire that `work` (which does n fires) takes."""
-    started = _cpu_s()
-    await work()
-    return (_cpu_s() - started) / n * 1_000_000
+async def _per_fire(n: int, work: Callable[[], Awaitable[None]], *, timerd: bool) -> float:
+    """CPU microseconds per fire that `work` (which does n fires) takes; with the garbage
+    collector set as a `timerd` process sets it once started (`garbage.serving`), or left at
+    Python's defaults, as `ceiling.py` leaves it."""
+    if timerd:
+        garbage.serving()
+    try:
+        started = _cpu_s()
+        await work()
+        return (_cpu_s() - started) / n * 1_000_000
+    finally:
+        if timerd:
+            garbage.defaults()
 
 
 async def _daemon_cpu(n: int, directory: Path) -> float:
@@ -144,7 +155,7 @@ async def _daemon_cpu(n: int, directory: Path) -> float:
     running = asyncio.create_task(daemon.run())
     try:
         await asyncio.sleep(max(0.0, (due_ms - clock.now_ms()) / 1000))
-        return await _per_fire(n, lambda: _within(all_delivered.wait(), n, "daemon"))
+        return await _per_fire(n, lambda: _within(all_delivered.wait(), n, "daemon"), timerd=True)
     finally:
         daemon.stop()
         await running
@@ -186,7 +197,7 @@ async def _delivery_cpu(n: int, url: str) -> float:
         async def all_of_them() -> None:
             await asyncio.gather(*(one(t) for t in timers))
 
-        return await _per_fire(n, lambda: _within(all_of_them(), n, "delivery"))
+        return await _per_fire(n, lambda: _within(all_of_them(), n, "delivery"), timerd=True)
 
 
 async def _bare_post_cpu(n: int, url: str) -> float:
@@ -202,7 +213,7 @@ async def _bare_post_cpu(n: int, url: str) -> float:
         async def all_of_them() -> None:
             await asyncio.gather(*(one(i) for i in ids))
 
-        return await _per_fire(n, lambda: _within(all_of_them(), n, "bare_post"))
+        return await _per_fire(n, lambda: _within(all_of_them(), n, "bare_post"), timerd=False)
 
 
 async def _within(work: Awaitable[Any], n: int, part: str) -> None:

@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 
 from api import create_app  # the CLI is the one place that wires the API to the core
 from api.auth import check_protected_mode
-from timerd import __version__, keys, systemd
+from timerd import __version__, garbage, keys, systemd
 from timerd.bench import add_bench_arguments, run_bench
 from timerd.clock import StoreClock, SystemClock
 from timerd.daemon import Daemon
@@ -98,6 +98,7 @@ async def serve_api(settings: Settings) -> None:
         server = _server(settings, create_app(settings, store))
         _on_stop_signals(lambda: setattr(server, "should_exit", True))
         log.info("api_starting", host=settings.host, port=settings.port, version=__version__)
+        garbage.serving()
         await server.serve()
     finally:
         store.close()
@@ -130,6 +131,7 @@ async def run_daemon(settings: Settings) -> None:
             probes = await _start_probes(store, settings)
         async with _firing(settings, store) as daemon:
             _on_stop_signals(daemon.stop)
+            garbage.serving()
             await daemon.run()
     finally:
         if probes is not None:
@@ -191,6 +193,7 @@ async def run_all(settings: Settings) -> None:
 
             _on_stop_signals(stop)
             log.info("api_starting", host=settings.host, port=settings.port, version=__version__)
+            garbage.serving()
             daemon_task = asyncio.create_task(daemon.run())
             daemon_task.add_done_callback(lambda _: stop())  # a crashed daemon stops the API too
             await server.serve()
