@@ -207,7 +207,6 @@ def test_a_hand_over_releases_each_partition_once(store: Store) -> None:
 
 def test_a_take_whose_answer_was_lost_is_released_at_a_clean_stop(store: Store) -> None:
     clock = FakeClock()
-
     flaky = AnswersLost(store, set(), applied=True)
 
     async def scenario() -> None:

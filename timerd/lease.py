@@ -212,7 +212,7 @@ class PartitionKeeper:
         log.info("partition_handed_over", holder=self.holder, partition=partition)
 
     def _strays(self, leases: Iterable[Lease], keep: set[int]) -> list[Lease]:
-        """Partition leases the store says are ours but this daemon does not hold: a release
+        """Live partition leases the store says are ours but this daemon does not hold: a release
         that failed, or a take that the store applied but whose answer was lost. Left alone,
         they would keep their partitions from the daemons that should have them until the
         TTL runs out."""
@@ -220,7 +220,6 @@ class PartitionKeeper:
             lease
             for lease in leases
             if lease.holder == self.holder
-            and lease.expires_at_ms > 0
             and not _is_member(lease)
             and int(lease.name[1:]) not in self._held
             and int(lease.name[1:]) not in keep
