@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 
+import aiohttp
 import pytest
 
+from tests.support.procs import TimerdProcesses
+from tests.test_observability import samples
 from timerd import garbage
 
 
@@ -43,3 +48,27 @@ def test_defaults_undo_serving() -> None:
     garbage.defaults()
     assert gc.get_freeze_count() == 0
     assert gc.get_threshold() == before
+
+
+def test_a_serving_api_seldom_collects_under_concurrent_creates(
+    procs: TimerdProcesses, tmp_path: Path
+) -> None:
+    """`timerd api` sets the collector up for serving: 3,000 creates from 64 clients at once
+    ran about 200 young collections with Python's defaults, and none so."""
+    api = procs.start("api", f"sqlite:///{tmp_path / 'timerd.db'}")
+    young = ("python_gc_collections_total", (("generation", "0"),))
+    before = samples(api.base_url)[young]
+
+    async def create_all() -> None:
+        slots = asyncio.Semaphore(64)
+        async with aiohttp.ClientSession(api.base_url) as session:
+
+            async def create(i: int) -> None:
+                body = {"hours": 1, "url": f"http://x.test/hooks/{i}"}
+                async with slots, session.post("/timers", json=body) as answer:
+                    assert answer.status == 201
+
+            await asyncio.gather(*(create(i) for i in range(3000)))
+
+    asyncio.run(create_all())
+    assert samples(api.base_url)[young] - before < 20
