@@ -216,13 +216,11 @@ class PartitionKeeper:
         that failed, or a take that the store applied but whose answer was lost. Left alone,
         they would keep their partitions from the daemons that should have them until the
         TTL runs out."""
+        kept = {partition_lease(p) for p in self._held.keys() | keep}
         return [
             lease
             for lease in leases
-            if lease.holder == self.holder
-            and not _is_member(lease)
-            and int(lease.name[1:]) not in self._held
-            and int(lease.name[1:]) not in keep
+            if lease.holder == self.holder and not _is_member(lease) and lease.name not in kept
         ]
 
     async def _release(self, name: str, epoch: int) -> None:

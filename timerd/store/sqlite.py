@@ -481,13 +481,17 @@ class SqliteStore(BaseStore):
         conn.row_factory = sqlite3.Row
         return conn
 
+    def _connect_kept(self, busy_timeout_ms: int | None = None) -> sqlite3.Connection:
+        """`_connect`, kept in the list of connections that `close` closes."""
+        conn = self._connect(busy_timeout_ms)
+        with self._conns_lock:
+            self._conns.append(conn)
+        return conn
+
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
+            conn = self._local.conn = self._connect_kept()
         return conn
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -512,9 +516,7 @@ class SqliteStore(BaseStore):
                 self._write_lock.release()
         with self._write_lock, translate_errors():
             if self._write_conn is None:
-                self._write_conn = self._connect(busy_timeout_ms=0)
-                with self._conns_lock:
-                    self._conns.append(self._write_conn)
+                self._write_conn = self._connect_kept(busy_timeout_ms=0)
             conn = self._write_conn
             return retry_locked(lambda: work(conn), self._busy_timeout_ms / 1000)
 
@@ -541,11 +543,8 @@ class SqliteStore(BaseStore):
     def _run_now(self, work: Callable[[sqlite3.Connection], T]) -> T:
         conn: sqlite3.Connection | None = self._local.__dict__.get("nonblocking_conn")
         if conn is None:
-            conn = self._connect(busy_timeout_ms=0)
+            conn = self._local.nonblocking_conn = self._connect_kept(busy_timeout_ms=0)
             conn.execute("PRAGMA wal_autocheckpoint = 0")
-            self._local.nonblocking_conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
         with translate_errors():  # what is not the lock becomes StoreUnavailable there
             try:
                 return work(conn)
