@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import urllib.parse
 
+import pytest
+import yarl
 from hypothesis import given
 from hypothesis import strategies as st
 
 from api.validation import SPACE_OR_CONTROL, authority_problem
 from tests.support.hostile import UNDELIVERABLE_URLS
-from timerd.delivery import webhook_url
+from timerd.delivery import webhook_target, webhook_url
 from timerd.hosts import host_of
 from timerd.ssrf import PUBLIC_ONLY, AddressPolicy
 from timerd.targets import origin_of, url_problem
@@ -78,6 +80,39 @@ def test_host_and_webhook_url_read_as_urlsplit_reads_them(url: str) -> None:
         return  # urlsplit refuses it (an unbalanced bracket): the API never stores such a URL
     assert host_of(url) == netloc.lower()
     assert webhook_url(url, "ID") == expected
+
+
+PLAIN_URLS = st.builds(
+    lambda a, p: "http://" + a + p,
+    st.sampled_from(AUTHORITIES),
+    st.text(alphabet="/.~-_aZ09%@:+ \u00e9?", max_size=12),
+)
+
+
+@given(st.one_of(URLS, PLAIN_URLS))
+def test_the_webhook_target_is_the_url_aiohttp_would_parse(url: str) -> None:
+    if not url.startswith(("http://", "https://")) or url_problem(origin_of(url)) is not None:
+        return  # refused before any delivery
+    target = webhook_target(url, "ID")
+    parsed = yarl.URL(webhook_url(url, "ID"))
+    assert str(yarl.URL(target)) == str(parsed)
+    assert yarl.URL(target).raw_path == parsed.raw_path
+    assert (yarl.URL(target).raw_host, yarl.URL(target).port) == (parsed.raw_host, parsed.port)
+
+
+@pytest.mark.parametrize(
+    ("base", "built"),
+    [
+        ("http://127.0.0.1:9000/hooks/7", True),
+        ("https://Example.com/a.b/c_d~e-f/", True),
+        ("https://example.com/hooks?k=1", False),  # a query: as a string
+        ("https://example.com/h%20x", False),  # something to encode or keep encoded
+        ("https://example.com/./h", False),  # a segment yarl normalises
+        ("https://example.com/caf\u00e9", False),
+    ],
+)
+def test_only_plain_paths_are_built_on_their_origin(base: str, built: bool) -> None:
+    assert isinstance(webhook_target(base, "ID"), yarl.URL) == built
 
 
 def test_timers_on_one_host_share_an_origin() -> None:

@@ -6,6 +6,8 @@ An attempt's outcome is a value (`Attempt`), never an exception: the daemon reco
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from types import TracebackType
 
 import aiohttp
 import structlog
+import yarl
 from aiohttp.abc import AbstractResolver
 
 from timerd import __version__
@@ -56,6 +59,28 @@ def webhook_url(base_url: str, timer_id: str) -> str:
     parts = urllib.parse.urlsplit(base_url)
     path = parts.path.rstrip("/") + "/" + timer_id
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+# A path yarl leaves as it is: unreserved characters only (nothing to percent-encode), and no
+# segment starting with a dot (nothing for it to normalise).
+_PLAIN_PATH = re.compile(r"(?!.*/\.)[A-Za-z0-9._~/-]*", re.ASCII)
+
+
+def webhook_target(base_url: str, timer_id: str) -> yarl.URL | str:
+    """`webhook_url` as aiohttp is given it. For the usual URL, with a plain path, a `yarl.URL`
+    built on its origin's, parsed once for all the timers at that origin: parsing a URL of
+    each timer's own was a twentieth of a fire's CPU. Any other URL goes as the string. Only
+    for a URL whose origin `url_problem` passed (yarl reads it)."""
+    url = webhook_url(base_url, timer_id)
+    match = origin_match(url)
+    if match is None or _PLAIN_PATH.fullmatch(url, match.end()) is None:
+        return url
+    return _origin_url(match.group()).with_path(url[match.end() :], encoded=True)
+
+
+@functools.lru_cache(maxsize=4096)
+def _origin_url(origin: str) -> yarl.URL:
+    return yarl.URL(origin)
 
 
 def webhook_body(timer: Timer, missed: int = 0) -> bytes:
@@ -182,7 +207,7 @@ class Deliverer:
             return _denied(post.timer_id, denial, started_ms, started)
         try:
             async with session.post(
-                webhook_url(post.base_url, post.timer_id),
+                webhook_target(post.base_url, post.timer_id),
                 data=post.body,
                 headers=self._headers(post, started_ms),
                 allow_redirects=False,
