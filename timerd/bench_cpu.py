@@ -6,8 +6,9 @@ part of a fire takes moves far less. This shape measures three parts in this pro
 
 - `daemon`: a real `Daemon` with the settings of the environment over a temporary SQLite file
   fires --n timers (a URL each, one host, all due at once) through a stand-in deliverer that
-  answers 200 at once: claims, outcome writes, polls, host slots, metrics and the log line of
-  each delivery at the run's level (into a file); everything but HTTP.
+  answers 200 at once: claims, outcome writes, polls, host slots, metrics and the logging at
+  the run's level (into a file: at `info`, the default, a delivered attempt has no line of its
+  own, at `debug` it has); everything but HTTP.
 - `delivery`: --n POSTs, 32 at a time, to the bench's receiver (a child process) through timerd's
   `Deliverer`: body, headers, address checks and one aiohttp request.
 - `bare_post`: the same POSTs through a bare `ClientSession.post`, as `ceiling.py` sends them.

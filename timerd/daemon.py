@@ -50,6 +50,7 @@ CLOCK_READ_S = 10.0  # how often the store's clock is read
 CHECKPOINT_S = 1.0  # how often the write-ahead log is copied into the store's file, at most
 PURGE_EVERY_S = 10.0  # finished timers go within this (and a few batches) of their moment
 STORE_THREADS = 4  # claims, polls, outcomes and the sweep never wait behind one another
+SUMMARY_S = 60.0  # how often the `deliveries` summary is logged (see `timerd.firing`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +146,7 @@ class Daemon:
             )
         )
         self._partitions: list[int] = []  # those held at the last step
+        self._summarised_s = self.clock.monotonic_s()
         self._wake = asyncio.Event()
         self._slots_wanted = 0
         self._stopping = False
@@ -221,6 +223,18 @@ class Daemon:
         """The recovery sweep, once (see `Housekeeper.recover_expired`)."""
         await self.housekeeper.recover_expired()
 
+    def log_summary(self) -> None:
+        """Log how the attempts that ended since the last summary came out (`deliveries`, at
+        info), unless none did: the daemon does this every SUMMARY_S and when it stops."""
+        now_s = self.clock.monotonic_s()
+        over_s, self._summarised_s = now_s - self._summarised_s, now_s
+        counts = self.deliveries.tally.take()
+        if counts["delivered"] or counts["retrying"] or counts["failed"]:
+            log.info("deliveries", **counts, over_s=round(over_s, 1))
+
+    async def _summarise(self) -> None:
+        self.log_summary()
+
     async def _checkpoint(self) -> None:
         await self._background(self.store.checkpoint)
 
@@ -242,6 +256,7 @@ class Daemon:
             self._every(tasks, "clock", CLOCK_READ_S, self.read_store_clock),
             self._every(tasks, "sweep", self.settings.lease_renew_s, self.recover_expired),
             self._every(tasks, "purge", PURGE_EVERY_S, self.purge_finished),
+            self._every(tasks, "summary", SUMMARY_S, self._summarise),
         ]
         if self._offload is not self._background:  # the loop's own calls never checkpoint
             helpers.append(self._every(tasks, "checkpoint", CHECKPOINT_S, self._checkpoint))
@@ -260,6 +275,7 @@ class Daemon:
             await self._sleep(await self.step_or_back_off())
         await self.deliveries.drain(self.settings.drain_grace_s)
         await self._flush_outcomes()
+        self.log_summary()
         for helper in helpers:
             helper.cancel()
 

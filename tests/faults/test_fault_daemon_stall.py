@@ -52,6 +52,7 @@ DAEMON = {
     "TIMERD_POLL_INTERVAL_S": "0.2",
     "TIMERD_CONNECT_TIMEOUT_S": "0.5",
     "TIMERD_DELIVERY_TIMEOUT_S": "1",  # claims last 1 + 0.5 + the 2 s TTL: less than the freeze
+    "TIMERD_LOG_LEVEL": "debug",  # a `delivery` line for every attempt, the delivered too
 }
 
 
