@@ -10,17 +10,17 @@
 
 Burst and spread start, as child processes, a raw-asyncio HTTP receiver (on uvloop), one
 `timerd api` and one `timerd daemon` (random free ports, a temporary SQLite file unless --store is
-given; the daemon runs --workers firing processes, by default its own default: one per core and one
-more), create the timers through the API from --clients concurrent clients with absolute `fire_at`
-times, each with a URL of its own (`…/hooks/<n>`; --same-url for one URL), and wait for them to
-arrive. Then, in the same run, they run `ceiling.py --uvloop` of the same shape (--ceiling; `none`
-skips it) and report timerd's fires/s as a ratio of the ceiling's. Backlog writes N pending timers
-due a day from now straight into the SQLite file, plus one due a second after the daemon starts,
-starts only the daemon, and reports when that timer arrived and the daemon's resident memory.
-Store-scale writes N finished timers and --pending pending ones over a few tenants through the
-store's `insert_many`, then times the store calls on the hot paths (--repeat times each) and the
-same through a `timerd api` process over HTTP. Create measures one `timerd api`'s creates/s next to
-a bare Starlette endpoint's in the same run, and its timers/s through `POST /timers/batch`
+given; the daemon runs --workers firing processes, by default its own default: one per core), create
+the timers through the API from --clients concurrent clients with absolute `fire_at` times, each
+with a URL of its own (`…/hooks/<n>`; --same-url for one URL), and wait for them to arrive. Then, in
+the same run, they run `ceiling.py --uvloop` of the same shape (--ceiling; `none` skips it) and
+report timerd's fires/s as a ratio of the ceiling's. Backlog writes N pending timers due a day from
+now straight into the SQLite file, plus one due a second after the daemon starts, starts only the
+daemon, and reports when that timer arrived and the daemon's resident memory. Store-scale writes N
+finished timers and --pending pending ones over a few tenants through the store's `insert_many`,
+then times the store calls on the hot paths (--repeat times each) and the same through a
+`timerd api` process over HTTP. Create measures one `timerd api`'s creates/s next to a bare
+Starlette endpoint's in the same run, and its timers/s through `POST /timers/batch`
 (`timerd.bench_create`). Fire-cpu measures the CPU a fire takes in the daemon, in timerd's delivery
 and in a bare aiohttp post, apart (`timerd.bench_cpu`).
 
