@@ -53,9 +53,9 @@ class Attempt:
 
 def webhook_url(base_url: str, timer_id: str) -> str:
     """`base_url` with `/<timer_id>` appended to its path (exactly one slash), query kept."""
-    match = origin_match(base_url)
-    if match is not None and "?" not in base_url and "#" not in base_url:  # the usual URL, fast
-        return f"{match.group()}{base_url[match.end() :].rstrip('/')}/{timer_id}"
+    usual = _usual_split(base_url, timer_id)
+    if usual is not None:
+        return "".join(usual)
     parts = urllib.parse.urlsplit(base_url)
     path = parts.path.rstrip("/") + "/" + timer_id
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
@@ -71,11 +71,22 @@ def webhook_target(base_url: str, timer_id: str) -> yarl.URL | str:
     built on its origin's, parsed once for all the timers at that origin: parsing a URL of
     each timer's own was a twentieth of a fire's CPU. Any other URL goes as the string. Only
     for a URL whose origin `url_problem` passed (yarl reads it)."""
-    url = webhook_url(base_url, timer_id)
-    match = origin_match(url)
-    if match is None or _PLAIN_PATH.fullmatch(url, match.end()) is None:
-        return url
-    return _origin_url(match.group()).with_path(url[match.end() :], encoded=True)
+    usual = _usual_split(base_url, timer_id)
+    if usual is None:
+        return webhook_url(base_url, timer_id)
+    origin, path = usual
+    if _PLAIN_PATH.fullmatch(path) is None:
+        return origin + path
+    return _origin_url(origin).with_path(path, encoded=True)
+
+
+def _usual_split(base_url: str, timer_id: str) -> tuple[str, str] | None:
+    """The origin and the webhook's path of the usual URL (no query or fragment, an origin
+    every parser reads alike), without parsing it; None for any other URL."""
+    match = origin_match(base_url)
+    if match is None or "?" in base_url or "#" in base_url:
+        return None
+    return match.group(), f"{base_url[match.end() :].rstrip('/')}/{timer_id}"
 
 
 @functools.lru_cache(maxsize=4096)
